@@ -9,7 +9,10 @@ import sys
 
 COMMANDS = {
     "demo": ("blockmerge.demo", "build the built-in synthetic-task suite and compare merge methods"),
-    "merge": ("blockmerge.merge", "static merge from a mergekit-style YAML (linear, task_arithmetic, ties, dare, slerp)"),
+    "merge": (
+        "blockmerge.merge",
+        "static merge from a mergekit-style YAML (linear, task_arithmetic, ties, dare, slerp)",
+    ),
     "divmerge": ("blockmerge.divmerge", "learn merge coefficients by Jensen-Shannon divergence to the experts"),
     "lora": ("blockmerge.lora", "merge LoRA adapters into an adapter or a base model, or learn their coefficients"),
 }

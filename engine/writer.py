@@ -18,8 +18,16 @@ from .checkpoint import DTYPE_NAMES
 
 # Files copied from the base so the output loads like it (tokenizer, generation settings, chat template).
 COPIED_FILES = (
-    "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "tokenizer.model",
-    "special_tokens_map.json", "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja",
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "special_tokens_map.json",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "chat_template.jinja",
 )
 
 
@@ -108,9 +116,9 @@ class CheckpointWriter:
             shards[-1].append(t)
             size += nb
         n = len(shards)
-        self.files = ["model.safetensors"] if n == 1 else [
-            f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)
-        ]
+        self.files = (
+            ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        )
         for fname, shard in zip(self.files, shards, strict=True):
             self._plan_shard(fname, shard, metadata or {"format": "pt"})
 

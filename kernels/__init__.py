@@ -11,8 +11,15 @@ import torch
 from .reference import combine_torch, dare_keep, hash_uniform, magnitude_thresholds, project_torch, task_key
 
 __all__ = [
-    "backend", "combine", "project", "combine_torch", "project_torch",
-    "magnitude_thresholds", "dare_keep", "hash_uniform", "task_key",
+    "backend",
+    "combine",
+    "project",
+    "combine_torch",
+    "project_torch",
+    "magnitude_thresholds",
+    "dare_keep",
+    "hash_uniform",
+    "task_key",
 ]
 
 
