@@ -97,3 +97,126 @@ def make_family(
         expert.save_pretrained(d, max_shard_size=shard_size)
         experts.append(d)
     return base_dir, experts
+
+
+# --------------------------------------------------------------------------------------------------
+# Large synthetic Llama families for benchmarks, written tensor by tensor (never an nn.Module).
+
+SYNTH1B = dict(hidden=2048, intermediate=5632, layers=22, heads=32, kv_heads=4, vocab=32000)
+
+
+def llama_tensor_specs(
+    hidden: int, intermediate: int, layers: int, heads: int, kv_heads: int, vocab: int
+) -> list[tuple[str, tuple[int, ...]]]:
+    """(name, shape) of every tensor of a LlamaForCausalLM checkpoint, in block order."""
+    kv = hidden // heads * kv_heads
+    specs: list[tuple[str, tuple[int, ...]]] = [("model.embed_tokens.weight", (vocab, hidden))]
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        specs += [
+            (p + "input_layernorm.weight", (hidden,)),
+            (p + "self_attn.q_proj.weight", (hidden, hidden)),
+            (p + "self_attn.k_proj.weight", (kv, hidden)),
+            (p + "self_attn.v_proj.weight", (kv, hidden)),
+            (p + "self_attn.o_proj.weight", (hidden, hidden)),
+            (p + "post_attention_layernorm.weight", (hidden,)),
+            (p + "mlp.gate_proj.weight", (intermediate, hidden)),
+            (p + "mlp.up_proj.weight", (intermediate, hidden)),
+            (p + "mlp.down_proj.weight", (hidden, intermediate)),
+        ]
+    specs += [("model.norm.weight", (hidden,)), ("lm_head.weight", (vocab, hidden))]
+    return specs
+
+
+def _name_seed(seed: int, name: str, model: int) -> int:
+    import zlib
+
+    return (seed * 1_000_003 + zlib.crc32(name.encode()) * 31 + model) & 0x7FFFFFFF
+
+
+def write_synthetic_llama(
+    root: str | Path,
+    n_experts: int = 3,
+    hidden: int = 2048,
+    layers: int = 22,
+    dtype: torch.dtype = torch.bfloat16,
+    seed: int = 0,
+    shard_size: str = "2GB",
+    *,
+    intermediate: int = 5632,
+    heads: int = 32,
+    kv_heads: int = 4,
+    vocab: int = 32000,
+    tau_scale: float = 0.002,
+    force: bool = False,
+) -> tuple[Path, list[Path]]:
+    """Write root/base and root/expert{i} (Llama-shaped, random weights, experts = base + N(0, tau_scale)),
+    one tensor at a time with CheckpointWriter, plus a config.json that transformers loads.
+    The defaults give the ~1.1B-parameter model of the benchmarks (2.2 GB per model in bf16)."""
+    from transformers import LlamaConfig
+
+    from .writer import CheckpointWriter
+
+    root = Path(root)
+    specs = llama_tensor_specs(hidden, intermediate, layers, heads, kv_heads, vocab)
+    cfg = LlamaConfig(
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        vocab_size=vocab,
+        max_position_embeddings=2048,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    cfg_dict = cfg.to_dict()
+    cfg_dict["architectures"] = ["LlamaForCausalLM"]
+    dname = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}[dtype]
+    for key in ("torch_dtype", "dtype"):
+        cfg_dict.pop(key, None)
+    cfg_dict["dtype"] = dname
+    plan = [(n, s, dtype) for n, s in specs]
+    dirs = [root / "base"] + [root / f"expert{i}" for i in range(n_experts)]
+    writers = [CheckpointWriter(d, plan, shard_size=shard_size, force=force) for d in dirs]
+    try:
+        for name, shape in specs:
+            g = torch.Generator().manual_seed(_name_seed(seed, name, 0))
+            if len(shape) == 1:  # norms: around 1
+                base = 1.0 + 0.1 * torch.randn(shape, generator=g)
+            else:
+                base = torch.randn(shape, generator=g).mul_(0.02)
+            base_q = base.to(dtype)
+            writers[0].write(name, base_q)
+            for i in range(n_experts):
+                g = torch.Generator().manual_seed(_name_seed(seed, name, i + 1))
+                writers[i + 1].write(name, base.add_(torch.randn(shape, generator=g), alpha=tau_scale).to(dtype))
+                base.copy_(base_q)  # next expert starts again from the (rounded) base
+            del base, base_q
+        for w in writers:
+            w.finish(extra_json={"config.json": cfg_dict})
+    except BaseException:
+        for w in writers:
+            w.abort()
+        raise
+    return dirs[0], dirs[1:]
+
+
+def ensure_synthetic_llama(root: str | Path = "/tmp/synth1b", n_experts: int = 3, **kw) -> tuple[Path, list[Path]]:
+    """The shared ~1B family: reuse root when root/DONE exists, else write it (under a lock, so concurrent
+    callers wait for one writer) and touch root/DONE. Nothing here ever deletes it."""
+    import fcntl
+
+    root = Path(root)
+    dirs = (root / "base", [root / f"expert{i}" for i in range(n_experts)])
+    if (root / "DONE").exists():
+        return dirs
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root.parent / f".{root.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (root / "DONE").exists():
+            write_synthetic_llama(root, n_experts=n_experts, force=True, **kw)
+            (root / "DONE").touch()
+    return dirs
