@@ -1,0 +1,238 @@
+"""`blockmerge merge CONFIG.yml OUT`: static merges of a base and experts, streamed block by block.
+
+`stream_merge` is the engine every merge uses (static methods here, DivMerge's learned coefficients, LoRA
+merged into a base): it validates the inputs, plans the output shards from the base's tensors, streams one
+block of every model at a time (the next one prefetched), calls `merge_tensor(name, base, experts)` per
+tensor, writes each result straight to its place in the output and drops it. Peak memory is about two
+blocks of every model plus one tensor's temporaries, whatever the number of layers."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .checkpoint import Checkpoint, check_compatible
+from .config import ConfigError, MergeConfig, ParameterResolver, load_config, parse_dtype, resolve_plan
+from .report import final_line
+from .stream import stream_blocks
+from .writer import CheckpointWriter
+
+DTYPE_NAMES_CLI = ("float32", "float16", "bfloat16", "fp32", "fp16", "bf16")
+MergeTensorFn = Callable[[str, torch.Tensor, list[torch.Tensor]], torch.Tensor]
+
+_CONFIG_DTYPE = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+
+
+def _config_with_dtype(config: dict, dtype: torch.dtype) -> dict | None:
+    """The base's config.json with its dtype entry set to `dtype`, or None when nothing changes."""
+    name = _CONFIG_DTYPE.get(dtype)
+    if name is None or not config:
+        return None
+    keys = [k for k in ("torch_dtype", "dtype") if k in config] or ["torch_dtype"]
+    if all(config.get(k) == name for k in keys):
+        return None
+    cfg = dict(config)
+    for k in keys:
+        cfg[k] = name
+    return cfg
+
+
+def stream_merge(
+    base: Checkpoint,
+    experts: list[Checkpoint],
+    out: str | Path,
+    merge_tensor: MergeTensorFn,
+    *,
+    force: bool = False,
+    shard_size: str | int = "5GB",
+    dtype: str | torch.dtype | None = None,
+    device: str | torch.device | None = None,
+    progress: bool = True,
+    extra_json: dict[str, dict] | None = None,
+    desc: str = "merge",
+) -> Path:
+    """Write OUT = merge_tensor(name, base[name], [e[name] for e in experts]) for every tensor of the base.
+
+    Floating-point outputs are written in `dtype` (default: the base's dtype); other dtypes unchanged.
+    config.json and tokenizer files are copied from the base (config's dtype updated when it changes);
+    `extra_json` files ({filename: object}) are written last, so they may replace config.json.
+    Everything goes to a temporary folder beside OUT, renamed into place when complete."""
+    started = time.perf_counter()
+    out = Path(out)
+    if out.exists() and not force:  # before any work (the writer checks again)
+        raise FileExistsError(f"{out}: output already exists (use --force to overwrite)")
+    check_compatible(base, experts)
+    out_dtype = parse_dtype(dtype)
+    models = [base, *experts]
+    blocks = base.blocks()
+    plan = []
+    for b in blocks:
+        for name in b.tensors:
+            info = base.tensors[name]
+            dt = out_dtype if (out_dtype is not None and info.dtype.is_floating_point) else info.dtype
+            plan.append((name, info.shape, dt))
+    slot_dtype = {n: d for n, _, d in plan}
+    extra = {}
+    if out_dtype is not None:
+        cfg = _config_with_dtype(base.config, out_dtype)
+        if cfg is not None:
+            extra["config.json"] = cfg
+    extra.update(extra_json or {})
+    total = sum(m.nbytes for m in models)
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    done = 0
+    with CheckpointWriter(out, plan, shard_size=shard_size, force=force) as writer:
+        bar = tqdm(
+            total=total,
+            desc=desc,
+            unit="B",
+            unit_scale=True,
+            unit_divisor=1000,
+            dynamic_ncols=True,
+            disable=not progress,
+            file=sys.stderr,
+        )
+        try:
+            for i, (block, tensors) in enumerate(stream_blocks(models, blocks, device=dev)):
+                for name in block.tensors:
+                    res = merge_tensor(name, tensors[0][name], [t[name] for t in tensors[1:]])
+                    if res.dtype != slot_dtype[name]:
+                        res = res.to(slot_dtype[name])
+                    writer.write(name, res)
+                    del res
+                nbytes = sum(base.tensors[n].nbytes for n in block.tensors) * len(models)
+                del tensors
+                done += nbytes
+                bar.set_postfix_str(f"block {i + 1}/{len(blocks)}", refresh=False)
+                bar.update(nbytes)
+        finally:
+            bar.close()
+        result = writer.finish(copy_from=base.path, extra_json=extra)
+    if progress:
+        secs = time.perf_counter() - started
+        print(
+            final_line(
+                f"{desc}: wrote {result}",
+                started,
+                f"read {done / 1e9:.2f} GB at {done / 1e9 / max(secs, 1e-9):.2f} GB/s",
+            ),
+            flush=True,
+        )
+    return result
+
+
+def plan_merge(
+    config: str | Path | dict | MergeConfig, *, seed: int | None = None, dtype=None
+) -> tuple[Checkpoint, list[Checkpoint], MergeTensorFn, torch.dtype | None, MergeConfig]:
+    """Parse and check a mergekit-style config, open the checkpoints and build the per-tensor function.
+    Every tensor's parameters are resolved here, before any tensor is read, so config errors come first."""
+    from . import methods
+
+    cfg = load_config(config)
+    plan, _ = resolve_plan(cfg)
+    base = Checkpoint(plan.base)
+    experts = [Checkpoint(p) for p in plan.experts]
+    check_compatible(base, experts)
+    out_dtype = parse_dtype(dtype) or parse_dtype(plan.out_dtype)
+    resolver = ParameterResolver(cfg, plan, base.num_layers)
+    method = plan.method
+    params: dict[str, tuple[list[dict], dict]] = {}
+    for name in base.tensors:
+        g = resolver.global_params(name)
+        if seed is not None and "seed" in g:
+            g["seed"] = seed
+        params[name] = (resolver.tensor_params(name), g)
+        if method == "ties" and g.get("rescale"):
+            raise ConfigError("parameters.rescale: rescale=true is not supported for ties")
+        for i, tp in enumerate(params[name][0]):
+            d = tp.get("density", 1.0)
+            if not 0.0 < d <= 1.0 and method != "task_arithmetic":
+                raise ConfigError(f"models.{i}.parameters.density: {d} for tensor {name}, expected 0 < density <= 1")
+
+    def merge_tensor(name: str, b: torch.Tensor, ex: list[torch.Tensor]) -> torch.Tensor:
+        tp, g = params[name]
+        od = out_dtype if (out_dtype is not None and b.dtype.is_floating_point) else b.dtype
+        if not b.dtype.is_floating_point:
+            return b
+        if method == "linear":
+            return methods.linear([b, *ex], [p["weight"] for p in tp], normalize=g["normalize"], out_dtype=od)
+        if method == "slerp":
+            return methods.slerp(g["t"], b, ex[0], out_dtype=od)
+        return methods.task_arithmetic_family(
+            method,
+            name,
+            b,
+            ex,
+            [p["weight"] for p in tp],
+            [p["density"] for p in tp],
+            normalize=g["normalize"],
+            rescale=g["rescale"],
+            lam=g["lambda"],
+            seed=g["seed"],
+            out_dtype=od,
+        )
+
+    return base, experts, merge_tensor, out_dtype, cfg
+
+
+def run_merge(
+    config: str | Path | dict | MergeConfig,
+    out: str | Path,
+    *,
+    force: bool = False,
+    shard_size: str | int = "5GB",
+    dtype: str | torch.dtype | None = None,
+    device: str | torch.device | None = None,
+    progress: bool = True,
+    seed: int | None = None,
+) -> Path:
+    """Merge as a mergekit-style config says (YAML path, YAML text, dict or MergeConfig) into OUT."""
+    out = Path(out)
+    if out.exists() and not force:
+        raise FileExistsError(f"{out}: output already exists (use --force to overwrite)")
+    base, experts, fn, out_dtype, cfg = plan_merge(config, seed=seed, dtype=dtype)
+    record = cfg.model_dump(exclude_none=True, exclude={"source_dir"})
+    return stream_merge(
+        base,
+        experts,
+        out,
+        fn,
+        force=force,
+        shard_size=shard_size,
+        dtype=out_dtype,
+        device=device,
+        progress=progress,
+        extra_json={"blockmerge_config.json": record},
+        desc=cfg.merge_method,
+    )
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="mergekit-style YAML (linear, task_arithmetic, ties, dare_ties, dare_linear, slerp)")
+    p.add_argument("out", help="output folder (written to a temporary folder, renamed when complete)")
+    p.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    p.add_argument("--shard-size", default="5GB", help="maximum shard size, e.g. 5GB, 500MB (default 5GB)")
+    p.add_argument("--dtype", default=None, choices=DTYPE_NAMES_CLI, help="output dtype (default: config's or base's)")
+    p.add_argument("--device", default=None, help="where tensors are combined: cpu (default) or cuda")
+    p.add_argument("--seed", type=int, default=None, help="DARE seed (overrides parameters.seed; default 0)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar or final line")
+
+
+def run(args: argparse.Namespace) -> int:
+    run_merge(
+        args.config,
+        args.out,
+        force=args.force,
+        shard_size=args.shard_size,
+        dtype=args.dtype,
+        device=args.device,
+        progress=not args.no_progress,
+        seed=args.seed,
+    )
+    return 0

@@ -1,0 +1,127 @@
+"""Static merge methods, one tensor at a time. All arithmetic goes through `blockmerge.kernels.combine`
+(fp32 accumulation inside; output written in `out_dtype`); only TIES thresholds (kernels'
+`magnitude_thresholds`) and slerp's two scalars (norms and a dot product) are computed here.
+
+Semantics follow mergekit 0.1.x (generalized_task_arithmetic.py, linear.py, slerp.py):
+  tau_t = expert_t - base
+  task_arithmetic  out = base + lambda * mix,  mix = sum w_t tau_t            (/ sum w_t if normalize)
+  ties             tau_t trimmed to its top-k magnitudes (k = int(density * numel)), sign elected from
+                   sum_t w_t tau_t (>= 0 elects +), disjoint mean over agreeing experts (normalize: divide by
+                   the sum of the agreeing experts' weights, 0 -> 1), then * lambda
+  dare_ties        tau_t kept with prob. density (hash RNG, seeded per tensor), / density if rescale,
+                   then sign election as ties
+  dare_linear      as dare_ties without sign election
+  linear           out = sum w_i m_i / sum w_i  (normalize) or sum w_i m_i
+  slerp            spherical interpolation between base (t = 0) and the other model (t = 1) on the flattened
+                   tensors, lerp when |cos| > 0.9995
+Tensors of non-float dtype (integer buffers) are copied from the first input.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from collections.abc import Sequence
+
+import torch
+from blockmerge.kernels import combine, magnitude_thresholds
+
+DOT_THRESHOLD = 0.9995
+SLERP_EPS = 1e-8
+_CHUNK = 1 << 22
+
+
+def dare_seed(seed: int, tensor: str) -> int:
+    """The DARE seed of one tensor: the config/CLI seed mixed with a hash of the tensor's name."""
+    return (int(seed) * 0x9E3779B1 + zlib.crc32(tensor.encode())) & 0xFFFFFFFF
+
+
+def task_arithmetic_family(
+    method: str,
+    name: str,
+    base: torch.Tensor,
+    experts: Sequence[torch.Tensor],
+    weights: Sequence[float],
+    densities: Sequence[float],
+    *,
+    normalize: bool,
+    rescale: bool,
+    lam: float = 1.0,
+    seed: int = 0,
+    out_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """task_arithmetic, ties, dare_ties, dare_linear on one tensor."""
+    kw: dict = {}
+    if method == "ties":
+        if rescale:
+            raise ValueError("ties: rescale=true is not supported (magnitude trimming keeps values unscaled)")
+        if any(d < 1.0 for d in densities):
+            kw["thresholds"] = magnitude_thresholds(base, experts, densities)
+    elif method in ("dare_ties", "dare_linear"):
+        p = [max(0.0, 1.0 - d) for d in densities]
+        if any(x >= 1.0 for x in p):
+            raise ValueError(f"{method}: density must be > 0 (tensor {name})")
+        if any(p):
+            kw.update(drop_p=p, rescale=rescale, seed=dare_seed(seed, name), offset=0)
+    elif method != "task_arithmetic":
+        raise ValueError(f"unknown method {method!r}")
+    return combine(
+        base,
+        list(experts),
+        list(weights),
+        scale=lam,
+        sign_consensus=method in ("ties", "dare_ties"),
+        normalize=normalize,
+        out_dtype=out_dtype,
+        **kw,
+    )
+
+
+def linear(
+    models: Sequence[torch.Tensor], weights: Sequence[float], *, normalize: bool = True, out_dtype=None
+) -> torch.Tensor:
+    """sum w_i m_i (/ sum w_i): written as m_0 + sum_{i>0} (w_i/W) (m_i - m_0) with base_weight S/W."""
+    total = float(sum(weights))
+    div = total if normalize and abs(total) >= 1e-8 else 1.0
+    if normalize and abs(total) < 1e-8:
+        raise ValueError("linear: weights sum to 0, cannot normalize")
+    return combine(
+        models[0],
+        list(models[1:]),
+        [w / div for w in weights[1:]],
+        base_weight=total / div,
+        out_dtype=out_dtype,
+    )
+
+
+def _norms_and_dot(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float, float]:
+    """||a||, ||b||, <a, b> in float64 accumulation over fp32 chunks (no full-size temporaries)."""
+    af, bf = a.reshape(-1), b.reshape(-1)
+    na = nb = dot = 0.0
+    for s in range(0, af.numel(), _CHUNK):
+        x, y = af[s : s + _CHUNK].double(), bf[s : s + _CHUNK].double()
+        na += float(torch.dot(x, x))
+        nb += float(torch.dot(y, y))
+        dot += float(torch.dot(x, y))
+    return math.sqrt(na), math.sqrt(nb), dot
+
+
+def slerp_scalars(t: float, v0: torch.Tensor, v1: torch.Tensor) -> tuple[float, float]:
+    """(s0, s1) with slerp(t, v0, v1) = s0 * v0 + s1 * v1 (mergekit's slerp on the flattened tensors)."""
+    n0, n1, dot = _norms_and_dot(v0, v1)
+    # mergekit normalises each copy only when its norm exceeds eps
+    d0 = n0 if n0 > SLERP_EPS else 1.0
+    d1 = n1 if n1 > SLERP_EPS else 1.0
+    cos = dot / (d0 * d1)
+    if abs(cos) > DOT_THRESHOLD:
+        return 1.0 - t, t
+    theta0 = math.acos(cos)
+    sin0 = math.sin(theta0)
+    theta_t = theta0 * t
+    return math.sin(theta0 - theta_t) / sin0, math.sin(theta_t) / sin0
+
+
+def slerp(t: float, v0: torch.Tensor, v1: torch.Tensor, *, out_dtype=None) -> torch.Tensor:
+    s0, s1 = slerp_scalars(t, v0, v1)
+    # combine: base_weight*v0 + w*(v1 - v0) = s0*v0 + s1*v1 with base_weight = s0 + s1, w = s1
+    return combine(v0, [v1], [s1], base_weight=s0 + s1, out_dtype=out_dtype)
