@@ -1,0 +1,436 @@
+"""DivMerge (arXiv 2509.02108): learn merge coefficients Gamma so that the merged model
+
+    theta(Gamma) = theta_0 + sum_t Gamma_t tau_t,          tau_t = theta_t - theta_0
+
+stays close to each expert on that expert's own (unlabeled) inputs:
+
+    L(Gamma) = sum_t  mean_{x in task t, i}  JS( p_t(. | x, y<i) || p_Gamma(. | x, y<i) )
+
+where y is expert t's greedy continuation of x. KL(expert || merged) is available as an ablation, and
+AdaMerging's objective (entropy of the merged model's predictions, init 0.3, clamped to [0, 1]) as the
+baseline, in the same machinery. Gamma is per task ('task' level) or per task and block ('layer' level;
+blocks = the embedding block, each decoder layer, and the head block = final norm + lm_head; with tied
+embeddings the output projection is the embedding's tensor, so the head's use of it counts towards the
+embed block's coefficient).
+
+Everything is streamed: one block of the base and of every expert is in memory at a time (two while the
+next one is prefetched). A learning step is
+
+  forward   for each block: W = combine(base, experts, Gamma[:, b]) per tensor; run the block without
+            grad; keep the block's input activation on the host.
+  head      final norm + lm_head + log_softmax + divergence, only at the target positions, in chunks of
+            positions, each chunk backpropagated at once: d loss / d h_L and d loss / d W_head.
+  backward  blocks in reverse: rebuild W as leaves requiring grad, recompute the block from its stored
+            input, backward the incoming gradient, read d h_in and d W; d L / d Gamma[t, b] =
+            sum over the block's tensors of project(dW, base, experts)[t] = <dW, tau_t>.
+
+The entropy objective is evaluated at the same positions as JS (those predicting expert t's continuation
+of each prompt), averaged per task and summed over tasks as in AdaMerging."""
+
+from __future__ import annotations
+
+import math
+import random
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from .checkpoint import Checkpoint, block_name, check_compatible
+from .kernels import combine, project
+from .losses import OBJECTIVES, Targets, chunked_head_loss
+from .modeling import BlockSource, StreamedModel
+from .teacher import TeacherData, TeacherSpec, teacher_pass
+
+LEVELS = ("task", "layer")
+
+
+@dataclass
+class LearnResult:
+    coefficients: torch.Tensor  # fp32 [T, n_blocks]
+    block_names: list[str]
+    losses: list[float]  # loss of each step's batch, at the coefficients before that step's update
+    objective: str = "js"
+    level: str = "layer"
+    config: dict = field(default_factory=dict)
+    seconds_per_step: float = 0.0
+
+    def to_json(self) -> dict:
+        return {
+            "objective": self.objective,
+            "level": self.level,
+            "block_names": self.block_names,
+            "coefficients": [
+                {name: float(self.coefficients[t, b]) for b, name in enumerate(self.block_names)}
+                for t in range(self.coefficients.shape[0])
+            ],
+            "losses": self.losses,
+            "seconds_per_step": self.seconds_per_step,
+            "config": self.config,
+        }
+
+
+@dataclass
+class Batch:
+    input_ids: torch.Tensor  # [B, S], right-padded
+    rows: torch.Tensor  # [N] batch index of each target position
+    cols: torch.Tensor  # [N] sequence position whose output predicts the target
+    weights: torch.Tensor  # [N] 1 / (number of target positions of that row's task in the batch)
+    targets: Targets | None  # teacher distributions at the N positions (None for the entropy objective)
+    tasks: torch.Tensor  # [N] task of each position
+
+
+def make_batch(items: Sequence[tuple[int, int]], data: TeacherData, pad_id: int = 0) -> Batch:
+    """Teacher-forced inputs prompt + continuation[:-1]; the position P-1+i predicts continuation[i]."""
+    seqs, rows, cols, tasks, tparts = [], [], [], [], []
+    for b, (t, j) in enumerate(items):
+        tokens, plen, targets = data.get(t, j)
+        n = len(tokens) - plen
+        seqs.append(tokens[:-1])
+        rows += [b] * n
+        cols += list(range(plen - 1, plen - 1 + n))
+        tasks += [t] * n
+        if targets is not None:
+            tparts.append(targets)
+    S = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), S), pad_id, dtype=torch.int64)
+    for b, s in enumerate(seqs):
+        ids[b, : len(s)] = s
+    tasks_t = torch.tensor(tasks)
+    counts = torch.bincount(tasks_t)
+    weights = 1.0 / counts[tasks_t].double()
+    return Batch(ids, torch.tensor(rows), torch.tensor(cols), weights, Targets.cat(tparts) if tparts else None, tasks_t)
+
+
+class StreamedMerge:
+    """The merged model theta(Gamma) of a base and experts, streamed block by block: loss and dL/dGamma."""
+
+    def __init__(
+        self,
+        base_dir: str | Path,
+        expert_dirs: Sequence[str | Path],
+        *,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+        attn_implementation: str = "sdpa",
+        token_chunk: int = 1024,
+        resident_max_bytes: int = 0,
+    ):
+        self.base = Checkpoint(base_dir)
+        self.experts = [Checkpoint(e) for e in expert_dirs]
+        if not self.experts:
+            raise ValueError("divmerge needs at least one expert model")
+        check_compatible(self.base, self.experts)
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.model = StreamedModel(self.base, attn_implementation=attn_implementation, device=self.device)
+        self.source = BlockSource([self.base, *self.experts], device=self.device, resident_max_bytes=resident_max_bytes)
+        self.token_chunk = token_chunk
+        self.blocks = self.model.blocks
+        self.block_names = self.model.block_names
+        self.T = len(self.experts)
+
+    def merged(self, tensors, coeffs: Sequence[float], names=None, grad: bool = False) -> dict[str, torch.Tensor]:
+        base, experts = tensors[0], tensors[1:]
+        out = {}
+        for n in names or base:
+            w = combine(base[n], [e[n] for e in experts], list(coeffs), out_dtype=self.dtype)
+            out[n] = w.requires_grad_(grad)
+        return out
+
+    def _project(self, W: dict[str, torch.Tensor], tensors, grad_col: torch.Tensor) -> None:
+        for n, w in W.items():
+            if w.grad is not None:
+                grad_col += project(w.grad, tensors[0][n], [e[n] for e in tensors[1:]]).to(grad_col)
+
+    def loss_and_grad(
+        self, gamma: torch.Tensor, batch: Batch, objective: str = "js", backward: bool = True
+    ) -> tuple[float, torch.Tensor | None]:
+        """Loss of `batch` at coefficients gamma [T, n_blocks] and, with `backward`, dL/dGamma [T, n_blocks]."""
+        if objective not in OBJECTIVES:
+            raise ValueError(f"objective {objective!r}: expected one of {', '.join(OBJECTIVES)}")
+        if objective != "entropy" and batch.targets is None:
+            raise ValueError(f"objective {objective!r} needs teacher distributions")
+        gamma = gamma.detach().float().cpu()
+        m, dev = self.model, self.device
+        ids = batch.input_ids.to(dev)
+        pos = torch.arange(ids.shape[1], device=dev)[None]
+        grad = torch.zeros(self.T, len(self.blocks), dtype=torch.float64)
+        acts: list[torch.Tensor] = []  # acts[l] = input of decoder layer l; acts[L] = input of the head
+        h = pe = masks = None
+        loss = 0.0
+        for block, tensors in self.source.stream(self.blocks):
+            b = m.block_index[block.name]
+            if block.name != "head":
+                with torch.no_grad():
+                    W = self.merged(tensors, gamma[:, b].tolist())
+                    if block.name == "embed":
+                        h = m.embed(W, ids, pos)
+                        pe = m.position_embeddings(h, pos)
+                        masks = m.masks(h, pos)
+                    else:
+                        h = m.layer(block.layer, W, h, position_ids=pos, position_embeddings=pe, masks=masks)
+                    acts.append(h.to("cpu", copy=dev.type != "cpu"))
+                del W
+                continue
+            # head: loss at the target positions, in chunks, with gradients for h_L and the head weights
+            W = self.merged(tensors, gamma[:, b].tolist(), grad=backward)
+            emb_tensors, E = None, None
+            if m.tied:
+                emb_tensors = self.source.read(m.embed_block())
+                E = self.merged(
+                    emb_tensors, gamma[:, m.block_index["embed"]].tolist(), names=[m.tokens_weight_name], grad=backward
+                )
+            hsel = h[batch.rows.to(dev), batch.cols.to(dev)].detach().requires_grad_(backward)
+            head = lambda x, W=W, E=E: m.lm_head(W, m.final_norm(W, x), E)
+            loss = chunked_head_loss(hsel, batch.weights, batch.targets, objective, head, self.token_chunk, backward)
+            if not backward:
+                return loss, None
+            self._project(W, tensors, grad[:, b])
+            if m.tied:
+                self._project(E, emb_tensors, grad[:, m.block_index["embed"]])
+            dh = torch.zeros_like(h)
+            dh.index_put_((batch.rows.to(dev), batch.cols.to(dev)), hsel.grad, accumulate=True)
+            del W, E, emb_tensors, hsel, h
+        # backward through the decoder layers and the embedding, recomputing each block
+        for block, tensors in self.source.stream(list(reversed(self.blocks[:-1]))):
+            b = m.block_index[block.name]
+            W = self.merged(tensors, gamma[:, b].tolist(), grad=True)
+            if block.name == "embed":
+                out = m.embed(W, ids, pos)
+                out.backward(dh)
+            else:
+                h_in = acts[block.layer].to(dev).requires_grad_(True)
+                out = m.layer(block.layer, W, h_in, position_ids=pos, position_embeddings=pe, masks=masks)
+                out.backward(dh)
+                dh = h_in.grad
+                acts[block.layer + 1] = None
+            self._project(W, tensors, grad[:, b])
+            del W, out
+        return loss, grad.float()
+
+
+def _batches(counts: Sequence[int], batch_size: int, seed: int):
+    """Endless batches of (task, sequence) pairs mixing tasks, reshuffled each epoch from `seed`."""
+    pairs = [(t, j) for t, n in enumerate(counts) for j in range(n)]
+    rng = random.Random(seed)
+    while True:
+        rng.shuffle(pairs)
+        for s in range(0, len(pairs), batch_size):
+            yield pairs[s : s + batch_size]
+
+
+def teacher_folders(
+    base_dir,
+    expert_dirs,
+    inputs,
+    cache_dir: Path,
+    spec: TeacherSpec,
+    *,
+    device="cpu",
+    progress=True,
+    attn_implementation="sdpa",
+) -> list[Path]:
+    from .report import progress as bar
+
+    folders = []
+    total = sum(len(x) for x in inputs)
+    with bar(total, "teacher", unit="seq", disable=not progress) as pbar:
+        for t, (e, prompts) in enumerate(zip(expert_dirs, inputs, strict=True)):
+            folders.append(
+                teacher_pass(
+                    e,
+                    [list(map(int, p)) for p in prompts],
+                    cache_dir / f"task{t}",
+                    spec,
+                    device=device,
+                    attn_implementation=attn_implementation,
+                    progress=pbar,
+                )
+            )
+    return folders
+
+
+def learn(
+    base_dir: str | Path,
+    expert_dirs: Sequence[str | Path],
+    inputs: Sequence[Sequence[Sequence[int]]],
+    *,
+    level: Literal["task", "layer"] = "layer",
+    objective: Literal["js", "kl", "entropy"] = "js",
+    steps: int | None = 100,
+    epochs: float | None = None,
+    lr: float = 1e-2,
+    batch_size: int = 16,
+    max_new_tokens: int = 16,
+    eos_token_id: int | None = None,
+    init: float | None = None,
+    seed: int = 0,
+    device: str = "cpu",
+    cache_dir: str | Path | None = None,
+    progress: bool = True,
+    topk: int = 64,
+    full_vocab_max: int = 4096,
+    token_chunk: int = 1024,
+    dtype: str = "float32",
+    attn_implementation: str = "sdpa",
+    resident_max_bytes: int = 1 << 29,
+) -> LearnResult:
+    """Learn merge coefficients. `inputs[t]` are task t's prompts (lists of token ids, no padding).
+
+    Returns coefficients [T, n_blocks] (task level: the same value in every block of a task)."""
+    from .report import progress as bar
+
+    if level not in LEVELS:
+        raise ValueError(f"level {level!r}: expected one of {', '.join(LEVELS)}")
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective {objective!r}: expected one of {', '.join(OBJECTIVES)}")
+    expert_dirs = [Path(e) for e in expert_dirs]
+    if len(inputs) != len(expert_dirs):
+        raise ValueError(f"inputs: {len(inputs)} prompt lists for {len(expert_dirs)} experts")
+    for t, x in enumerate(inputs):
+        if not x:
+            raise ValueError(f"inputs[{t}]: no prompts for expert {expert_dirs[t]}")
+    if max_new_tokens < 1:
+        raise ValueError("max_new_tokens must be >= 1")
+    torch_dtype = getattr(torch, dtype, None)
+    if not isinstance(torch_dtype, torch.dtype):
+        raise ValueError(f"dtype {dtype!r}: expected float32, float64 or bfloat16")
+    config = dict(
+        level=level,
+        objective=objective,
+        steps=steps,
+        epochs=epochs,
+        lr=lr,
+        batch_size=batch_size,
+        max_new_tokens=max_new_tokens,
+        eos_token_id=eos_token_id,
+        init=init,
+        seed=seed,
+        device=device,
+        topk=topk,
+        full_vocab_max=full_vocab_max,
+        token_chunk=token_chunk,
+        dtype=dtype,
+    )
+    merge = StreamedMerge(
+        base_dir,
+        expert_dirs,
+        device=device,
+        dtype=torch_dtype,
+        attn_implementation=attn_implementation,
+        token_chunk=token_chunk,
+        resident_max_bytes=resident_max_bytes,
+    )
+    T, nb = merge.T, len(merge.blocks)
+    spec = TeacherSpec(
+        max_new_tokens=max_new_tokens,
+        eos_token_id=eos_token_id,
+        full_vocab_max=full_vocab_max,
+        topk=topk,
+        store_dists=objective != "entropy",
+    )
+    tmp = None
+    if cache_dir is None:
+        tmp = tempfile.TemporaryDirectory(prefix="blockmerge-teacher-")
+        cache_dir = tmp.name
+    try:
+        folders = teacher_folders(
+            base_dir,
+            expert_dirs,
+            inputs,
+            Path(cache_dir),
+            spec,
+            device=device,
+            progress=progress,
+            attn_implementation=attn_implementation,
+        )
+        data = TeacherData(folders)
+        counts = [data.n_seqs(t) for t in range(T)]
+        if steps is None:
+            if epochs is None:
+                raise ValueError("give steps or epochs")
+            steps = max(1, math.ceil(epochs * sum(counts) / batch_size))
+        if init is None:
+            init = 0.3 if objective == "entropy" else 1.0 / T
+        shape = (T, nb) if level == "layer" else (T,)
+        gamma = torch.full(shape, float(init), dtype=torch.float32, requires_grad=True)
+        opt = torch.optim.Adam([gamma], lr=lr)
+        losses: list[float] = []
+        batches = _batches(counts, batch_size, seed)
+        started = time.perf_counter()
+        with bar(steps, f"divmerge {objective}/{level}", unit="step", disable=not progress) as pbar:
+            for _ in range(steps):
+                batch = make_batch(next(batches), data)
+                full = gamma.detach() if level == "layer" else gamma.detach()[:, None].expand(T, nb)
+                loss, g = merge.loss_and_grad(full, batch, objective)
+                opt.zero_grad()
+                gamma.grad = g if level == "layer" else g.sum(1)
+                opt.step()
+                if objective == "entropy":
+                    with torch.no_grad():
+                        gamma.clamp_(0.0, 1.0)
+                losses.append(loss)
+                pbar.set_postfix(loss=f"{loss:.4f}")
+                pbar.update(1)
+        elapsed = time.perf_counter() - started
+    finally:
+        if tmp is not None:
+            tmp.cleanup()
+    coeffs = gamma.detach().clone() if level == "layer" else gamma.detach()[:, None].expand(T, nb).clone()
+    return LearnResult(coeffs, list(merge.block_names), losses, objective, level, config, elapsed / max(steps, 1))
+
+
+def write_merged(
+    base_dir: str | Path,
+    expert_dirs: Sequence[str | Path],
+    coefficients: torch.Tensor,
+    out: str | Path,
+    *,
+    force: bool = False,
+    dtype: torch.dtype | str | None = None,
+    device=None,
+    progress: bool = True,
+    extra_json: dict | None = None,
+) -> Path:
+    """Write theta_0 + sum_t Gamma[t, block(tensor)] tau_t as a checkpoint (coefficients [T, n_blocks]
+    in the base checkpoint's block order, or [T] for task level)."""
+    from .merge import stream_merge
+
+    base = Checkpoint(base_dir)
+    experts = [Checkpoint(e) for e in expert_dirs]
+    names = [b.name for b in base.blocks()]
+    index = {n: i for i, n in enumerate(names)}
+    coeffs = torch.as_tensor(coefficients, dtype=torch.float32).detach().cpu()
+    if coeffs.dim() == 1:
+        coeffs = coeffs[:, None].expand(len(experts), len(names))
+    if tuple(coeffs.shape) != (len(experts), len(names)):
+        raise ValueError(
+            f"coefficients: shape {list(coeffs.shape)}, expected [{len(experts)}, {len(names)}] "
+            f"(experts x blocks {names})"
+        )
+    from .config import parse_dtype
+
+    dtype = parse_dtype(dtype)
+
+    def merge_tensor(name: str, b: torch.Tensor, es: list[torch.Tensor]) -> torch.Tensor:
+        if not b.is_floating_point():
+            return b
+        return combine(b, es, coeffs[:, index[block_name(name)]].tolist(), out_dtype=dtype or b.dtype)
+
+    return stream_merge(
+        base,
+        experts,
+        out,
+        merge_tensor,
+        force=force,
+        dtype=dtype,
+        device=device,
+        progress=progress,
+        extra_json=extra_json,
+        desc="divmerge",
+    )

@@ -1,0 +1,234 @@
+"""Teacher pass: each expert's greedy continuations of its task's prompts, and the expert's next-token
+distributions at the continuation positions, cached on disk and read back per batch.
+
+Generation streams the expert block by block with a per-layer KV cache (transformers' DynamicCache;
+each layer updates its own entry by layer_idx), so each new token costs one pass over the checkpoint.
+Prompts are bucketed by length, so no padding is ever needed. Generation stops at EOS (kept) or
+`max_new_tokens`. The distribution recorded at step i is the expert's p(. | x, y<i) from that same pass
+(with the KV cache), i.e. exactly what teacher forcing x + y would give, up to rounding.
+
+Storage, per task: `task{t}/chunk{c}.pt` files of at most `chunk_seqs` sequences, written as they fill
+and read back memory-mapped (torch.load(mmap=True)), so neither pass holds all targets in memory:
+  tokens [sum len] int64 (prompt + continuation, concatenated), seq_start [n+1], prompt_len [n],
+  pos_start [n+1] (rows of the targets), orig [n] (index of the prompt in the input list), and
+  probs [N, V] (full vocabulary, when V <= full_vocab_max) or ids [N, k] + probs [N, k] + tail [N]."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections import OrderedDict
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from .losses import Targets, topk_targets
+from .modeling import StreamedModel
+
+
+@dataclass(frozen=True)
+class TeacherSpec:
+    max_new_tokens: int = 16
+    eos_token_id: int | None = None
+    full_vocab_max: int = 4096
+    topk: int = 64
+    store_dists: bool = True  # False for the entropy objective: continuations only
+    chunk_seqs: int = 64
+    gen_batch: int = 64
+    dtype: str = "float32"
+
+
+def _fingerprint(path: Path) -> list:
+    files = sorted(p for p in path.iterdir() if p.suffix in (".safetensors", ".json"))
+    return [(p.name, p.stat().st_size, int(p.stat().st_mtime)) for p in files]
+
+
+def cache_key(expert_dir: Path, prompts: list[list[int]], spec: TeacherSpec) -> str:
+    h = hashlib.sha256()
+    h.update(json.dumps([str(Path(expert_dir).resolve()), _fingerprint(Path(expert_dir)), asdict(spec)]).encode())
+    h.update(json.dumps(prompts).encode())
+    return h.hexdigest()[:20]
+
+
+@torch.no_grad()
+def generate(
+    model: StreamedModel,
+    source,
+    prompts: torch.Tensor,
+    max_new_tokens: int,
+    eos_token_id: int | None,
+    dtype: torch.dtype = torch.float32,
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Greedy continuation of equal-length prompts [B, P]: new tokens [B, n] and each step's log-probs [B, V]."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.config)
+    ids, steps, logps = prompts, [], []
+    done = torch.zeros(prompts.shape[0], dtype=torch.bool)
+    for _ in range(max_new_tokens):
+        logits = model.forward(ids, source=source, dtype=dtype, cache=cache, last_only=True).float().cpu()
+        logp = torch.log_softmax(logits, -1)
+        nxt = logp.argmax(-1)
+        steps.append(nxt)
+        logps.append(logp)
+        if eos_token_id is not None:
+            done |= nxt == eos_token_id
+            if bool(done.all()):
+                break
+        ids = nxt[:, None]
+    return torch.stack(steps, 1), logps
+
+
+class _ChunkWriter:
+    def __init__(self, folder: Path, spec: TeacherSpec, full: bool):
+        self.folder, self.spec, self.full = folder, spec, full
+        self.rows: list[tuple] = []
+        self.sizes: list[int] = []
+
+    def add(self, orig: int, prompt: list[int], cont: list[int], targets: Targets | None):
+        self.rows.append((orig, prompt, cont, targets))
+        if len(self.rows) >= self.spec.chunk_seqs:
+            self.flush()
+
+    def flush(self):
+        if not self.rows:
+            return
+        seqs = [torch.tensor(p + c, dtype=torch.int64) for _, p, c, _ in self.rows]
+        d = {
+            "tokens": torch.cat(seqs),
+            "seq_start": torch.tensor([0] + [len(s) for s in seqs]).cumsum(0),
+            "prompt_len": torch.tensor([len(p) for _, p, _, _ in self.rows]),
+            "pos_start": torch.tensor([0] + [len(c) for _, _, c, _ in self.rows]).cumsum(0),
+            "orig": torch.tensor([o for o, _, _, _ in self.rows]),
+        }
+        if self.spec.store_dists:
+            t = Targets.cat([r[3] for r in self.rows])
+            d["probs"] = t.probs.contiguous()
+            if t.topk:
+                d["ids"], d["tail"] = t.ids.contiguous(), t.tail.contiguous()
+        f = self.folder / f"chunk{len(self.sizes)}.pt"
+        torch.save(d, f.with_suffix(".tmp"))
+        os.replace(f.with_suffix(".tmp"), f)
+        self.sizes.append(len(self.rows))
+        self.rows = []
+
+
+def teacher_pass(
+    expert_dir: str | Path,
+    prompts: list[list[int]],
+    folder: str | Path,
+    spec: TeacherSpec,
+    *,
+    device="cpu",
+    attn_implementation="sdpa",
+    resident_max_bytes: int = 1 << 29,
+    progress=None,
+) -> Path:
+    """Generate and cache expert `expert_dir`'s continuations of `prompts` under `folder` (reused when
+    its manifest has the same key)."""
+    folder = Path(folder)
+    key = cache_key(Path(expert_dir), prompts, spec)
+    manifest = folder / "manifest.json"
+    if manifest.exists():
+        try:
+            if json.loads(manifest.read_text()).get("key") == key:
+                return folder
+        except json.JSONDecodeError:
+            pass
+    folder.mkdir(parents=True, exist_ok=True)
+    for old in folder.glob("chunk*.pt"):
+        old.unlink()
+    model = StreamedModel(expert_dir, attn_implementation=attn_implementation, device=device)
+    source = model.source(resident_max_bytes)
+    vocab = model.config.get_text_config().vocab_size
+    full = vocab <= spec.full_vocab_max
+    eos = spec.eos_token_id
+    if eos is None:
+        eos = getattr(model.config, "eos_token_id", None)
+        eos = eos[0] if isinstance(eos, list) else eos
+    dtype = getattr(torch, spec.dtype)
+    writer = _ChunkWriter(folder, spec, full)
+    buckets: dict[int, list[int]] = {}
+    for i, p in enumerate(prompts):
+        if not p:
+            raise ValueError(f"prompt {i} of {expert_dir} is empty")
+        buckets.setdefault(len(p), []).append(i)
+    for length in sorted(buckets):
+        idx = buckets[length]
+        for s in range(0, len(idx), spec.gen_batch):
+            part = idx[s : s + spec.gen_batch]
+            new, logps = generate(
+                model, source, torch.tensor([prompts[i] for i in part]), spec.max_new_tokens, eos, dtype
+            )
+            for b, i in enumerate(part):
+                cont = new[b].tolist()
+                if eos is not None and eos in cont:
+                    cont = cont[: cont.index(eos) + 1]
+                targets = None
+                if spec.store_dists:
+                    lp = torch.stack([logps[j][b] for j in range(len(cont))])
+                    targets = Targets(probs=lp.exp()) if full else topk_targets(lp, spec.topk)
+                writer.add(i, list(prompts[i]), cont, targets)
+            if progress is not None:
+                progress.update(len(part))
+    writer.flush()
+    manifest.write_text(
+        json.dumps(
+            {
+                "key": key,
+                "chunks": writer.sizes,
+                "full_vocab": full,
+                "vocab": vocab,
+                "n_seqs": len(prompts),
+                "spec": asdict(spec),
+            }
+        )
+    )
+    return folder
+
+
+class TeacherData:
+    """Read-back of the cached teacher passes of all tasks, one sequence at a time (memory-mapped)."""
+
+    def __init__(self, folders: list[Path], max_open: int = 16):
+        self.folders = [Path(f) for f in folders]
+        self.manifests = [json.loads((f / "manifest.json").read_text()) for f in self.folders]
+        self.max_open = max_open
+        self._open: OrderedDict[tuple[int, int], dict] = OrderedDict()
+        self._where: list[list[tuple[int, int]]] = []
+        for m in self.manifests:
+            loc = []
+            for c, n in enumerate(m["chunks"]):
+                loc += [(c, r) for r in range(n)]
+            self._where.append(loc)
+
+    def n_seqs(self, task: int) -> int:
+        return len(self._where[task])
+
+    def _chunk(self, task: int, c: int) -> dict:
+        k = (task, c)
+        if k in self._open:
+            self._open.move_to_end(k)
+            return self._open[k]
+        d = torch.load(self.folders[task] / f"chunk{c}.pt", mmap=True, weights_only=True)
+        self._open[k] = d
+        if len(self._open) > self.max_open:
+            self._open.popitem(last=False)
+        return d
+
+    def get(self, task: int, j: int) -> tuple[torch.Tensor, int, Targets | None]:
+        """(tokens = prompt + continuation, prompt length, targets for the continuation positions)."""
+        c, r = self._where[task][j]
+        d = self._chunk(task, c)
+        s0, s1 = int(d["seq_start"][r]), int(d["seq_start"][r + 1])
+        p0, p1 = int(d["pos_start"][r]), int(d["pos_start"][r + 1])
+        targets = None
+        if "probs" in d:
+            targets = Targets(
+                probs=d["probs"][p0:p1].clone(),
+                ids=d["ids"][p0:p1].long() if "ids" in d else None,
+                tail=d["tail"][p0:p1].clone() if "tail" in d else None,
+            )
+        return d["tokens"][s0:s1].clone(), int(d["prompt_len"][r]), targets
