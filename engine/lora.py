@@ -1,0 +1,722 @@
+"""LoRA adapters: read PEFT adapters, merge them into a new adapter or into the base model, and the
+`blockmerge lora` command (merge, merge-into-base, divmerge; the learner is in lora_learn.py).
+
+An adapter module m of adapter t adds s_t * B_t A_t to the base weight W0 (A_t: [r, in], B_t: [out, r];
+s_t = alpha/r, or alpha/sqrt(r) with rslora). Adapter merges follow PEFT's `add_weighted_adapter`:
+
+  cat              A = [w_1 s_1 A_1; ...; w_T s_T A_T], B = [B_1 ... B_T]          exact, rank sum_t r_t
+  linear           A = sum_t sign(w_t s_t) sqrt|w_t s_t| A_t, B = sum_t sqrt|w_t s_t| B_t   (same ranks)
+  ties, dare_*, magnitude_prune   the same per-factor weights, PEFT's ties/dare formula on A and on B
+  svd              D = sum_t w_t s_t B_t A_t per module, truncated SVD: B = U S, A = V^T   (rank --rank)
+  ties_svd, dare_ties_svd, dare_linear_svd, magnitude_prune_svd   PEFT's formula on the deltas s_t B_t A_t,
+                   then the truncated SVD
+The merged adapter has lora_alpha = r (scale 1), like PEFT's. Only one module's deltas exist at a time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import re
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .checkpoint import Checkpoint
+from .writer import commit_output, prepare_output
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+LEGACY_WEIGHTS_NAME = "adapter_model.bin"
+PREFIX = "base_model.model."
+KEY_RE = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<which>[AB])(?:\.(?P<adapter>[^.]+))?\.weight$")
+
+ADAPTER_METHODS = (
+    "cat",
+    "linear",
+    "ties",
+    "dare_linear",
+    "dare_ties",
+    "magnitude_prune",
+    "svd",
+    "ties_svd",
+    "dare_linear_svd",
+    "dare_ties_svd",
+    "magnitude_prune_svd",
+)
+DENSITY_METHODS = {m for m in ADAPTER_METHODS if m.startswith(("ties", "dare", "magnitude"))}
+
+
+class AdapterError(ValueError):
+    """An adapter is missing, malformed, unsupported or does not fit the base / the other adapters."""
+
+
+# ----------------------------------------------------------------------------------------------- reading
+
+
+@dataclass
+class LoraModule:
+    """One adapted linear layer: delta W = scale * B @ A (transposed when fan_in_fan_out)."""
+
+    name: str  # module path inside the model, e.g. model.layers.0.self_attn.q_proj
+    A: torch.Tensor  # [r, in]
+    B: torch.Tensor  # [out, r]
+    scale: float
+    fan_in_fan_out: bool = False
+
+    @property
+    def rank(self) -> int:
+        return self.A.shape[0]
+
+    @property
+    def weight_shape(self) -> tuple[int, int]:
+        """Shape of the base weight this module adapts."""
+        out_f, in_f = self.B.shape[0], self.A.shape[1]
+        return (in_f, out_f) if self.fan_in_fan_out else (out_f, in_f)
+
+    def delta(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """scale * B @ A in the base weight's layout."""
+        d = (self.B.to(dtype) @ self.A.to(dtype)).mul_(self.scale)
+        return d.T if self.fan_in_fan_out else d
+
+
+@dataclass
+class Adapter:
+    path: Path
+    config: dict
+    modules: dict[str, LoraModule] = field(default_factory=dict)
+
+    @property
+    def base_model(self) -> str | None:
+        return self.config.get("base_model_name_or_path") or None
+
+    @property
+    def r(self) -> int:
+        """The largest rank the config allows (PEFT's rule for the rank of merged adapters)."""
+        return max([int(self.config["r"]), *(int(v) for v in (self.config.get("rank_pattern") or {}).values())])
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(iter(self.modules.values())).A.dtype
+
+    def nbytes(self) -> int:
+        return sum(m.A.numel() * m.A.element_size() + m.B.numel() * m.B.element_size() for m in self.modules.values())
+
+    def __repr__(self) -> str:
+        return f"Adapter({str(self.path)!r}, r={self.config.get('r')}, {len(self.modules)} modules)"
+
+
+def _pattern_value(patterns: dict, module: str, default):
+    """PEFT's rank_pattern / alpha_pattern lookup (peft.utils.other.get_pattern_key)."""
+    for key, value in (patterns or {}).items():
+        if re.match(rf"(.*\.)?({key})$", module):
+            return value
+    return default
+
+
+def lora_scale(alpha: float, r: int, use_rslora: bool) -> float:
+    return alpha / math.sqrt(r) if use_rslora else alpha / r
+
+
+def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    st, legacy = path / WEIGHTS_NAME, path / LEGACY_WEIGHTS_NAME
+    if st.exists():
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(st))
+        except Exception as e:
+            raise AdapterError(f"{st}: cannot read safetensors file ({e})") from e
+    if legacy.exists():
+        try:
+            return torch.load(legacy, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise AdapterError(f"{legacy}: cannot read ({e})") from e
+    raise AdapterError(f"{path}: no {WEIGHTS_NAME} (or {LEGACY_WEIGHTS_NAME})")
+
+
+def read_adapter(path: str | Path) -> Adapter:
+    """Read a PEFT LoRA adapter folder (adapter_config.json + adapter_model.safetensors)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise AdapterError(f"{path}: not an adapter folder")
+    cfg_file = path / CONFIG_NAME
+    if not cfg_file.exists():
+        raise AdapterError(f"{path}: no {CONFIG_NAME}")
+    try:
+        config = json.loads(cfg_file.read_text())
+    except json.JSONDecodeError as e:
+        raise AdapterError(f"{cfg_file}: invalid JSON ({e})") from e
+    if not isinstance(config, dict):
+        raise AdapterError(f"{cfg_file}: expected a JSON object")
+    peft_type = str(config.get("peft_type", "LORA")).upper()
+    if peft_type != "LORA":
+        raise AdapterError(f"{cfg_file}: peft_type {config.get('peft_type')!r} is not supported (only LORA)")
+    for f in ("r", "lora_alpha"):
+        if not isinstance(config.get(f), (int, float)) or isinstance(config.get(f), bool) or config[f] <= 0:
+            raise AdapterError(f"{cfg_file}: field {f!r} must be a positive number, got {config.get(f)!r}")
+    for f in ("use_dora", "lora_bias"):
+        if config.get(f):
+            raise AdapterError(f"{cfg_file}: {f}=true is not supported")
+    use_rslora = bool(config.get("use_rslora", False))
+    fan_in_fan_out = bool(config.get("fan_in_fan_out", False))
+
+    tensors = _load_tensors(path)
+    halves: dict[str, dict[str, torch.Tensor]] = {}
+    for key, t in tensors.items():
+        m = KEY_RE.match(key)
+        if m is None:
+            raise AdapterError(
+                f"{path / WEIGHTS_NAME}: tensor {key} is not a LoRA linear factor (lora_A/lora_B); "
+                "embedding/conv LoRA, DoRA and modules_to_save are not supported"
+            )
+        halves.setdefault(m["module"], {})[m["which"]] = t
+    if not halves:
+        raise AdapterError(f"{path / WEIGHTS_NAME}: no LoRA tensors")
+    adapter = Adapter(path, config)
+    for module in sorted(halves, key=natural_key):
+        h = halves[module]
+        if set(h) != {"A", "B"}:
+            missing = "lora_B" if "A" in h else "lora_A"
+            raise AdapterError(f"{path / WEIGHTS_NAME}: module {module} has no {missing}")
+        A, B = h["A"], h["B"]
+        if A.dim() != 2 or B.dim() != 2 or A.shape[0] != B.shape[1]:
+            raise AdapterError(
+                f"{path / WEIGHTS_NAME}: module {module}: lora_A {list(A.shape)} and lora_B {list(B.shape)} "
+                "are not [r, in] and [out, r]"
+            )
+        r = int(_pattern_value(config.get("rank_pattern"), module, config["r"]))
+        if A.shape[0] != r:
+            raise AdapterError(
+                f"{path / WEIGHTS_NAME}: module {module} has rank {A.shape[0]} but {CONFIG_NAME} says r={r}"
+            )
+        alpha = float(_pattern_value(config.get("alpha_pattern"), module, config["lora_alpha"]))
+        adapter.modules[module] = LoraModule(module, A, B, lora_scale(alpha, r, use_rslora), fan_in_fan_out)
+    return adapter
+
+
+def natural_key(name: str) -> list:
+    """Sort module names with layer numbers in numeric order."""
+    return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name)]
+
+
+def base_tensor_name(module: str, base: Checkpoint) -> str:
+    """The base checkpoint tensor adapted by `module` (exact, then with/without a `model.` prefix)."""
+    for cand in (f"{module}.weight", f"model.{module}.weight", module.removeprefix("model.") + ".weight"):
+        if cand in base.tensors:
+            return cand
+    raise AdapterError(f"{base.path}: no weight tensor for adapted module {module} (looked for {module}.weight)")
+
+
+def check_shared_base(
+    adapters: Sequence[Adapter], base: Checkpoint | None = None, *, base_given: bool = False
+) -> dict[str, str] | None:
+    """Adapters must be for the same base: the same base_model_name_or_path (unless a base is given
+    explicitly), the same weight shapes where they adapt the same module and, with a base checkpoint, shapes
+    that fit its tensors. Returns {module: base tensor name} when a base is given."""
+    if not adapters:
+        raise AdapterError("no adapters given")
+    if not base_given and base is None:
+        names = {a.base_model for a in adapters if a.base_model}
+        if len(names) > 1:
+            a0 = next(a for a in adapters if a.base_model)
+            other = next(a for a in adapters if a.base_model and a.base_model != a0.base_model)
+            raise AdapterError(
+                f"{other.path}: base_model_name_or_path {other.base_model!r} differs from {a0.path}'s "
+                f"{a0.base_model!r} (pass --base to merge them anyway)"
+            )
+    kinds = {type(a.config.get("target_modules")).__name__ for a in adapters}
+    if len(kinds) > 1:
+        raise AdapterError("adapters mix target_modules given as a regex string and as a list; cannot combine")
+    shapes: dict[str, tuple[tuple[int, int], Path]] = {}
+    for a in adapters:
+        for name, m in a.modules.items():
+            seen = shapes.get(name)
+            if seen is None:
+                shapes[name] = (m.weight_shape, a.path)
+            elif seen[0] != m.weight_shape:
+                raise AdapterError(
+                    f"{a.path}: module {name} adapts a weight of shape {list(m.weight_shape)}, "
+                    f"{seen[1]} one of shape {list(seen[0])}: not the same base"
+                )
+    if base is None:
+        return None
+    names = {}
+    for name, (shape, apath) in shapes.items():
+        tname = base_tensor_name(name, base)
+        bshape = base.tensors[tname].shape
+        if tuple(bshape) != shape:
+            raise AdapterError(
+                f"{apath}: module {name} adapts a weight of shape {list(shape)}, but {base.path} tensor {tname} "
+                f"has shape {list(bshape)}"
+            )
+        names[name] = tname
+    return names
+
+
+def read_adapters(paths: Sequence[str | Path], base: Checkpoint | None = None, base_given: bool = False):
+    adapters = [read_adapter(p) for p in paths]
+    names = check_shared_base(adapters, base, base_given=base_given)
+    return adapters, names
+
+
+# ---------------------------------------------------------------------------------- PEFT merge formulas
+# Written after peft.utils.merge_utils (PEFT's add_weighted_adapter): the TIES sign election is over the
+# unweighted pruned tensors ("total" or "frequency") and the disjoint mean divides by the number of agreeing
+# tasks, which differs from mergekit's TIES used for full checkpoints.
+
+
+def dare_mask(shape, density: float, seed: int, module: str, task: int, part: str) -> torch.Tensor:
+    """DARE keep-mask (Bernoulli(density)) of one task's tensor of one module: seeded per (seed, module,
+    task, part) so the result does not depend on the order modules are processed in."""
+    h = hashlib.blake2b(f"{seed}|{module}|{task}|{part}".encode(), digest_size=8).digest()
+    g = torch.Generator().manual_seed(int.from_bytes(h, "little") & ((1 << 63) - 1))
+    return torch.bernoulli(torch.full(tuple(shape), float(density)), generator=g)
+
+
+def _magnitude_prune(t: torch.Tensor, density: float) -> torch.Tensor:
+    if density >= 1:
+        return t
+    k = int(density * t.numel())
+    mask = torch.zeros(t.numel(), dtype=t.dtype)
+    mask[torch.topk(t.abs().reshape(-1), k=k, largest=True).indices] = 1
+    return t * mask.reshape(t.shape)
+
+
+def _random_prune(t: torch.Tensor, density: float, mask: torch.Tensor) -> torch.Tensor:
+    if density >= 1:
+        return t
+    return t * mask.to(t.dtype) / density
+
+
+def combine_tasks(
+    method: str,
+    tensors: list[torch.Tensor],
+    weights: torch.Tensor,
+    *,
+    density: float | None = None,
+    majority_sign_method: str = "total",
+    masks: list[torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """PEFT's task_arithmetic / ties / dare_linear / dare_ties / magnitude_prune over tensors of one module.
+    `method` without an `_svd` suffix; `masks` are the DARE keep-masks (one per tensor)."""
+    if method in ("linear", "svd"):
+        pruned = tensors
+    elif method in ("ties", "magnitude_prune"):
+        pruned = [_magnitude_prune(t, density) for t in tensors]
+    elif method in ("dare_linear", "dare_ties"):
+        pruned = [_random_prune(t, density, m) for t, m in zip(tensors, masks, strict=True)]
+    else:
+        raise AdapterError(f"unknown method {method!r}")
+    stacked = torch.stack(pruned, dim=0)
+    w = weights.to(stacked.dtype).view((-1,) + (1,) * (stacked.dim() - 1))
+    weighted = stacked * w
+    if method not in ("ties", "dare_ties"):
+        return weighted.sum(dim=0)
+    sign = stacked.sign()
+    if majority_sign_method == "total":
+        magnitude = stacked.sum(dim=0)
+    elif majority_sign_method == "frequency":
+        magnitude = sign.sum(dim=0)
+    else:
+        raise AdapterError(f"majority_sign_method {majority_sign_method!r}: expected total or frequency")
+    agree = sign == torch.where(magnitude >= 0, 1, -1)
+    return (weighted * agree).sum(dim=0) / torch.clamp(agree.sum(dim=0), min=1.0)
+
+
+def truncated_svd(
+    delta: torch.Tensor, rank: int, *, clamp: float | None = None, full_matrices: bool = False, driver=None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A, B) with B @ A the best rank-`rank` approximation of delta: A = V^T[:rank], B = U[:, :rank] S.
+    Padded with zeros when delta has fewer singular values than rank. clamp: PEFT's svd_clamp quantile."""
+    U, S, Vh = torch.linalg.svd(delta, full_matrices=full_matrices, driver=driver)
+    k = min(rank, S.shape[0])
+    B = U[:, :k] @ torch.diag(S[:k])
+    A = Vh[:k, :]
+    if clamp is not None:
+        dist = torch.cat([B.flatten(), A.flatten()])
+        hi = torch.quantile(dist, clamp)
+        B, A = B.clamp(-hi, hi), A.clamp(-hi, hi)
+    if k < rank:
+        A = torch.cat([A, A.new_zeros(rank - k, A.shape[1])])
+        B = torch.cat([B, B.new_zeros(B.shape[0], rank - k)], dim=1)
+    return A, B
+
+
+@dataclass
+class MergedAdapter:
+    config: dict
+    tensors: dict[str, torch.Tensor]  # PEFT names: base_model.model.<module>.lora_A.weight
+
+
+def _target_modules(adapters: Sequence[Adapter]):
+    tms = [a.config.get("target_modules") for a in adapters]
+    if all(isinstance(t, str) for t in tms):
+        return "|".join(f"({t})" for t in tms)
+    out: set[str] = set()
+    for t in tms:
+        out |= set(t or [])
+    return sorted(out)
+
+
+def merge_adapters(
+    adapters: Sequence[Adapter],
+    weights: Sequence[float] | None,
+    method: str = "svd",
+    *,
+    density: float | None = None,
+    rank: int | None = None,
+    svd_clamp: float | None = None,
+    svd_full_matrices: bool = False,
+    svd_driver: str | None = None,
+    majority_sign_method: str = "total",
+    seed: int = 0,
+    dtype: torch.dtype | None = None,
+    mask_fn=None,
+) -> MergedAdapter:
+    """Combine adapters into one adapter as PEFT's add_weighted_adapter does (see the module docstring).
+    mask_fn(shape, density, seed, module, task, part) replaces `dare_mask` (tests use it to feed PEFT the
+    same DARE masks)."""
+    if method not in ADAPTER_METHODS:
+        raise AdapterError(f"unknown method {method!r}: expected one of {', '.join(ADAPTER_METHODS)}")
+    T = len(adapters)
+    weights = [1.0] * T if weights is None else [float(w) for w in weights]
+    if len(weights) != T:
+        raise AdapterError(f"--weights: expected {T} values (one per adapter), got {len(weights)}")
+    if T == 1:
+        method = "linear"  # PEFT: a single adapter is always merged linearly
+    if method in DENSITY_METHODS:
+        if density is None:
+            raise AdapterError(f"method {method} needs --density")
+        if not 0 <= density <= 1:
+            raise AdapterError(f"--density must be in [0, 1], got {density}")
+    mask_fn = mask_fn or dare_mask
+    ranks = [a.r for a in adapters]
+    svd = method.endswith("svd")
+    if method == "cat":
+        new_rank = sum(ranks)
+    elif svd:
+        new_rank = rank or max(ranks)
+    else:
+        if len(set(ranks)) != 1:
+            raise AdapterError(f"method {method} needs adapters of the same rank, got r={ranks} (use cat or svd)")
+        new_rank = ranks[0]
+    if rank is not None and not svd:
+        raise AdapterError(f"--rank applies to the svd methods only, not to {method}")
+    if new_rank <= 0:
+        raise AdapterError(f"--rank must be positive, got {new_rank}")
+    out_dtype = dtype or adapters[0].dtype
+    modules = sorted({m for a in adapters for m in a.modules}, key=natural_key)
+    tensors: dict[str, torch.Tensor] = {}
+    f32 = torch.float32
+    for mod in modules:
+        present = [
+            (t, a.modules[mod], w) for t, (a, w) in enumerate(zip(adapters, weights, strict=True)) if mod in a.modules
+        ]
+        ref = present[0][1]
+        out_f, in_f = ref.B.shape[0], ref.A.shape[1]
+        if method == "cat":
+            A = torch.zeros(new_rank, in_f, dtype=f32)
+            B = torch.zeros(out_f, new_rank, dtype=f32)
+            As = torch.cat([m.A.to(f32) * w * m.scale for _, m, w in present])
+            Bs = torch.cat([m.B.to(f32) for _, m, _ in present], dim=1)
+            A[: As.shape[0]] = As
+            B[:, : Bs.shape[1]] = Bs
+        elif svd:
+            deltas = [(m.B.to(f32) @ m.A.to(f32)) * m.scale for _, m, _ in present]
+            base_method = "linear" if method == "svd" else method.removesuffix("_svd")
+            masks = None
+            if base_method.startswith("dare"):
+                masks = [
+                    mask_fn(d.shape, density, seed, mod, t, "delta")
+                    for (t, _, _), d in zip(present, deltas, strict=True)
+                ]
+            delta = combine_tasks(
+                base_method,
+                deltas,
+                torch.tensor([w for _, _, w in present]),
+                density=density,
+                majority_sign_method=majority_sign_method,
+                masks=masks,
+            )
+            del deltas
+            A, B = truncated_svd(delta, new_rank, clamp=svd_clamp, full_matrices=svd_full_matrices, driver=svd_driver)
+            del delta
+        else:
+            shapes = {tuple(m.A.shape) for _, m, _ in present}
+            if len(shapes) != 1:
+                raise AdapterError(f"module {mod}: adapters have different ranks here; use cat or svd")
+            wA, wB = [], []
+            for _, m, w in present:
+                ws = w * m.scale
+                wA.append(math.sqrt(abs(ws)) * (1 if ws >= 0 else -1))
+                wB.append(math.sqrt(abs(ws)))
+            parts = []
+            for part, w_part in (("A", wA), ("B", wB)):
+                ts = [(m.A if part == "A" else m.B).to(f32) for _, m, _ in present]
+                masks = None
+                if method.startswith("dare"):
+                    masks = [
+                        mask_fn(x.shape, density, seed, mod, t, part) for (t, _, _), x in zip(present, ts, strict=True)
+                    ]
+                parts.append(
+                    combine_tasks(
+                        method,
+                        ts,
+                        torch.tensor(w_part),
+                        density=density,
+                        majority_sign_method=majority_sign_method,
+                        masks=masks,
+                    )
+                )
+            A, B = parts
+        tensors[f"{PREFIX}{mod}.lora_A.weight"] = A.to(out_dtype).contiguous()
+        tensors[f"{PREFIX}{mod}.lora_B.weight"] = B.to(out_dtype).contiguous()
+    config = dict(adapters[0].config)
+    config.update(
+        r=new_rank,
+        lora_alpha=new_rank,
+        target_modules=_target_modules(adapters),
+        alpha_pattern={},
+        rank_pattern={},
+        use_rslora=False,  # the source scales are folded into the factors: the merged scale must be exactly 1
+    )
+    return MergedAdapter(config, tensors)
+
+
+def write_adapter(merged: MergedAdapter, out: str | Path, *, force: bool = False, info: dict | None = None) -> Path:
+    """Write adapter_config.json + adapter_model.safetensors to a temporary folder renamed into OUT."""
+    from safetensors.torch import save_file
+
+    out, tmp = prepare_output(out, force)
+    try:
+        save_file(merged.tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        (tmp / CONFIG_NAME).write_text(json.dumps(merged.config, indent=2, sort_keys=True))
+        if info is not None:
+            (tmp / "blockmerge_lora.json").write_text(json.dumps(info, indent=2))
+        commit_output(tmp, out)
+    except BaseException:
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+# ------------------------------------------------------------------------------------- merge into base
+
+
+def merge_into_base(
+    base_dir: str | Path,
+    adapter_paths: Sequence[str | Path],
+    weights: Sequence[float] | None,
+    out: str | Path,
+    *,
+    force: bool = False,
+    shard_size: str = "5GB",
+    dtype: torch.dtype | None = None,
+    device: str | None = None,
+    progress: bool = True,
+) -> Path:
+    """Full checkpoint W0 + sum_t w_t s_t B_t A_t per adapted weight, streamed block by block; one
+    module's delta is formed at a time (one matmul over the concatenated factors)."""
+    from .merge import stream_merge
+
+    base = Checkpoint(base_dir)
+    adapters, names = read_adapters(adapter_paths, base, base_given=True)
+    T = len(adapters)
+    weights = [1.0] * T if weights is None else [float(w) for w in weights]
+    if len(weights) != T:
+        raise AdapterError(f"--weights: expected {T} values (one per adapter), got {len(weights)}")
+    by_tensor: dict[str, list[tuple[LoraModule, float]]] = {}
+    for a, w in zip(adapters, weights, strict=True):
+        for mod, m in a.modules.items():
+            by_tensor.setdefault(names[mod], []).append((m, w))
+
+    def merge_tensor(name: str, w0: torch.Tensor, _experts: list[torch.Tensor]) -> torch.Tensor:
+        terms = by_tensor.get(name)
+        if not terms:
+            return w0
+        dev = w0.device
+        A = torch.cat([m.A.to(dev, torch.float32) for m, _ in terms])
+        B = torch.cat([m.B.to(dev, torch.float32) * (w * m.scale) for m, w in terms], dim=1)
+        acc = w0.to(torch.float32, copy=True)
+        if terms[0][0].fan_in_fan_out:
+            acc.addmm_(A.T, B.T)
+        else:
+            acc.addmm_(B, A)
+        return acc.to(w0.dtype if dtype is None else dtype)
+
+    info = {
+        "blockmerge_lora": {
+            "base": str(base_dir),
+            "adapters": [str(p) for p in adapter_paths],
+            "weights": weights,
+            "scales": [sorted({m.scale for m in a.modules.values()}) for a in adapters],
+        }
+    }
+    return stream_merge(
+        base,
+        [],
+        out,
+        merge_tensor,
+        force=force,
+        shard_size=shard_size,
+        dtype=dtype,
+        device=device,
+        progress=progress,
+        extra_json={"blockmerge_lora.json": info},
+        desc="lora merge-into-base",
+    )
+
+
+# ---------------------------------------------------------------------------------------------------- CLI
+
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
+
+
+def _dtype(name: str | None) -> torch.dtype | None:
+    if name is None:
+        return None
+    if name not in _DTYPES:
+        raise ValueError(f"--dtype {name!r}: expected one of {', '.join(_DTYPES)}")
+    return _DTYPES[name]
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    sub = p.add_subparsers(dest="lora_command", metavar="SUBCOMMAND", required=True)
+    m = sub.add_parser("merge", help="merge adapters into one adapter (PEFT add_weighted_adapter semantics)")
+    m.add_argument("out", metavar="OUT", nargs="?", help="output adapter folder (or --out)")
+    m.add_argument("--out", "-o", dest="out_opt", default=None, help=argparse.SUPPRESS)
+    m.add_argument("--adapters", nargs="+", required=True, metavar="DIR")
+    m.add_argument("--method", default="svd", choices=ADAPTER_METHODS)
+    m.add_argument("--weights", nargs="+", default=None, help="one per adapter (default 1)")
+    m.add_argument("--density", type=float, default=None, help="ties/dare/magnitude_prune: fraction kept")
+    m.add_argument("--rank", type=int, default=None, help="svd methods: output rank (default: largest input r)")
+    m.add_argument("--svd-clamp", type=float, default=None, help="PEFT's svd_clamp quantile")
+    m.add_argument("--svd-full-matrices", action="store_true", help="full SVD as PEFT's default (same result)")
+    m.add_argument("--svd-driver", default=None)
+    m.add_argument("--majority-sign-method", default="total", choices=("total", "frequency"))
+    m.add_argument("--seed", type=int, default=0, help="DARE masks")
+    m.add_argument("--base", default=None, help="base checkpoint: check the adapters' shapes against it")
+    m.add_argument("--dtype", default=None, help="output dtype (default: the first adapter's)")
+    m.add_argument("--force", action="store_true", help="overwrite OUT")
+
+    b = sub.add_parser("merge-into-base", help="W0 + sum_t w_t s_t B_t A_t as a full checkpoint, streamed")
+    b.add_argument("out", metavar="OUT", nargs="?", help="output checkpoint folder (or --out)")
+    b.add_argument("--out", "-o", dest="out_opt", default=None, help=argparse.SUPPRESS)
+    b.add_argument("--base", required=True, metavar="DIR")
+    b.add_argument("--adapters", nargs="+", required=True, metavar="DIR")
+    b.add_argument("--weights", nargs="+", default=None, help="one per adapter (default 1)")
+    b.add_argument("--dtype", default=None)
+    b.add_argument("--shard-size", default="5GB")
+    b.add_argument("--device", default=None)
+    b.add_argument("--no-progress", action="store_true")
+    b.add_argument("--force", action="store_true", help="overwrite OUT")
+
+    d = sub.add_parser("divmerge", help="learn per-adapter coefficients by JS divergence to base+adapter_t")
+    d.add_argument("config", metavar="CONFIG", help="YAML: base_model, adapters: [{adapter: DIR, data: FILE}], ...")
+    d.add_argument("out", metavar="OUT")
+    d.add_argument("--steps", type=int, default=None)
+    d.add_argument("--device", default=None)
+    d.add_argument(
+        "--output",
+        choices=("base", "adapter"),
+        default=None,
+        help="write the merged full checkpoint (base, default) or a cat adapter with the coefficients",
+    )
+    d.add_argument("--force", action="store_true")
+
+
+def _is_float(x: str) -> bool:
+    try:
+        float(x)
+        return True
+    except ValueError:
+        return False
+
+
+def _resolve_out(args: argparse.Namespace) -> None:
+    """OUT given last (`--weights 1 2 OUT`) is swallowed by the list option before it: take it back."""
+    if args.out is None:
+        args.out = args.out_opt
+    if args.out is None and args.weights and not _is_float(args.weights[-1]):
+        args.out = args.weights.pop()
+    elif args.out is None and args.weights and len(args.adapters) == len(args.weights) + 1:
+        args.out = args.adapters.pop()
+    elif args.out is None and len(args.adapters) > 1 and not (Path(args.adapters[-1]) / CONFIG_NAME).exists():
+        args.out = args.adapters.pop()  # `--adapters A B OUT`: OUT is not an adapter (yet)
+    if args.out is None:
+        raise ValueError("OUT is missing: give it before --adapters, after a single-valued option, or as --out OUT")
+    if args.weights is not None:
+        bad = [w for w in args.weights if not _is_float(w)]
+        if bad:
+            raise ValueError(f"--weights: {bad[0]!r} is not a number")
+        args.weights = [float(w) for w in args.weights]
+
+
+def run(args: argparse.Namespace) -> int:
+    from .report import final_line
+
+    started = time.perf_counter()
+    if args.lora_command in ("merge", "merge-into-base"):
+        _resolve_out(args)
+    if args.lora_command == "merge":
+        base = Checkpoint(args.base) if args.base else None
+        adapters, _ = read_adapters(args.adapters, base, base_given=args.base is not None)
+        merged = merge_adapters(
+            adapters,
+            args.weights,
+            args.method,
+            density=args.density,
+            rank=args.rank,
+            svd_clamp=args.svd_clamp,
+            svd_full_matrices=args.svd_full_matrices,
+            svd_driver=args.svd_driver,
+            majority_sign_method=args.majority_sign_method,
+            seed=args.seed,
+            dtype=_dtype(args.dtype),
+        )
+        info = {
+            "adapters": list(map(str, args.adapters)),
+            "weights": args.weights,
+            "method": args.method,
+            "density": args.density,
+            "rank": merged.config["r"],
+            "seed": args.seed,
+        }
+        out = write_adapter(merged, args.out, force=args.force, info=info)
+        print(
+            final_line(f"merged {len(adapters)} adapters ({args.method}, r={merged.config['r']}) into {out}", started)
+        )
+        return 0
+    if args.lora_command == "merge-into-base":
+        out = merge_into_base(
+            args.base,
+            args.adapters,
+            args.weights,
+            args.out,
+            force=args.force,
+            shard_size=args.shard_size,
+            dtype=_dtype(args.dtype),
+            device=args.device,
+            progress=not args.no_progress,
+        )
+        return 0
+    if args.lora_command == "divmerge":
+        from .lora_learn import run_divmerge_cli
+
+        return run_divmerge_cli(args)
+    raise ValueError(f"unknown lora subcommand {args.lora_command!r}")
