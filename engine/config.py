@@ -239,6 +239,7 @@ class ResolvedPlan(BaseModel):
     # parameters of each expert as written (model-level dicts), in expert order
     expert_params: list[dict[str, Any]]
     out_dtype: str | None
+    layer_range: tuple[int, int] | None = None  # from a `slices:` config: must cover every layer
 
 
 def _resolve_path(ref: str, cfg: MergeConfig, field: str) -> Path:
@@ -252,7 +253,7 @@ def _resolve_path(ref: str, cfg: MergeConfig, field: str) -> Path:
     )
 
 
-def _models_from_slices(cfg: MergeConfig) -> list[ModelEntry]:
+def _models_from_slices(cfg: MergeConfig) -> tuple[list[ModelEntry], tuple[int, int]]:
     if len(cfg.slices) != 1:
         raise ConfigError(
             "slices: not supported (only a single slice whose sources all cover every layer, which is the same "
@@ -271,16 +272,17 @@ def _models_from_slices(cfg: MergeConfig) -> list[ModelEntry]:
             except ValueError as e:
                 raise ConfigError(f"slices.0.sources: {e}") from None
         out.append(ModelEntry(model=s.model, parameters=params))
-    return out
+    return out, next(iter(ranges))
 
 
 def resolve_plan(cfg: MergeConfig) -> tuple[ResolvedPlan, list[ModelEntry]]:
     """Check the method's structural rules and find every folder; no tensor is read here."""
     models = list(cfg.models)
+    layer_range = None
     if cfg.slices is not None:
         if models:
             raise ConfigError("config: give either models or slices, not both")
-        models = _models_from_slices(cfg)
+        models, layer_range = _models_from_slices(cfg)
     if not models:
         raise ConfigError("models: at least one model is required")
     method = cfg.merge_method
@@ -311,6 +313,7 @@ def resolve_plan(cfg: MergeConfig) -> tuple[ResolvedPlan, list[ModelEntry]]:
             experts=[paths[i] for i in order[1:]],
             expert_params=[models[i].parameters for i in order],  # includes the template model first
             out_dtype=out_dtype,
+            layer_range=layer_range,
         )
         return plan, [models[i] for i in order]
     if base is None:
@@ -326,6 +329,7 @@ def resolve_plan(cfg: MergeConfig) -> tuple[ResolvedPlan, list[ModelEntry]]:
         experts=[paths[i] for i in keep],
         expert_params=[models[i].parameters for i in keep],
         out_dtype=out_dtype,
+        layer_range=layer_range,
     )
     return plan, [models[i] for i in keep]
 

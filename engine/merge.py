@@ -139,6 +139,11 @@ def plan_merge(
     base = Checkpoint(plan.base)
     experts = [Checkpoint(p) for p in plan.experts]
     check_compatible(base, experts)
+    if plan.layer_range is not None and tuple(plan.layer_range) != (0, base.num_layers):
+        raise ConfigError(
+            f"slices: not supported (layer_range {list(plan.layer_range)} does not cover the {base.num_layers} "
+            "layers; only a slice equivalent to `models:` is accepted)"
+        )
     out_dtype = parse_dtype(dtype) or parse_dtype(plan.out_dtype)
     resolver = ParameterResolver(cfg, plan, base.num_layers)
     method = plan.method
