@@ -7,15 +7,32 @@ combine:  out = base_weight * base + scale * mix(tau_1..tau_T),   tau_t = expert
   m_t    = sign(tau'_t) == elected sign    TIES sign election over sum_t w_t tau'_t (>= 0 elects +)
   mix    = sum_t w_t m_t tau'_t / (sum_t w_t m_t  if normalize else 1)
 project:  g_t = sum_i grad[i] * (expert_t[i] - base[i])      (dLoss/dGamma_t given dLoss/dW)
+
+Implementation notes (CPU speed; the formulas above are the contract):
+- Every op works on one chunk of CHUNK elements in preallocated per-thread fp32 buffers, so each input
+  is read from memory once and the temporaries stay in L2.
+- On CPU the chunks are spread over a small pool of Python threads (each with torch intra-op threads = 1)
+  that take chunks from a shared counter. That avoids one OpenMP fork/join per small op, which on a
+  busy machine (another process on a core) can cost a whole scheduler time slice per op.
+  BLOCKMERGE_CPU_THREADS sets the pool size (default torch.get_num_threads(); 1 = run inline).
+- The sign election keeps running sums (in task order) of w_t tau'_t, of its positive and negative parts
+  and of w_t over the tasks where w_t tau'_t > 0 / < 0: elected = (S >= 0), mix = S+ or S-, divisor = the
+  matching weight sum. One pass over the tasks and O(1) buffers whatever T is; the Triton kernel does the same.
+- project sums per-chunk fp32 dot products in a fixed order (fp64 for the final sum): deterministic.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import itertools
+import os
+import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-CHUNK = 1 << 18  # elements per chunk: a few fp32 temporaries of this size fit in L2
+CHUNK = 1 << 17  # elements per chunk: a few fp32 temporaries of this size fit in L2
+_GRAIN = 1 << 15  # below this torch runs elementwise ops serially anyway: no pool
 
 # 32-bit hash constants (lowbias32 by C. Wellons) and the golden-ratio key mixers.
 _M1, _M2 = 0x7FEB352D, 0x846CA68B
@@ -28,21 +45,23 @@ def task_key(seed: int, task: int) -> int:
     return (seed * _K1 + (task + 1) * _K2) & _MASK32
 
 
-def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
-    # (x * c) mod 2^32 on int64 without overflowing: split c into 16-bit halves.
+def _mul32_(x: torch.Tensor, c: int) -> torch.Tensor:
+    # x = (x * c) mod 2^32 in place on int64 (x < 2^32) without overflowing: split c into 16-bit halves.
     lo, hi = c & 0xFFFF, c >> 16
-    return (x * lo + (((x * hi) & 0xFFFF) << 16)) & _MASK32
+    t = x * hi
+    t.bitwise_and_(0xFFFF).bitwise_left_shift_(16)
+    return x.mul_(lo).add_(t).bitwise_and_(_MASK32)
 
 
 def hash_uniform(key: int, index: torch.Tensor) -> torch.Tensor:
     """Uniform [0, 1) float32 per element index (int64, < 2^32), counter-based: no state, any order."""
-    x = (index & _MASK32) ^ key
-    x = x ^ (x >> 16)
-    x = _mul32(x, _M1)
-    x = x ^ (x >> 15)
-    x = _mul32(x, _M2)
-    x = x ^ (x >> 16)
-    return (x >> 8).to(torch.float32) * (1.0 / (1 << 24))
+    x = (index & _MASK32).bitwise_xor_(key)
+    x.bitwise_xor_(x >> 16)
+    _mul32_(x, _M1)
+    x.bitwise_xor_(x >> 15)
+    _mul32_(x, _M2)
+    x.bitwise_xor_(x >> 16)
+    return x.bitwise_right_shift_(8).to(torch.float32).mul_(1.0 / (1 << 24))
 
 
 def dare_keep(seed: int, task: int, p: float, offset: int, numel: int, device="cpu") -> torch.Tensor:
@@ -63,9 +82,24 @@ def magnitude_thresholds(base: torch.Tensor, experts: Sequence[torch.Tensor], de
         elif k <= 0:
             out.append(float("inf"))
         else:
-            mag = (e.reshape(-1).float() - base.reshape(-1).float()).abs_()
-            out.append(float(torch.kthvalue(mag, n - k + 1).values))
+            out.append(_kth_largest_abs_delta(base.reshape(-1), e.reshape(-1), k))
     return out
+
+
+@torch.no_grad()
+def _kth_largest_abs_delta(b: torch.Tensor, e: torch.Tensor, k: int) -> float:
+    """k-th largest |e - b| (fp32). On CPU: one fp32 buffer filled chunk by chunk and an in-place
+    selection (numpy introselect), so the peak is 4 bytes per element and no fp32 copies of the inputs."""
+    n = b.numel()
+    mag = torch.empty(n, dtype=torch.float32, device=b.device)
+    for s in range(0, n, 1 << 22):
+        sl = slice(s, min(s + (1 << 22), n))
+        mag[sl].copy_(e[sl]).sub_(b[sl]).abs_()  # in fp32: torch.sub(bf16, bf16, out=fp32) rounds to bf16
+    if mag.device.type != "cpu":
+        return float(torch.kthvalue(mag, n - k + 1).values)
+    a = mag.numpy()
+    a.partition(n - k)  # the (n-k+1)-th smallest (1-based) == torch.kthvalue(mag, n - k + 1)
+    return float(a[n - k])
 
 
 def _as_list(x, T: int, name: str) -> list[float]:
@@ -81,6 +115,82 @@ def _as_list(x, T: int, name: str) -> list[float]:
     return x
 
 
+# ----------------------------------------------------------------------------------------------------------
+# chunk scheduling: a pool of single-threaded workers, per-thread scratch buffers
+
+_pool: ThreadPoolExecutor | None = None
+_pool_size = 0
+_pool_lock = threading.Lock()
+_tls = threading.local()
+
+
+def cpu_workers() -> int:
+    """Number of pool threads the CPU path uses (BLOCKMERGE_CPU_THREADS, default torch.get_num_threads())."""
+    env = os.environ.get("BLOCKMERGE_CPU_THREADS", "").strip()
+    return max(1, int(env)) if env else max(1, torch.get_num_threads())
+
+
+def _worker_init() -> None:
+    torch.set_num_threads(1)  # per-thread (OpenMP ICV): the caller's threads are unaffected
+
+
+def _get_pool(n: int) -> ThreadPoolExecutor:
+    global _pool, _pool_size
+    with _pool_lock:
+        if _pool is None or _pool_size != n:
+            if _pool is not None:
+                _pool.shutdown(wait=False)
+            _pool = ThreadPoolExecutor(n, thread_name_prefix="blockmerge-cpu", initializer=_worker_init)
+            _pool_size = n
+        return _pool
+
+
+def _scratch(k: int, n: int, device) -> list[torch.Tensor]:
+    """k fp32 scratch vectors of n elements, owned by the calling thread (reused across calls)."""
+    key = (str(device), k)
+    bufs = getattr(_tls, "bufs", None)
+    if bufs is None:
+        bufs = _tls.bufs = {}
+    have = bufs.get(key)
+    if have is None or have.shape[1] < n:
+        have = bufs[key] = torch.empty(k, max(n, CHUNK), dtype=torch.float32, device=device)
+    return [have[i, :n] for i in range(k)]
+
+
+def _run_chunks(numel: int, device: torch.device, fn: Callable[[int, int, int], None]) -> int:
+    """Call fn(i, start, stop) for the chunks of range(numel) (pool on CPU); returns the number of chunks."""
+    workers = cpu_workers() if device.type == "cpu" else 1
+    chunk = CHUNK
+    if workers > 1 and numel < workers * CHUNK:
+        chunk = max(_GRAIN, -(-numel // workers))
+    bounds = [(i, s, min(s + chunk, numel)) for i, s in enumerate(range(0, numel, chunk))]
+    if workers <= 1 or len(bounds) <= 1 or numel < 2 * _GRAIN:
+        for b in bounds:
+            fn(*b)
+        return len(bounds)
+    counter = itertools.count()  # next() is atomic under the GIL: dynamic load balancing
+
+    def work() -> None:
+        with torch.no_grad():
+            while (j := next(counter)) < len(bounds):
+                fn(*bounds[j])
+
+    pool = _get_pool(workers)
+    futs = [pool.submit(work) for _ in range(min(workers, len(bounds)))]
+    for f in futs:
+        f.result()
+    return len(bounds)
+
+
+def _f32(x: torch.Tensor, buf: torch.Tensor) -> torch.Tensor:
+    """x as fp32: x itself if it already is, else copied into buf."""
+    return x if x.dtype == torch.float32 else buf.copy_(x)
+
+
+# ----------------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
 def combine_torch(
     base: torch.Tensor,
     experts: Sequence[torch.Tensor],
@@ -105,52 +215,106 @@ def combine_torch(
         if e.shape != base.shape:
             raise ValueError(f"expert shape {list(e.shape)} != base shape {list(base.shape)}")
     out = torch.empty(base.shape, dtype=out_dtype or base.dtype, device=base.device)
+    n = base.numel()
+    if n == 0:
+        return out
     b_flat, o_flat = base.reshape(-1), out.view(-1)
     e_flat = [e.reshape(-1) for e in experts]
     simple = not any(p) and thr is None and not sign_consensus and not normalize
-    for s in range(0, base.numel(), CHUNK):
-        sl = slice(s, min(s + CHUNK, base.numel()))
-        b = b_flat[sl].float()
-        if simple:
-            # base_weight*b + scale*sum w (e - b) = (base_weight - scale*sum w)*b + sum scale*w*e: one pass per input
-            acc = b * (base_weight - scale * sum(w))
-            for e, wt in zip(e_flat, w, strict=True):
-                acc.add_(e[sl].float(), alpha=scale * wt)
-            o_flat[sl] = acc
-            continue
-        taus = []
-        for t, e in enumerate(e_flat):
-            tau = e[sl].float() - b
-            if p[t] > 0:
-                keep = dare_keep(seed, t, p[t], offset + s, tau.numel(), tau.device)
-                tau = torch.where(keep, tau / (1.0 - p[t]) if rescale else tau, torch.zeros_like(tau))
-            if thr is not None:
-                tau = torch.where(tau.abs() >= thr[t], tau, torch.zeros_like(tau))
-            taus.append(tau)
-        wts = [tau * wt for tau, wt in zip(taus, w, strict=True)]
+    out32 = out.dtype == torch.float32
+    dev = base.device
+
+    if simple:
+        # base_weight*b + scale*sum w (e - b) = (base_weight - scale*sum w)*b + sum scale*w*e: one pass per input
+        coef_b = base_weight - scale * sum(w)
+        coef = [scale * wt for wt in w]
+
+        def simple_chunk(i: int, s: int, stop: int) -> None:
+            m = stop - s
+            acc = o_flat[s:stop] if out32 else _scratch(1, m, dev)[0]
+            b = b_flat[s:stop]
+            if b.dtype == torch.float32:
+                torch.mul(b, coef_b, out=acc)
+            else:
+                acc.copy_(b).mul_(coef_b)
+            for e, c in zip(e_flat, coef, strict=True):
+                acc.add_(e[s:stop], alpha=c)  # mixed dtypes: computed in fp32, no bf16 rounding
+            if not out32:
+                o_flat[s:stop].copy_(acc)
+
+        _run_chunks(n, dev, simple_chunk)
+        return out
+
+    div_const = 1.0
+    if normalize and not sign_consensus:
+        sw = sum(w)
+        div_const = sw if abs(sw) >= 1e-8 else 1.0
+
+    def full_chunk(i: int, s: int, stop: int) -> None:
+        m = stop - s
+        bb, tau, acc, sp, sn, dp, dn = _scratch(7, m, dev)
+        b = _f32(b_flat[s:stop], bb)
+        acc.zero_()
         if sign_consensus:
-            elected = torch.where(sum(wts) >= 0, 1.0, -1.0)
-            agree = [(torch.sign(tau * wt) == elected) for tau, wt in zip(taus, w, strict=True)]
-            mix = sum(torch.where(a, x, 0.0) for a, x in zip(agree, wts, strict=True))
-            div = sum(a.float() * wt for a, wt in zip(agree, w, strict=True))
-            div = torch.where(div == 0, 1.0, div)
+            sp.zero_()
+            sn.zero_()
+            if normalize:
+                dp.zero_()
+                dn.zero_()
+        for t, e in enumerate(e_flat):
+            torch.sub(e[s:stop], b, out=tau)
+            if p[t] > 0:
+                keep = dare_keep(seed, t, p[t], offset + s, m, dev)
+                if rescale:
+                    tau.div_(1.0 - p[t])
+                tau.masked_fill_(keep.logical_not_(), 0.0)
+            if thr is not None:
+                tau.masked_fill_(torch.abs(tau) < thr[t], 0.0)
+            x = tau.mul_(w[t])
+            acc.add_(x)
+            if sign_consensus:
+                sp.add_(x.clamp(min=0.0))
+                sn.add_(x.clamp(max=0.0))
+                if normalize:
+                    dp.add_(x > 0, alpha=w[t])
+                    dn.add_(x < 0, alpha=w[t])
+        if sign_consensus:
+            elected = acc >= 0
+            mix = torch.where(elected, sp, sn, out=tau)
+            if normalize:
+                div = torch.where(elected, dp, dn, out=dp)
+                mix.div_(div.masked_fill_(div == 0, 1.0))
         else:
-            mix = sum(wts)
-            div = sum(w) if abs(sum(w)) >= 1e-8 else 1.0
-        if normalize:
-            mix = mix / div
-        o_flat[sl] = b * base_weight + scale * mix
+            mix = acc
+            if normalize:
+                mix.div_(div_const)
+        mix.mul_(scale).add_(b, alpha=base_weight)
+        o_flat[s:stop].copy_(mix)
+
+    _run_chunks(n, dev, full_chunk)
     return out
 
 
+@torch.no_grad()
 def project_torch(grad: torch.Tensor, base: torch.Tensor, experts: Sequence[torch.Tensor]) -> torch.Tensor:
     """g_t = <grad, expert_t - base> for every task, fp32, shape [T]."""
-    g = torch.zeros(len(experts), dtype=torch.float32, device=grad.device)
+    T = len(experts)
+    n = grad.numel()
+    dev = grad.device
     gf, bf = grad.reshape(-1), base.reshape(-1)
     ef = [e.reshape(-1) for e in experts]
-    for s in range(0, gf.numel(), CHUNK):
-        sl = slice(s, min(s + CHUNK, gf.numel()))
-        gc, b = gf[sl].float(), bf[sl].float()
+    if T == 0 or n == 0:
+        return torch.zeros(T, dtype=torch.float32, device=dev)
+    nchunks = -(-n // _GRAIN) + 1  # upper bound on the chunk count of _run_chunks
+    part = torch.zeros(nchunks, T, dtype=torch.float32, device=dev)
+
+    def chunk(i: int, s: int, stop: int) -> None:
+        gbuf, bbuf, tau = _scratch(3, stop - s, dev)
+        gc, b = _f32(gf[s:stop], gbuf), _f32(bf[s:stop], bbuf)
+        row = part[i]
         for t, e in enumerate(ef):
-            g[t] += torch.dot(gc, e[sl].float() - b)  # difference first: <g,e> - <g,b> cancels badly
-    return g
+            torch.sub(e[s:stop], b, out=tau)  # difference first: <g,e> - <g,b> cancels badly
+            torch.dot(gc, tau, out=row[t])
+
+    used = _run_chunks(n, dev, chunk)
+    return part[:used].double().sum(0).float()

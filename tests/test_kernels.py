@@ -1,0 +1,330 @@
+"""Kernels: the Triton kernels (run by the Triton interpreter on CPU) against the torch reference, the
+reference against a naive formula, the DARE mask on both paths, and the dispatch."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import blockmerge.kernels as K
+import pytest
+import torch
+from blockmerge.kernels import reference as R
+
+triton = pytest.importorskip("triton")
+
+TOL = {  # (rtol, atol) per output dtype: fp32 rounding order; 1 ulp for the 16-bit formats
+    torch.float32: (1e-5, 1e-5),
+    torch.float16: (2.0**-10, 1e-3),
+    torch.bfloat16: (2.0**-7, 1e-2),
+}
+
+
+# Triton's interpreter must be chosen before triton is first imported (its standard library, e.g. tl.zeros,
+# is decorated at import time). So the Triton-path tests (names containing "interp") run here only when this
+# process was started with TRITON_INTERPRET=1; otherwise test_triton_kernels_in_child_process runs them in a child
+# pytest with that variable set, and the rest of the session keeps the normal (compiling) Triton.
+from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
+
+INTERPRETED = isinstance(triton.language.zeros, InterpretedFunction)
+interp = pytest.mark.skipif(not INTERPRETED, reason="runs in the TRITON_INTERPRET=1 child process")
+if INTERPRETED:
+    from blockmerge.kernels import triton_kernels as TK
+
+    assert TK.INTERPRET
+
+
+@pytest.mark.skipif(INTERPRETED, reason="this is the child")
+def test_triton_kernels_in_child_process():
+    """All Triton kernels under the interpreter on CPU tensors against the torch reference (child pytest)."""
+    env = dict(os.environ, TRITON_INTERPRET="1", TRITON_DEFAULT_FP_FUSION="1")
+    cmd = [sys.executable, "-m", "pytest", "-o", "addopts=", "-q", "-p", "no:cacheprovider", __file__, "-k", "interp"]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    tail = (r.stdout + r.stderr)[-6000:]
+    assert r.returncode == 0, tail
+    summary = r.stdout.strip().splitlines()[-1]
+    assert " passed" in summary and "skipped" not in summary and "deselected" in summary, tail
+
+
+def _close(a: torch.Tensor, b: torch.Tensor, dtype=None) -> None:
+    rtol, atol = TOL[dtype or a.dtype]
+    torch.testing.assert_close(a.float(), b.float(), rtol=rtol, atol=atol)
+
+
+def _inputs(shape, dtype, T, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(shape, generator=g)
+    experts = [(base + 0.05 * torch.randn(shape, generator=g)).to(dtype) for _ in range(T)]
+    weights = (0.2 + 0.8 * torch.rand(T, generator=g)).tolist()
+    return base.to(dtype), experts, weights
+
+
+def _naive(
+    base,
+    experts,
+    w,
+    *,
+    base_weight=1.0,
+    scale=1.0,
+    drop_p=None,
+    rescale=True,
+    seed=0,
+    offset=0,
+    thresholds=None,
+    sign_consensus=False,
+    normalize=False,
+    out_dtype=None,
+):
+    """The reference.py docstring formula written directly on stacked fp32 task vectors."""
+    T = len(experts)
+    b = base.reshape(-1).float()
+    tau = torch.stack([e.reshape(-1).float() - b for e in experts])
+    p = [0.0] * T if drop_p is None else ([drop_p] * T if isinstance(drop_p, float) else list(drop_p))
+    for t in range(T):
+        if p[t] > 0:
+            keep = R.dare_keep(seed, t, p[t], offset, b.numel())
+            tau[t] = torch.where(keep, tau[t] / (1 - p[t]) if rescale else tau[t], 0.0)
+        if thresholds is not None:
+            tau[t] = torch.where(tau[t].abs() >= thresholds[t], tau[t], 0.0)
+    wt = torch.tensor(w, dtype=torch.float32)[:, None]
+    x = tau * wt
+    if sign_consensus:
+        elected = torch.where(x.sum(0) >= 0, 1.0, -1.0)
+        agree = torch.sign(x) == elected
+        mix = (x * agree).sum(0)
+        div = (agree * wt).sum(0)
+        div = torch.where(div == 0, 1.0, div)
+    else:
+        mix = x.sum(0)
+        div = sum(w) if abs(sum(w)) >= 1e-8 else 1.0
+    if normalize:
+        mix = mix / div
+    out = b * base_weight + scale * mix
+    return out.reshape(base.shape).to(out_dtype or base.dtype)
+
+
+OPTIONS = {
+    "plain": {},
+    "normalize": {"normalize": True},
+    "scaled": {"base_weight": 0.7, "scale": 1.3},
+    "dare": {"drop_p": 0.3, "seed": 7, "offset": 123},
+    "dare_norescale": {"drop_p": 0.5, "rescale": False, "seed": 1},
+    "ties": {"thresholds": "auto", "sign_consensus": True, "normalize": True},
+    "ties_nonorm": {"thresholds": "auto", "sign_consensus": True},
+    "trim_only": {"thresholds": "auto"},
+    "dare_ties": {"drop_p": 0.2, "seed": 3, "sign_consensus": True, "normalize": True, "offset": 4096},
+    "out_fp32": {"out_dtype": torch.float32, "scale": 0.5},
+}
+SHAPES = [(7,), (1023,), (4097,), (3, 129)]
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def _kwargs(opt, base, experts):
+    kw = dict(OPTIONS[opt])
+    if kw.get("thresholds") == "auto":
+        kw["thresholds"] = R.magnitude_thresholds(base, experts, [0.5] * len(experts))
+    return kw
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("opt", list(OPTIONS))
+@interp
+def test_interp_combine_matches_torch(opt, dtype):
+    i = list(OPTIONS).index(opt) + DTYPES.index(dtype)
+    for k, T in enumerate((1, 2, 3, 5)):
+        shape = SHAPES[(i + k) % len(SHAPES)]
+        base, experts, w = _inputs(shape, dtype, T, seed=i * 10 + k)
+        kw = _kwargs(opt, base, experts)
+        ref = R.combine_torch(base, experts, w, **kw)
+        got = TK.combine_triton(base, experts, w, **kw)
+        assert got.dtype == ref.dtype and got.shape == ref.shape
+        _close(got, ref)
+
+
+@pytest.mark.parametrize("opt", ["plain", "dare", "ties", "dare_ties"])
+@interp
+def test_interp_combine_more_experts_than_one_launch(opt):
+    """T > MAX_T: groups of MAX_T carry the running sums through the fp32 scratch buffer."""
+    T = TK.MAX_T + 3
+    base, experts, w = _inputs((1000,), torch.float32, T, seed=5)
+    kw = _kwargs(opt, base, experts)
+    _close(TK.combine_triton(base, experts, w, **kw), R.combine_torch(base, experts, w, **kw))
+
+
+@interp
+def test_interp_combine_weights_as_tensor_and_negative():
+    base, experts, _ = _inputs((513,), torch.float32, 3)
+    w = torch.tensor([0.5, -0.25, 1.5])
+    _close(TK.combine_triton(base, experts, w), R.combine_torch(base, experts, w))
+    _close(TK.combine_triton(base, [], []), base)
+
+
+@pytest.mark.parametrize("opt", list(OPTIONS))
+def test_reference_matches_naive_formula(opt, monkeypatch):
+    """The chunked, threaded CPU path against the formula (n spans several chunks and uses the pool)."""
+    monkeypatch.setenv("BLOCKMERGE_CPU_THREADS", "2")
+    base, experts, w = _inputs((2 * R.CHUNK + 77,), torch.float32, 3, seed=11)
+    kw = _kwargs(opt, base, experts)
+    got = R.combine_torch(base, experts, w, **kw)
+    _close(got, _naive(base, experts, w, **kw))
+    monkeypatch.setenv("BLOCKMERGE_CPU_THREADS", "1")
+    assert torch.equal(R.combine_torch(base, experts, w, **kw), got)  # elementwise: chunking-independent
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_reference_16bit_inputs(dtype):
+    base, experts, w = _inputs((70001,), dtype, 4, seed=2)
+    _close(R.combine_torch(base, experts, w), _naive(base, experts, w))
+    out32 = R.combine_torch(base, experts, w, out_dtype=torch.float32)
+    _close(out32, _naive(base, experts, w, out_dtype=torch.float32))  # fp32 accumulation, no 16-bit rounding
+
+
+@pytest.mark.parametrize("offset", [0, 5, 2**32 - 700])
+@interp
+def test_interp_dare_mask_identical_on_both_paths(offset):
+    """base 0, experts 1, weights 2^t, no rescale: out = sum_t 2^t keep_t encodes every task's mask exactly."""
+    n, T, p, seed = 2051, 3, [0.3, 0.5, 0.9], 42
+    base = torch.zeros(n)
+    experts = [torch.ones(n)] * T
+    w = [1.0, 2.0, 4.0]
+    kw = dict(drop_p=p, rescale=False, seed=seed, offset=offset)
+    tri = TK.combine_triton(base, experts, w, **kw)
+    ref = R.combine_torch(base, experts, w, **kw)
+    want = sum(R.dare_keep(seed, t, p[t], offset, n).float() * w[t] for t in range(T))
+    assert torch.equal(tri, want)
+    assert torch.equal(ref, want)
+    for t in range(T):  # each task kept about 1 - p of the elements
+        kept = ((want.to(torch.int64) >> t) & 1).float().mean().item()
+        assert abs(kept - (1 - p[t])) < 0.05
+
+
+def test_hash_is_counter_based():
+    idx = torch.arange(1000, 3000)
+    u = R.hash_uniform(R.task_key(3, 1), idx)
+    assert torch.equal(u[500:700], R.hash_uniform(R.task_key(3, 1), idx[500:700]))
+    assert 0.0 <= u.min().item() and u.max().item() < 1.0
+    assert not torch.equal(u, R.hash_uniform(R.task_key(3, 2), idx))
+    # known values pin the hash (lowbias32) so no path can drift
+    x = (5 ^ R.task_key(0, 0)) & 0xFFFFFFFF
+    for sh, m in ((16, R._M1), (15, R._M2)):
+        x = ((x ^ (x >> sh)) * m) & 0xFFFFFFFF
+    x ^= x >> 16
+    assert R.hash_uniform(R.task_key(0, 0), torch.tensor([5])).item() == (x >> 8) / 2**24
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("T", [1, 3, 5, 10])
+@interp
+def test_interp_project_matches(dtype, T):
+    shape = SHAPES[(T + DTYPES.index(dtype)) % len(SHAPES)]
+    base, experts, _ = _inputs(shape, dtype, T, seed=T)
+    grad = torch.randn(shape).to(dtype)
+    exact = torch.stack([(grad.double() * (e.double() - base.double())).sum() for e in experts]).float()
+    tri = TK.project_triton(grad, base, experts)
+    ref = R.project_torch(grad, base, experts)
+    assert tri.dtype == ref.dtype == torch.float32 and tri.shape == (T,)
+    torch.testing.assert_close(tri, exact, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ref, exact, rtol=1e-5, atol=1e-5)
+
+
+def test_project_reference_large_is_deterministic(monkeypatch):
+    base, experts, _ = _inputs((3 * R.CHUNK + 3,), torch.bfloat16, 3, seed=9)
+    grad = torch.randn(base.shape).to(torch.bfloat16)
+    exact = torch.stack([(grad.double() * (e.double() - base.double())).sum() for e in experts]).float()
+    monkeypatch.setenv("BLOCKMERGE_CPU_THREADS", "2")
+    a = R.project_torch(grad, base, experts)
+    assert torch.equal(a, R.project_torch(grad, base, experts))
+    torch.testing.assert_close(a, exact, rtol=1e-5, atol=1e-4)
+
+
+def test_magnitude_thresholds_topk():
+    base, experts, _ = _inputs((10007,), torch.float32, 2, seed=4)
+    thr = R.magnitude_thresholds(base, experts, [0.3, 1.0])
+    mag = (experts[0] - base).abs()
+    assert thr[0] == mag.topk(int(0.3 * mag.numel())).values[-1].item()
+    assert thr[1] == 0.0
+    assert R.magnitude_thresholds(base, experts[:1], [0.0]) == [float("inf")]
+
+
+def test_dispatch(monkeypatch):
+    from types import SimpleNamespace
+
+    import blockmerge.kernels.triton_kernels as real
+
+    cpu = torch.zeros(3)
+    monkeypatch.delenv("BLOCKMERGE_KERNELS", raising=False)
+    assert K.backend(cpu) == "torch"
+    assert K.backend(SimpleNamespace(is_cuda=True)) == "triton"
+    calls = []
+    monkeypatch.setattr(real, "combine_triton", lambda *a, **k: calls.append("combine") or "triton")
+    monkeypatch.setattr(real, "project_triton", lambda *a, **k: calls.append("project") or "triton")
+    base, experts, w = _inputs((5,), torch.float32, 2)
+    assert isinstance(K.combine(base, experts, w), torch.Tensor) and calls == []  # CPU -> torch
+    assert isinstance(K.project(base, base, experts), torch.Tensor) and calls == []
+    monkeypatch.setenv("BLOCKMERGE_KERNELS", "triton")  # forced either way
+    assert K.backend(cpu) == "triton"
+    assert K.combine(base, experts, w, normalize=True) == "triton" and K.project(base, base, experts) == "triton"
+    assert calls == ["combine", "project"]
+    monkeypatch.setenv("BLOCKMERGE_KERNELS", "torch")
+    assert K.backend(SimpleNamespace(is_cuda=True)) == "torch"
+    monkeypatch.setenv("BLOCKMERGE_KERNELS", "cuda")
+    with pytest.raises(ValueError, match="BLOCKMERGE_KERNELS"):
+        K.backend(cpu)
+
+
+def test_triton_on_cpu_without_interpreter_is_a_clear_error(monkeypatch):
+    import blockmerge.kernels.triton_kernels as real
+
+    monkeypatch.setattr(real, "INTERPRET", False)
+    with pytest.raises(RuntimeError, match="CUDA tensors"):
+        real.combine_triton(torch.zeros(4), [torch.ones(4)], [1.0])
+
+
+@interp
+def test_interp_bad_arguments():
+    base, experts, _ = _inputs((8,), torch.float32, 2)
+    for fn in (R.combine_torch, TK.combine_triton):
+        with pytest.raises(ValueError, match="weights"):
+            fn(base, experts, [1.0])
+        with pytest.raises(ValueError, match="shape"):
+            fn(base, [experts[0], torch.zeros(9)], [1.0, 1.0])
+
+
+def test_kernels_compile_for_sm90():
+    """The interpreter does not type-check like the compiler: compile the real kernels ahead of time for an
+    H100 (no GPU needed: Triton's bundled ptxas)."""
+    from triton.backends.nvidia import compiler as nv  # noqa: F401
+
+    ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+    if not ptxas.exists():
+        pytest.skip("no bundled ptxas")
+    script = textwrap.dedent(
+        """
+        import triton
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import ASTSource
+        from blockmerge.kernels import triton_kernels as K
+        tgt = GPUTarget("cuda", 90, 32)
+        sig = {"base_ptr": "*bf16", "e_ptrs": ("*bf16",) * 3, "out_ptr": "*bf16", "acc_ptr": "*fp32",
+               "par_ptr": "*fp32", "key_ptr": "*i32", "n": "i32", "offset": "i64", "base_weight": "fp32",
+               "scale": "fp32", "div_const": "fp32"}
+        for k in ("T", "DARE", "RESCALE", "TRIM", "SIGN", "NORMALIZE", "FIRST", "LAST", "BLOCK"):
+            sig[k] = "constexpr"
+        for first, last in ((True, True), (False, False)):
+            cs = dict(T=3, DARE=True, RESCALE=True, TRIM=True, SIGN=True, NORMALIZE=True, FIRST=first,
+                      LAST=last, BLOCK=K.BLOCK_COMBINE)
+            assert triton.compile(ASTSource(K._combine_kernel, sig, cs), target=tgt).asm["cubin"]
+        sig = {"grad_ptr": "*fp32", "base_ptr": "*bf16", "e_ptrs": ("*bf16",) * 5, "part_ptr": "*fp32",
+               "n": "i32", "T": "constexpr", "TP": "constexpr", "BLOCK": "constexpr"}
+        cs = dict(T=5, TP=8, BLOCK=K.BLOCK_PROJECT)
+        assert triton.compile(ASTSource(K._project_kernel, sig, cs), target=tgt).asm["cubin"]
+        print("OK")
+        """
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0 and "OK" in r.stdout, r.stderr[-3000:]
