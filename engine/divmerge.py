@@ -29,8 +29,10 @@ of each prompt), averaged per task and summed over tasks as in AdaMerging."""
 
 from __future__ import annotations
 
+import json
 import math
 import random
+import sys
 import tempfile
 import time
 from collections.abc import Sequence
@@ -39,6 +41,8 @@ from pathlib import Path
 from typing import Literal
 
 import torch
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .checkpoint import Checkpoint, block_name, check_compatible
 from .kernels import combine, project
@@ -434,3 +438,206 @@ def write_merged(
         extra_json=extra_json,
         desc="divmerge",
     )
+
+
+# ---- configuration file and CLI -------------------------------------------------------------------------
+
+
+class ModelEntry(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    model: str
+    data: str
+
+
+class DivMergeConfig(BaseModel):
+    """`blockmerge divmerge` YAML. Paths are absolute, relative to the working directory, or relative to
+    the YAML's folder. Data files are .jsonl with one prompt per line: {"text": ...} (tokenized with the
+    base model's tokenizer) or {"input_ids": [...]}."""
+
+    model_config = ConfigDict(extra="forbid")
+    base_model: str
+    models: list[ModelEntry]
+    level: Literal["task", "layer"] = "layer"
+    objective: Literal["js", "kl", "entropy"] = "js"
+    steps: int | None = Field(default=None, ge=1)
+    epochs: float | None = Field(default=None, gt=0)
+    batch_size: int = Field(default=16, ge=1)
+    samples: int | None = Field(default=None, ge=1)  # prompts per task (first N lines); default all
+    max_new_tokens: int = Field(default=16, ge=1)
+    eos_token_id: int | None = None
+    lr: float = Field(default=1e-2, gt=0)
+    init: float | None = None
+    seed: int = 0
+    device: str = "cpu"
+    topk: int = Field(default=64, ge=1)
+    full_vocab_max: int = Field(default=4096, ge=0)
+    token_chunk: int = Field(default=1024, ge=1)
+    cache_dir: str | None = None
+    dtype: str | None = None  # output dtype (default: the base's)
+    compute_dtype: Literal["float32", "float64"] = "float32"
+    attn_implementation: Literal["sdpa", "eager"] = "sdpa"
+
+    @field_validator("models")
+    @classmethod
+    def _nonempty(cls, v):
+        if not v:
+            raise ValueError("at least one model is needed")
+        return v
+
+
+def _resolve(p: str, root: Path) -> Path:
+    q = Path(p).expanduser()
+    if q.is_absolute() or q.exists() or not (root / q).exists():
+        return q
+    return root / q
+
+
+def load_config(path: str | Path | dict) -> tuple[DivMergeConfig, Path]:
+    if isinstance(path, dict):
+        raw, root, where = path, Path.cwd(), "config"
+    else:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: config file not found")
+        try:
+            raw = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as e:
+            raise ValueError(f"{path}: invalid YAML ({e})") from e
+        root, where = path.parent, str(path)
+    if not isinstance(raw, dict):
+        raise ValueError(f"{where}: expected a mapping with base_model and models")
+    try:
+        cfg = DivMergeConfig.model_validate(raw)
+    except ValidationError as e:
+        err = e.errors()[0]
+        loc = ".".join(str(x) for x in err["loc"]) or "(top level)"
+        raise ValueError(f"{where}: field {loc}: {err['msg']}") from None
+    if cfg.steps is not None and cfg.epochs is not None:
+        raise ValueError(f"{where}: give steps or epochs, not both")
+    return cfg, root
+
+
+def read_prompts(file: Path, field_name: str, base_dir: Path, samples: int | None) -> list[list[int]]:
+    """Prompts of one .jsonl data file as token-id lists."""
+    if not file.is_file():
+        raise FileNotFoundError(f"{field_name}: data file {file} not found")
+    out, tokenizer = [], None
+    with file.open() as f:
+        for lineno, line in enumerate(f, 1):
+            if samples is not None and len(out) >= samples:
+                break
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{field_name}: {file}:{lineno}: invalid JSON ({e})") from None
+            if isinstance(row, dict) and "input_ids" in row:
+                ids = row["input_ids"]
+                if not isinstance(ids, list) or not ids or not all(isinstance(i, int) for i in ids):
+                    raise ValueError(f"{field_name}: {file}:{lineno}: input_ids must be a non-empty list of ints")
+            elif isinstance(row, dict) and isinstance(row.get("text"), str):
+                if tokenizer is None:
+                    from transformers import AutoTokenizer
+
+                    try:
+                        tokenizer = AutoTokenizer.from_pretrained(base_dir)
+                    except Exception as e:
+                        raise ValueError(
+                            f"{field_name}: {file} has text but base_model {base_dir} has no usable tokenizer ({e})"
+                        ) from None
+                ids = tokenizer(row["text"])["input_ids"]
+                if not ids:
+                    raise ValueError(f"{field_name}: {file}:{lineno}: text tokenizes to nothing")
+            else:
+                raise ValueError(f'{field_name}: {file}:{lineno}: expected {{"text": ...}} or {{"input_ids": [...]}}')
+            out.append(list(ids))
+    if not out:
+        raise ValueError(f"{field_name}: {file} has no prompts")
+    return out
+
+
+def run_divmerge(config, out, *, force=False, steps=None, device=None, progress=True) -> tuple[Path, LearnResult]:
+    started = time.perf_counter()
+    cfg, root = load_config(config)
+    out = Path(out)
+    if out.exists() and not force:  # before any work
+        raise FileExistsError(f"{out}: output already exists (use --force to overwrite)")
+    base_dir = _resolve(cfg.base_model, root)
+    if not base_dir.is_dir():
+        raise FileNotFoundError(f"base_model: {base_dir} is not a folder")
+    expert_dirs, inputs = [], []
+    for i, m in enumerate(cfg.models):
+        d = _resolve(m.model, root)
+        if not d.is_dir():
+            raise FileNotFoundError(f"models.{i}.model: {d} is not a folder")
+        expert_dirs.append(d)
+        inputs.append(read_prompts(_resolve(m.data, root), f"models.{i}.data", base_dir, cfg.samples))
+    n_steps = steps if steps is not None else cfg.steps
+    if n_steps is None and cfg.epochs is None:
+        n_steps = 100
+    res = learn(
+        base_dir,
+        expert_dirs,
+        inputs,
+        level=cfg.level,
+        objective=cfg.objective,
+        steps=n_steps,
+        epochs=None if n_steps is not None else cfg.epochs,
+        lr=cfg.lr,
+        batch_size=cfg.batch_size,
+        max_new_tokens=cfg.max_new_tokens,
+        eos_token_id=cfg.eos_token_id,
+        init=cfg.init,
+        seed=cfg.seed,
+        device=device or cfg.device,
+        cache_dir=cfg.cache_dir,
+        progress=progress,
+        topk=cfg.topk,
+        full_vocab_max=cfg.full_vocab_max,
+        token_chunk=cfg.token_chunk,
+        dtype=cfg.compute_dtype,
+        attn_implementation=cfg.attn_implementation,
+    )
+    info = res.to_json()
+    info["base_model"] = str(base_dir)
+    info["models"] = [str(d) for d in expert_dirs]
+    info["config"] = cfg.model_dump()
+    path = write_merged(
+        base_dir,
+        expert_dirs,
+        res.coefficients,
+        out,
+        force=force,
+        dtype=cfg.dtype,
+        device=device or cfg.device,
+        progress=progress,
+        extra_json={"divmerge.json": info},
+    )
+    if progress:
+        from .report import final_line
+
+        print(
+            final_line(
+                f"divmerge: {len(res.losses)} steps, loss {res.losses[0]:.4f} -> {res.losses[-1]:.4f}, wrote {path}",
+                started,
+            ),
+            file=sys.stderr,
+        )
+    return path, res
+
+
+def add_arguments(p) -> None:
+    p.add_argument("config", help="YAML: base_model, models: [{model, data}], level, objective, steps, ...")
+    p.add_argument("out", help="output folder: merged checkpoint + divmerge.json")
+    p.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    p.add_argument("--steps", type=int, default=None, help="learning steps (overrides the config)")
+    p.add_argument("--device", default=None, help="cpu (default) or cuda (overrides the config)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars or final line")
+
+
+def run(args) -> int:
+    run_divmerge(
+        args.config, args.out, force=args.force, steps=args.steps, device=args.device, progress=not args.no_progress
+    )
+    return 0

@@ -1,0 +1,105 @@
+"""Streamed block-by-block forward == transformers' full model; greedy generation and the teacher cache."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from blockmerge.losses import Targets
+from blockmerge.modeling import StreamedModel
+from blockmerge.synth import make_family
+from blockmerge.teacher import TeacherData, TeacherSpec, generate, teacher_pass
+from transformers import AutoModelForCausalLM
+
+ARCHS = ["llama", "qwen2", "mistral", "gpt2"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny matrices: one thread is faster, and immune to a busy machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def families(tmp_path_factory):
+    root = tmp_path_factory.mktemp("families")
+    return {a: make_family(root / a, a, n_experts=1, tau_scale=0.05) for a in ARCHS}
+
+
+@pytest.mark.parametrize("impl", ["eager", "sdpa"])
+@pytest.mark.parametrize("arch", ARCHS)
+def test_streamed_forward_matches_full_model(families, arch, impl):
+    base, _ = families[arch]
+    full = AutoModelForCausalLM.from_pretrained(base, attn_implementation=impl).eval()
+    sm = StreamedModel(base, attn_implementation=impl)
+    assert sm.tied == (arch == "gpt2")
+    ids = torch.randint(0, 97, (3, 13), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = full(ids).logits
+    out = sm.forward(ids)  # streamed from disk, one block at a time
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    out_resident = sm.forward(ids, source=sm.source(resident_max_bytes=1 << 30))
+    torch.testing.assert_close(out_resident, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_mistral_sliding_window_matches_full_model(tmp_path):
+    base, _ = make_family(tmp_path, "mistral", n_experts=1, sliding_window=4)
+    full = AutoModelForCausalLM.from_pretrained(base, attn_implementation="eager").eval()
+    sm = StreamedModel(base, attn_implementation="eager")
+    ids = torch.randint(0, 97, (2, 11), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = full(ids).logits
+    torch.testing.assert_close(sm.forward(ids), ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_greedy_generation_matches_transformers(families, arch):
+    _, (expert,) = families[arch]
+    full = AutoModelForCausalLM.from_pretrained(expert).eval()
+    sm = StreamedModel(expert)
+    prompts = torch.randint(2, 97, (3, 5), generator=torch.Generator().manual_seed(2))
+    new, logps = generate(sm, sm.source(), prompts, max_new_tokens=6, eos_token_id=None)
+    with torch.no_grad():
+        ref = full.generate(prompts, max_new_tokens=6, do_sample=False, eos_token_id=None, pad_token_id=0)
+        ref_logits = full(ref).logits
+    assert torch.equal(new, ref[:, 5:])
+    for i, lp in enumerate(logps):  # the step-i distribution is the teacher-forced one at position 4+i
+        torch.testing.assert_close(lp, torch.log_softmax(ref_logits[:, 4 + i], -1), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("full_vocab_max", [4096, 10])
+def test_teacher_cache_round_trip(families, tmp_path, full_vocab_max):
+    _, (expert,) = families["llama"]
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(2, 97, (int(n),), generator=g).tolist() for n in torch.randint(2, 6, (9,), generator=g)]
+    spec = TeacherSpec(max_new_tokens=5, eos_token_id=1, full_vocab_max=full_vocab_max, topk=7, chunk_seqs=4)
+    folder = teacher_pass(expert, prompts, tmp_path / "t0", spec)
+    mtime = (folder / "manifest.json").stat().st_mtime_ns
+    assert teacher_pass(expert, prompts, tmp_path / "t0", spec) == folder  # reused, not regenerated
+    assert (folder / "manifest.json").stat().st_mtime_ns == mtime
+    data = TeacherData([folder])
+    assert data.n_seqs(0) == len(prompts) and len(list(folder.glob("chunk*.pt"))) == 3
+    full = AutoModelForCausalLM.from_pretrained(expert).eval()
+    seen = set()
+    for j in range(len(prompts)):
+        tokens, plen, targets = data.get(0, j)
+        prompt = tokens[:plen].tolist()
+        seen.add(tuple(prompt))
+        cont = tokens[plen:]
+        assert 1 <= len(cont) <= 5 and (1 not in cont[:-1].tolist())
+        with torch.no_grad():
+            logp = torch.log_softmax(full(tokens[None]).logits[0, plen - 1 : len(tokens) - 1], -1)
+        assert torch.equal(logp.argmax(-1), cont)  # greedy continuation
+        assert len(targets) == len(cont)
+        if full_vocab_max >= 97:
+            assert not targets.topk
+            torch.testing.assert_close(targets.probs, logp.exp(), rtol=1e-4, atol=1e-6)
+        else:
+            assert targets.topk and targets.ids.shape == (len(cont), 7)
+            top = logp.exp().topk(7, -1)
+            torch.testing.assert_close(targets.probs, top.values, rtol=1e-4, atol=1e-6)
+            torch.testing.assert_close(targets.tail, 1 - top.values.sum(-1), rtol=1e-3, atol=1e-5)
+            assert isinstance(targets, Targets)
+    assert seen == {tuple(p) for p in prompts}
