@@ -1,0 +1,184 @@
+"""Throughput and memory of `blockmerge merge` on a synthetic ~1.1B-parameter Llama (bf16) with 3 experts,
+next to the I/O floor (plain sequential reading of the same input files) measured in the same run.
+
+    nice -n 10 python benchmarks/merge_throughput.py            # ties (density 0.5) and linear
+
+The family is generated on disk tensor by tensor (blockmerge.synth.write_synthetic_llama, no nn.Module) in
+--root, reused when --root/DONE exists (and never deleted here). Every measurement runs in its own
+subprocess so that its peak RSS (ru_maxrss) is its own. "cold" runs start after dropping the page cache
+(`echo 1 > /proc/sys/vm/drop_caches`, needs root; reported as not cold otherwise), "warm" runs follow
+immediately so the inputs are (mostly) in the page cache. GB/s = bytes of all input files read / seconds.
+Writes benchmarks/out/merge_throughput.csv."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+READ_CHILD = r"""
+import json, os, resource, sys, time
+files = json.loads(sys.argv[1])
+buf = bytearray(64 << 20)
+mv = memoryview(buf)
+total = 0
+t0 = time.perf_counter()
+for f in files:
+    fd = os.open(f, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+        while True:
+            n = os.readv(fd, [mv])
+            if n <= 0:
+                break
+            total += n
+    finally:
+        os.close(fd)
+secs = time.perf_counter() - t0
+rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+print(json.dumps({"bytes": total, "seconds": secs, "peak_rss": rss}))
+"""
+
+MERGE_CHILD = r"""
+import json, resource, sys, time
+t_import = time.perf_counter()
+from blockmerge.merge import run_merge
+from blockmerge.checkpoint import Checkpoint
+cfg, out = json.loads(sys.argv[1]), sys.argv[2]
+t0 = time.perf_counter()
+run_merge(cfg, out, force=True, progress=False)
+secs = time.perf_counter() - t0
+print(json.dumps({"seconds": secs, "import_seconds": t0 - t_import,
+                  "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+"""
+
+
+def drop_caches() -> bool:
+    try:
+        os.sync()
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("1\n")
+        return True
+    except OSError:
+        return False
+
+
+def child(code: str, *args: str) -> dict:
+    t0 = time.perf_counter()
+    r = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    if r.returncode != 0:
+        raise RuntimeError(f"child failed ({r.returncode}):\n{r.stderr[-4000:]}")
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    res["wall_seconds"] = wall
+    return res
+
+
+def input_files(dirs: list[Path]) -> list[str]:
+    from blockmerge.checkpoint import shard_files
+
+    return [str(f) for d in dirs for f in shard_files(d)]
+
+
+def merge_config(method: str, base: Path, experts: list[Path], density: float) -> dict:
+    if method == "linear":
+        return {
+            "merge_method": "linear",
+            "models": [{"model": str(m), "parameters": {"weight": 1.0}} for m in [base, *experts]],
+        }
+    params = {"weight": 1.0 / len(experts)}
+    if method != "task_arithmetic":
+        params["density"] = density
+    return {
+        "merge_method": method,
+        "base_model": str(base),
+        "models": [{"model": str(e), "parameters": dict(params)} for e in experts],
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--root", default="/tmp/synth1b", help="family folder (base, expert0..), reused if DONE exists")
+    ap.add_argument("--methods", default="ties,linear", help="comma-separated merge methods")
+    ap.add_argument("--density", type=float, default=0.5)
+    ap.add_argument("--experts", type=int, default=3)
+    ap.add_argument("--no-warm", action="store_true", help="only cold runs")
+    ap.add_argument("--out-dir", default=str(Path(__file__).parent / "out"))
+    ap.add_argument("--work", default=None, help="where merged outputs go (deleted after each run)")
+    args = ap.parse_args(argv)
+
+    from blockmerge.checkpoint import Checkpoint
+    from blockmerge.synth import ensure_synthetic_llama
+
+    t0 = time.perf_counter()
+    existed = (Path(args.root) / "DONE").exists()
+    base, experts = ensure_synthetic_llama(args.root, n_experts=args.experts)
+    gen_s = time.perf_counter() - t0
+    ck = Checkpoint(base)
+    params = ck.nbytes // 2
+    print(
+        f"family {args.root}: {params / 1e9:.2f}B params per model, {ck.num_layers} layers, "
+        f"{len(experts)} experts, {'reused' if existed else f'generated in {gen_s:.0f}s'}"
+    )
+    files = input_files([base, *experts])
+    in_bytes = sum(os.path.getsize(f) for f in files)
+    rows = []
+    temps = ["cold"] + ([] if args.no_warm else ["warm"])
+
+    def record(kind, cache, res, nbytes):
+        row = {
+            "kind": kind,
+            "cache": cache,
+            "bytes_read": nbytes,
+            "seconds": round(res["seconds"], 3),
+            "wall_seconds": round(res["wall_seconds"], 3),
+            "GB_per_s": round(nbytes / 1e9 / res["seconds"], 3),
+            "peak_rss_GiB": round(res["peak_rss"] / 2**30, 3),
+        }
+        rows.append(row)
+        print(
+            f"{kind:>16} {cache:>5}: {nbytes / 1e9:6.2f} GB read in {row['seconds']:7.2f}s = "
+            f"{row['GB_per_s']:5.2f} GB/s, peak RSS {row['peak_rss_GiB']:.2f} GiB",
+            flush=True,
+        )
+
+    for cache in temps:
+        c = "cold" if cache == "cold" and drop_caches() else ("warm" if cache == "warm" else "cold?")
+        record("read (I/O floor)", c, child(READ_CHILD, json.dumps(files)), in_bytes)
+
+    work = Path(args.work or tempfile.mkdtemp(prefix="bm_merge_", dir="/tmp"))
+    try:
+        for method in [m.strip() for m in args.methods.split(",") if m.strip()]:
+            cfg = merge_config(method, base, experts, args.density)
+            for cache in temps:
+                out = work / f"out_{method}"
+                c = "cold" if cache == "cold" and drop_caches() else ("warm" if cache == "warm" else "cold?")
+                res = child(MERGE_CHILD, json.dumps(cfg), str(out))
+                record(f"merge {method}", c, res, in_bytes)
+                shutil.rmtree(out, ignore_errors=True)
+    finally:
+        if args.work is None:
+            shutil.rmtree(work, ignore_errors=True)
+
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / "merge_throughput.csv"
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    print(f"wrote {path}")
+    worst = max(r["peak_rss_GiB"] for r in rows if r["kind"].startswith("merge"))
+    print(f"largest merge peak RSS {worst:.2f} GiB ({'<' if worst < 2 else '>='} 2 GiB)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
