@@ -522,9 +522,13 @@ def merge_into_base(
     dtype: torch.dtype | None = None,
     device: str | None = None,
     progress: bool = True,
+    coefficients: torch.Tensor | None = None,
+    extra_json: dict[str, dict] | None = None,
 ) -> Path:
     """Full checkpoint W0 + sum_t w_t s_t B_t A_t per adapted weight, streamed block by block; one
-    module's delta is formed at a time (one matmul over the concatenated factors)."""
+    module's delta is formed at a time (one matmul over the concatenated factors). `coefficients`
+    [T, n_blocks] (base block order) gives a weight per adapter and block instead of `weights`."""
+    from .checkpoint import block_name
     from .merge import stream_merge
 
     base = Checkpoint(base_dir)
@@ -533,10 +537,21 @@ def merge_into_base(
     weights = [1.0] * T if weights is None else [float(w) for w in weights]
     if len(weights) != T:
         raise AdapterError(f"--weights: expected {T} values (one per adapter), got {len(weights)}")
+    block_index = {b.name: i for i, b in enumerate(base.blocks())}
+    if coefficients is not None:
+        coefficients = torch.as_tensor(coefficients, dtype=torch.float64).detach().cpu()
+        if tuple(coefficients.shape) != (T, len(block_index)):
+            raise AdapterError(
+                f"coefficients: shape {list(coefficients.shape)}, expected [{T}, {len(block_index)}] "
+                "(adapters x blocks)"
+            )
     by_tensor: dict[str, list[tuple[LoraModule, float]]] = {}
-    for a, w in zip(adapters, weights, strict=True):
+    for t, (a, w) in enumerate(zip(adapters, weights, strict=True)):
         for mod, m in a.modules.items():
-            by_tensor.setdefault(names[mod], []).append((m, w))
+            tname = names[mod]
+            if coefficients is not None:
+                w = float(coefficients[t, block_index[block_name(tname)]])
+            by_tensor.setdefault(tname, []).append((m, w))
 
     def merge_tensor(name: str, w0: torch.Tensor, _experts: list[torch.Tensor]) -> torch.Tensor:
         terms = by_tensor.get(name)
@@ -556,7 +571,7 @@ def merge_into_base(
         "blockmerge_lora": {
             "base": str(base_dir),
             "adapters": [str(p) for p in adapter_paths],
-            "weights": weights,
+            "weights": weights if coefficients is None else None,
             "scales": [sorted({m.scale for m in a.modules.values()}) for a in adapters],
         }
     }
@@ -570,7 +585,7 @@ def merge_into_base(
         dtype=dtype,
         device=device,
         progress=progress,
-        extra_json={"blockmerge_lora.json": info},
+        extra_json={"blockmerge_lora.json": info, **(extra_json or {})},
         desc="lora merge-into-base",
     )
 
@@ -638,6 +653,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="write the merged full checkpoint (base, default) or a cat adapter with the coefficients",
     )
     d.add_argument("--force", action="store_true")
+    d.add_argument("--no-progress", action="store_true")
 
 
 def _is_float(x: str) -> bool:

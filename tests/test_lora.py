@@ -399,3 +399,148 @@ def test_bad_inputs(fam, tmp_path, capsys):
     assert "already exists" in err(["lora", "merge", "--adapters", *map(str, ads), out])
     assert cli_main(["lora", "merge", "--adapters", *map(str, ads), out, "--force"]) == 0
     assert (tmp_path / "o" / "adapter_model.safetensors").exists()
+
+
+# ------------------------------------------------------------------------------- DivMerge over adapters
+
+
+def _prompts(n_tasks=3, n=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [[torch.randint(3, 97, (int(L),), generator=g).tolist() for L in (3, 5, 5, 4)[:n]] for _ in range(n_tasks)]
+
+
+def _dense_loss_and_grad(base_dir, adapter_dirs, gamma, batch, objective, level):
+    """Autograd through the fully materialised merged model W0 + sum_t Gamma[t, b] s_t B_t A_t (float64)."""
+    from blockmerge.checkpoint import Checkpoint, block_name
+    from blockmerge.losses import divergence
+    from torch.func import functional_call
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base_dir, attn_implementation="eager").double().eval()
+    blocks = [b.name for b in Checkpoint(base_dir).blocks()]
+    G = gamma.clone().double().requires_grad_(True)
+    Gf = G if level == "layer" else G[:, None].expand(G.shape[0], len(blocks))
+    params = dict(model.named_parameters())
+    params = {k: v.detach() for k, v in params.items()}
+    for t, d in enumerate(adapter_dirs):
+        for mod, m in lora.read_adapter(d).modules.items():
+            k = f"{mod}.weight"
+            b = blocks.index(block_name(k))
+            params[k] = params[k] + Gf[t, b] * m.scale * (m.B.double() @ m.A.double())
+    logits = functional_call(model, params, (batch.input_ids,)).logits
+    logq = torch.log_softmax(logits[batch.rows, batch.cols], -1)
+    targets = None if batch.targets is None else batch.targets
+    loss = (divergence(logq, targets, objective) * batch.weights.double()).sum()
+    loss.backward()
+    return loss.item(), G.grad
+
+
+@pytest.mark.parametrize(
+    "objective,level,full_vocab_max",
+    [("js", "layer", 4096), ("js", "task", 4096), ("kl", "layer", 16), ("entropy", "layer", 4096)],
+)
+def test_lora_divmerge_gradient_equals_autograd(fam, tmp_path, objective, level, full_vocab_max):
+    from blockmerge.divmerge import make_batch
+    from blockmerge.lora_learn import StreamedLoraMerge
+    from blockmerge.teacher import TeacherData, TeacherSpec
+
+    root, ads, _ = fam
+    base = root / "base"
+    sm = StreamedLoraMerge(base, ads, dtype=torch.float64, token_chunk=7, attn_implementation="eager")
+    spec = TeacherSpec(max_new_tokens=4, eos_token_id=1, full_vocab_max=full_vocab_max, topk=8,
+                       store_dists=objective != "entropy")  # fmt: skip
+    data = TeacherData(sm.teacher_folders(_prompts(), tmp_path, spec, progress=False))
+    batch = make_batch([(0, 0), (1, 2), (2, 1), (0, 3), (1, 1)], data)
+    nb = len(sm.blocks)
+    gamma = torch.rand((3, nb) if level == "layer" else (3,), generator=torch.Generator().manual_seed(5)) * 0.8
+    full = gamma if level == "layer" else gamma[:, None].expand(3, nb)
+    loss, grad = sm.loss_and_grad(full, batch, objective)
+    if level == "task":
+        grad = grad.sum(1)
+    ref_loss, ref_grad = _dense_loss_and_grad(base, ads, gamma, batch, objective, level)
+    assert loss == pytest.approx(ref_loss, rel=1e-9)
+    torch.testing.assert_close(grad.double(), ref_grad, rtol=1e-5, atol=1e-6 * float(ref_grad.abs().max()))
+    assert float(ref_grad.abs().max()) > 0
+    if level == "layer":  # embed and head blocks hold no adapted module: zero gradient
+        assert float(grad[:, 0].abs().max()) == 0 and float(grad[:, -1].abs().max()) == 0
+
+
+def test_lora_teacher_is_base_plus_adapter(fam, tmp_path):
+    """The teacher of task t (Gamma = e_t on the low-rank modules) = PEFT's model with adapter t."""
+    from blockmerge.lora_learn import StreamedLoraMerge
+
+    root, ads, _ = fam
+    sm = StreamedLoraMerge(root / "base", ads, attn_implementation="eager")
+    ids = torch.randint(0, 97, (2, 7), generator=torch.Generator().manual_seed(3))
+    onehot = torch.zeros(3, len(sm.blocks))
+    onehot[1] = 1
+    sm.set_coefficients(onehot)
+    got = sm.model.forward(ids, source=sm.source)
+    sm.set_coefficients(None)
+    pm = PeftModel.from_pretrained(tiny_model("llama", seed=0), ads[1]).eval()
+    with torch.no_grad():
+        ref = pm(ids).logits
+    torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
+
+
+def test_lora_divmerge_cli_end_to_end(fam, tmp_path):
+    from blockmerge.checkpoint import Checkpoint
+
+    root, ads, _ = fam
+    files = []
+    for t, prompts in enumerate(_prompts()):
+        f = tmp_path / f"task{t}.jsonl"
+        f.write_text("".join(json.dumps({"input_ids": p}) + "\n" for p in prompts))
+        files.append(f)
+    cfg = {
+        "base_model": str(root / "base"),
+        "adapters": [{"adapter": str(a), "data": str(f)} for a, f in zip(ads, files, strict=True)],
+        "level": "task",
+        "steps": 4,
+        "batch_size": 4,
+        "max_new_tokens": 3,
+        "lr": 0.05,
+        "attn_implementation": "eager",
+    }
+    import yaml
+
+    (tmp_path / "c.yml").write_text(yaml.safe_dump(cfg))
+    out = tmp_path / "out"
+    assert cli_main(["lora", "divmerge", str(tmp_path / "c.yml"), str(out), "--no-progress"]) == 0
+    info = json.loads((out / "divmerge.json").read_text())
+    assert len(info["losses"]) == 4 and len(info["coefficients"]) == 3
+    gam = [info["coefficients"][t]["layers.0"] for t in range(3)]
+    assert all(abs(g - 1 / 3) > 1e-4 for g in gam)  # learned: moved from the init
+    # the merged checkpoint equals merge-into-base with the learned weights
+    ref = tmp_path / "ref"
+    lora.merge_into_base(root / "base", ads, gam, ref, progress=False)
+    a, b = Checkpoint(out), Checkpoint(ref)
+    for n in a.tensors:
+        torch.testing.assert_close(a.get(n), b.get(n), atol=1e-6, rtol=1e-6)
+    # adapter output: an exact cat adapter of the learned merge
+    ad_out = tmp_path / "ad_out"
+    assert cli_main(["lora", "divmerge", str(tmp_path / "c.yml"), str(ad_out), "--output", "adapter",
+                     "--no-progress"]) == 0  # fmt: skip
+    ids = torch.randint(0, 97, (1, 6), generator=torch.Generator().manual_seed(2))
+    from transformers import AutoModelForCausalLM
+
+    with torch.no_grad():
+        x = PeftModel.from_pretrained(tiny_model("llama", seed=0), ad_out).eval()(ids).logits
+        y = AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager").eval()(ids).logits
+    torch.testing.assert_close(x, y, atol=1e-3, rtol=1e-3)
+    # bad config: names the field
+    (tmp_path / "bad.yml").write_text(yaml.safe_dump(dict(cfg, level="block")))
+    with pytest.raises(ValueError, match="field level"):
+        from blockmerge.lora_learn import run_divmerge
+
+        run_divmerge(tmp_path / "bad.yml", tmp_path / "x", progress=False)
+
+
+def test_lora_learning_reduces_loss(fam, tmp_path):
+    from blockmerge.lora_learn import learn
+
+    root, ads, _ = fam
+    res = learn(root / "base", ads, _prompts(), level="layer", steps=12, batch_size=12, lr=0.05,
+                max_new_tokens=4, eos_token_id=1, progress=False, cache_dir=tmp_path)  # fmt: skip
+    assert res.coefficients.shape == (3, 5)
+    assert sum(res.losses[-3:]) / 3 < res.losses[0]

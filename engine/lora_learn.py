@@ -1,0 +1,679 @@
+"""DivMerge over LoRA adapters: learn a coefficient per adapter (task level) or per adapter and block
+(layer level) for the merged model
+
+    W(Gamma) = W0 + sum_t Gamma_t s_t B_t A_t          for every adapted weight,
+
+without ever forming B_t A_t. Each adapted linear layer of the streamed base model (blockmerge.modeling's
+meta skeleton run with torch.func.functional_call) is replaced by a module computing
+
+    y = x W0^T (+ b) + sum_t Gamma_t s_t (x A_t^T) B_t^T
+
+with Gamma a tensor of the step, so autograd gives dL/dGamma_t = s_t sum_tokens <dL/dy, (x A_t^T) B_t^T>
+straight from the low-rank factors. The rest is blockmerge.divmerge's machinery: the teacher of task t is
+base + adapter t (the same modules with Gamma = e_t) whose greedy continuations and distributions are cached
+by blockmerge.teacher; the student step streams the base block by block, keeps block inputs on the host,
+computes the loss at the head in chunks of positions (blockmerge.losses), then backpropagates block by
+block in reverse, recomputing each block, with Gamma of that block as a leaf.
+
+Memory: one base block (two while the next is prefetched) + all adapters' factors + activations.
+
+Optional bitsandbytes base (`quantize: nf4 | int8`): the adapted weights of each block are quantized when
+the block is used (nf4: bnb.functional.quantize_4bit + bnb.matmul_4bit; int8: LLM.int8 vector-wise
+quantization + bnb.matmul, no outlier threshold) and the forward runs through bitsandbytes' kernels, as in
+QLoRA; the low-rank terms stay in the compute dtype. It changes the numerics of the forward passes (teacher
+and student alike), not what is read from disk."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from .checkpoint import Checkpoint, block_name
+from .divmerge import LEVELS, Batch, LearnResult, _batches, _resolve, make_batch, read_prompts
+from .lora import Adapter, AdapterError, read_adapters
+from .losses import OBJECTIVES, Targets, chunked_head_loss, topk_targets
+from .modeling import BlockSource, StreamedModel
+from .teacher import TeacherData, TeacherSpec, _ChunkWriter, _fingerprint, generate
+
+QUANTIZE = (None, "nf4", "int8")
+
+
+class _State:
+    """Shared by the low-rank modules of one model: the coefficients of the pass and quantized weights."""
+
+    def __init__(self, n_blocks: int, quantize: str | None):
+        self.coef: list[torch.Tensor | None] = [None] * n_blocks  # [T] per block, None = adapters off
+        self.quantize = quantize
+        self.qcache: dict[str, tuple] = {}
+        self.qblock: int | None = None
+
+
+def _quantize(w: torch.Tensor, kind: str):
+    import bitsandbytes.functional as bnbF
+
+    if kind == "nf4":
+        return bnbF.quantize_4bit(w.detach().to(torch.float32), quant_type="nf4")
+    CB, SCB, _ = bnbF.int8_vectorwise_quant(w.detach().to(torch.float16))
+    return CB, SCB
+
+
+def _quant_linear(x: torch.Tensor, q, kind: str, bias: torch.Tensor | None) -> torch.Tensor:
+    import bitsandbytes as bnb
+
+    if kind == "nf4":
+        packed, st = q
+        y = bnb.matmul_4bit(x, packed.t(), quant_state=st)
+    else:
+        from bitsandbytes.autograd._functions import MatmulLtState
+
+        CB, SCB = q
+        state = MatmulLtState()
+        state.CB, state.SCB, state.has_fp16_weights, state.threshold = CB, SCB, False, 0.0
+        y = bnb.matmul(x.to(torch.float16), CB, state=state).to(x.dtype)
+    return y if bias is None else y + bias
+
+
+class LowRankSumLinear(torch.nn.Module):
+    """Stands in for an adapted nn.Linear (or GPT-2 Conv1D) of the skeleton: `weight`/`bias` are supplied
+    by functional_call like the original's; adds sum_t Gamma_t s_t (x A_t^T) B_t^T."""
+
+    def __init__(
+        self,
+        orig: torch.nn.Module,
+        name: str,
+        block: int,
+        terms: list[tuple[int, torch.Tensor, torch.Tensor, float]],
+        state: _State,
+        conv1d: bool,
+        dtype: torch.dtype,
+        device,
+    ):
+        super().__init__()
+        self.weight = orig.weight  # meta placeholders: functional_call substitutes the block's tensors
+        self.bias = getattr(orig, "bias", None)
+        self.name, self.block, self.state, self.conv1d = name, block, state, conv1d
+        # factors of all adapters concatenated along the rank: z = x A^T [.., R]; column c belongs to task[c]
+        self.A = torch.cat([A for _, A, _, _ in terms]).to(device, dtype)
+        self.B = torch.cat([B for _, _, B, _ in terms], dim=1).to(device, dtype)
+        self.task = torch.cat([torch.full((A.shape[0],), t) for t, A, _, _ in terms]).to(device)
+        self.scale = torch.cat([torch.full((A.shape[0],), s, dtype=dtype) for _, A, _, s in terms]).to(device)
+
+    def base_forward(self, x: torch.Tensor) -> torch.Tensor:
+        st = self.state
+        if st.quantize is not None:
+            if st.qblock != self.block:  # one block's quantized weights at a time
+                st.qcache.clear()
+                st.qblock = self.block
+            q = st.qcache.get(self.name)
+            if q is None:
+                w = self.weight.T if self.conv1d else self.weight
+                q = st.qcache[self.name] = _quantize(w, st.quantize)
+            return _quant_linear(x, q, st.quantize, self.bias)
+        if self.conv1d:
+            y = x @ self.weight
+            return y if self.bias is None else y + self.bias
+        return F.linear(x, self.weight, self.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base_forward(x)
+        g = self.state.coef[self.block]
+        if g is None:
+            return y
+        col = g.to(self.scale)[self.task] * self.scale  # Gamma_t s_t per rank column
+        return y + ((x @ self.A.T) * col) @ self.B.T
+
+
+class StreamedLoraMerge:
+    """Base model streamed block by block with adapters as low-rank sums: loss and dL/dGamma."""
+
+    def __init__(
+        self,
+        base_dir: str | Path,
+        adapter_dirs: Sequence[str | Path],
+        *,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+        attn_implementation: str = "sdpa",
+        token_chunk: int = 1024,
+        resident_max_bytes: int = 0,
+        quantize: str | None = None,
+    ):
+        if quantize not in QUANTIZE:
+            raise ValueError(f"quantize {quantize!r}: expected nf4, int8 or none")
+        self.base = Checkpoint(base_dir)
+        self.adapter_dirs = [Path(a) for a in adapter_dirs]
+        if not self.adapter_dirs:
+            raise AdapterError("divmerge over adapters needs at least one adapter")
+        self.adapters, names = read_adapters(self.adapter_dirs, self.base, base_given=True)
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.model = StreamedModel(self.base, attn_implementation=attn_implementation, device=self.device)
+        self.source = BlockSource([self.base], device=self.device, resident_max_bytes=resident_max_bytes)
+        self.token_chunk = token_chunk
+        self.blocks = self.model.blocks
+        self.block_names = self.model.block_names
+        self.T = len(self.adapters)
+        self.state = _State(len(self.blocks), quantize)
+        self.adapted_blocks: set[int] = set()
+        self._install(names)
+
+    def _install(self, names: dict[str, str]) -> None:
+        sk = self.model.skeleton
+        by_tensor: dict[str, list] = {}
+        for t, a in enumerate(self.adapters):
+            for mod, m in a.modules.items():
+                by_tensor.setdefault(names[mod], []).append((t, m.A, m.B, m.scale))
+        for tname, terms in by_tensor.items():
+            path = tname.removesuffix(".weight")
+            try:
+                orig = sk.get_submodule(path)
+            except AttributeError:
+                raise AdapterError(f"{self.base.path}: adapted tensor {tname} is not a module weight") from None
+            kind = type(orig).__name__
+            if kind not in ("Linear", "Conv1D"):
+                raise AdapterError(f"{tname}: adapters on {kind} modules are not supported (Linear only)")
+            b = self.model.block_index[block_name(tname)]
+            self.adapted_blocks.add(b)
+            mod = LowRankSumLinear(orig, path, b, terms, self.state, kind == "Conv1D", self.dtype, self.device)
+            parent, _, child = path.rpartition(".")
+            setattr(sk.get_submodule(parent) if parent else sk, child, mod)
+
+    def adapter_bytes(self) -> int:
+        return sum(a.nbytes() for a in self.adapters)
+
+    def _params(self, tensors) -> dict[str, torch.Tensor]:
+        return {k: v.to(self.dtype) for k, v in tensors[0].items()}
+
+    def set_coefficients(self, gamma: torch.Tensor | None) -> None:
+        """Coefficients for a whole pass: gamma [T, n_blocks] (or None: the plain base)."""
+        for b in range(len(self.blocks)):
+            self.state.coef[b] = None if gamma is None else gamma[:, b].to(self.device, self.dtype)
+
+    def loss_and_grad(
+        self, gamma: torch.Tensor, batch: Batch, objective: str = "js", backward: bool = True
+    ) -> tuple[float, torch.Tensor | None]:
+        """Loss of `batch` at coefficients gamma [T, n_blocks] and, with `backward`, dL/dGamma [T, n_blocks]."""
+        if objective not in OBJECTIVES:
+            raise ValueError(f"objective {objective!r}: expected one of {', '.join(OBJECTIVES)}")
+        if objective != "entropy" and batch.targets is None:
+            raise ValueError(f"objective {objective!r} needs teacher distributions")
+        gamma = gamma.detach().to(torch.float64).cpu()
+        m, dev, st = self.model, self.device, self.state
+        ids = batch.input_ids.to(dev)
+        pos = torch.arange(ids.shape[1], device=dev)[None]
+        grad = torch.zeros(self.T, len(self.blocks), dtype=torch.float64)
+        self.set_coefficients(gamma)
+        acts: list[torch.Tensor | None] = []  # acts[l] = input of decoder layer l
+        h = pe = masks = None
+        loss = 0.0
+        for block, tensors in self.source.stream(self.blocks):
+            b = m.block_index[block.name]
+            W = self._params(tensors)
+            del tensors
+            if block.name != "head":
+                with torch.no_grad():
+                    if block.name == "embed":
+                        h = m.embed(W, ids, pos)
+                        pe = m.position_embeddings(h, pos)
+                        masks = m.masks(h, pos)
+                    else:
+                        acts.append(h.to("cpu", copy=dev.type != "cpu"))
+                        h = m.layer(block.layer, W, h, position_ids=pos, position_embeddings=pe, masks=masks)
+                del W
+                continue
+            E = None
+            if m.tied:
+                E = {m.tokens_weight_name: self._params(self.source.read(m.embed_block()))[m.tokens_weight_name]}
+            g_leaf = None
+            if backward and b in self.adapted_blocks:
+                g_leaf = st.coef[b] = st.coef[b].clone().requires_grad_(True)
+            hsel = h[batch.rows.to(dev), batch.cols.to(dev)].detach().requires_grad_(backward)
+            head = lambda x, W=W, E=E: m.lm_head(W, m.final_norm(W, x), E)
+            loss = chunked_head_loss(hsel, batch.weights, batch.targets, objective, head, self.token_chunk, backward)
+            if not backward:
+                return loss, None
+            if g_leaf is not None and g_leaf.grad is not None:
+                grad[:, b] += g_leaf.grad.to(grad)
+            dh = torch.zeros_like(h)
+            dh.index_put_((batch.rows.to(dev), batch.cols.to(dev)), hsel.grad, accumulate=True)
+            del W, E, hsel, h
+        # backward through the decoder layers, recomputing each one; nothing below the lowest adapted layer
+        adapted_layers = [self.blocks[b].layer for b in self.adapted_blocks if self.blocks[b].layer is not None]
+        lowest = min(adapted_layers, default=self.model.num_layers)
+        layers = [bk for bk in self.blocks if bk.layer is not None and bk.layer >= lowest]
+        for block, tensors in self.source.stream(list(reversed(layers))):
+            b = m.block_index[block.name]
+            W = self._params(tensors)
+            del tensors
+            g_leaf = None
+            if b in self.adapted_blocks:
+                g_leaf = st.coef[b] = gamma[:, b].to(dev, self.dtype).requires_grad_(True)
+            h_in = acts[block.layer].to(dev).requires_grad_(True)
+            out = m.layer(block.layer, W, h_in, position_ids=pos, position_embeddings=pe, masks=masks)
+            out.backward(dh)
+            dh = h_in.grad
+            acts[block.layer] = None
+            if g_leaf is not None:
+                grad[:, b] += g_leaf.grad.to(grad)
+            del W, out, h_in
+        self.set_coefficients(None)
+        return loss, grad.float()
+
+    # ---- teacher: base + adapter t ---------------------------------------------------------------------
+    def teacher_pass(
+        self, t: int, prompts: list[list[int]], folder: str | Path, spec: TeacherSpec, progress=None
+    ) -> Path:
+        """Greedy continuations and distributions of base + adapter t, cached like blockmerge.teacher's."""
+        folder = Path(folder)
+        h = hashlib.sha256()
+        h.update(
+            json.dumps(
+                [
+                    str(self.base.path.resolve()),
+                    _fingerprint(self.base.path),
+                    str(self.adapter_dirs[t].resolve()),
+                    _fingerprint(self.adapter_dirs[t]),
+                    asdict(spec),
+                    self.state.quantize,
+                    str(self.dtype),
+                ]
+            ).encode()
+        )
+        h.update(json.dumps(prompts).encode())
+        key = h.hexdigest()[:20]
+        manifest = folder / "manifest.json"
+        if manifest.exists():
+            try:
+                if json.loads(manifest.read_text()).get("key") == key:
+                    return folder
+            except json.JSONDecodeError:
+                pass
+        folder.mkdir(parents=True, exist_ok=True)
+        for old in folder.glob("chunk*.pt"):
+            old.unlink()
+        m = self.model
+        vocab = m.config.get_text_config().vocab_size
+        full = vocab <= spec.full_vocab_max
+        eos = spec.eos_token_id
+        if eos is None:
+            eos = getattr(m.config, "eos_token_id", None)
+            eos = eos[0] if isinstance(eos, list) else eos
+        onehot = torch.zeros(self.T, len(self.blocks), dtype=torch.float64)
+        onehot[t] = 1.0
+        self.set_coefficients(onehot)
+        writer = _ChunkWriter(folder, spec, full)
+        buckets: dict[int, list[int]] = {}
+        for i, p in enumerate(prompts):
+            if not p:
+                raise ValueError(f"prompt {i} of adapter {self.adapter_dirs[t]} is empty")
+            buckets.setdefault(len(p), []).append(i)
+        try:
+            for length in sorted(buckets):
+                idx = buckets[length]
+                for s in range(0, len(idx), spec.gen_batch):
+                    part = idx[s : s + spec.gen_batch]
+                    new, logps = generate(
+                        m, self.source, torch.tensor([prompts[i] for i in part]), spec.max_new_tokens, eos, self.dtype
+                    )
+                    for b, i in enumerate(part):
+                        cont = new[b].tolist()
+                        if eos is not None and eos in cont:
+                            cont = cont[: cont.index(eos) + 1]
+                        targets = None
+                        if spec.store_dists:
+                            lp = torch.stack([logps[j][b] for j in range(len(cont))])
+                            targets = Targets(probs=lp.exp()) if full else topk_targets(lp, spec.topk)
+                        writer.add(i, list(prompts[i]), cont, targets)
+                    if progress is not None:
+                        progress.update(len(part))
+        finally:
+            self.set_coefficients(None)
+        writer.flush()
+        manifest.write_text(
+            json.dumps(
+                {
+                    "key": key,
+                    "chunks": writer.sizes,
+                    "full_vocab": full,
+                    "vocab": vocab,
+                    "n_seqs": len(prompts),
+                    "spec": asdict(spec),
+                }
+            )
+        )
+        return folder
+
+    def teacher_folders(self, inputs, cache_dir: Path, spec: TeacherSpec, progress=True) -> list[Path]:
+        from .report import progress as bar
+
+        with bar(sum(len(x) for x in inputs), "teacher", unit="seq", disable=not progress) as pbar:
+            return [
+                self.teacher_pass(t, [list(map(int, p)) for p in prompts], cache_dir / f"task{t}", spec, pbar)
+                for t, prompts in enumerate(inputs)
+            ]
+
+
+def learn(
+    base_dir: str | Path,
+    adapter_dirs: Sequence[str | Path],
+    inputs: Sequence[Sequence[Sequence[int]]],
+    *,
+    level: Literal["task", "layer"] = "task",
+    objective: Literal["js", "kl", "entropy"] = "js",
+    steps: int | None = 100,
+    epochs: float | None = None,
+    lr: float = 1e-2,
+    batch_size: int = 16,
+    max_new_tokens: int = 16,
+    eos_token_id: int | None = None,
+    init: float | None = None,
+    seed: int = 0,
+    device: str = "cpu",
+    cache_dir: str | Path | None = None,
+    progress: bool = True,
+    topk: int = 64,
+    full_vocab_max: int = 4096,
+    token_chunk: int = 1024,
+    dtype: str = "float32",
+    attn_implementation: str = "sdpa",
+    resident_max_bytes: int = 1 << 29,
+    quantize: str | None = None,
+) -> LearnResult:
+    """Learn adapter coefficients. `inputs[t]` are adapter t's task prompts (token id lists).
+    Returns coefficients [T, n_blocks] (blocks without adapted modules keep their initial value)."""
+    from .report import progress as bar
+
+    if level not in LEVELS:
+        raise ValueError(f"level {level!r}: expected one of {', '.join(LEVELS)}")
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective {objective!r}: expected one of {', '.join(OBJECTIVES)}")
+    if len(inputs) != len(adapter_dirs):
+        raise ValueError(f"inputs: {len(inputs)} prompt lists for {len(adapter_dirs)} adapters")
+    for t, x in enumerate(inputs):
+        if not x:
+            raise ValueError(f"inputs[{t}]: no prompts for adapter {adapter_dirs[t]}")
+    torch_dtype = getattr(torch, dtype, None)
+    if not isinstance(torch_dtype, torch.dtype):
+        raise ValueError(f"dtype {dtype!r}: expected float32 or float64")
+    config = dict(level=level, objective=objective, steps=steps, epochs=epochs, lr=lr, batch_size=batch_size,
+                  max_new_tokens=max_new_tokens, eos_token_id=eos_token_id, init=init, seed=seed, device=device,
+                  topk=topk, full_vocab_max=full_vocab_max, token_chunk=token_chunk, dtype=dtype,
+                  quantize=quantize)  # fmt: skip
+    merge = StreamedLoraMerge(
+        base_dir,
+        adapter_dirs,
+        device=device,
+        dtype=torch_dtype,
+        attn_implementation=attn_implementation,
+        token_chunk=token_chunk,
+        resident_max_bytes=resident_max_bytes,
+        quantize=quantize,
+    )
+    T, nb = merge.T, len(merge.blocks)
+    spec = TeacherSpec(max_new_tokens=max_new_tokens, eos_token_id=eos_token_id, full_vocab_max=full_vocab_max,
+                       topk=topk, store_dists=objective != "entropy")  # fmt: skip
+    tmp = None
+    if cache_dir is None:
+        tmp = tempfile.TemporaryDirectory(prefix="blockmerge-lora-teacher-")
+        cache_dir = tmp.name
+    try:
+        data = TeacherData(merge.teacher_folders(inputs, Path(cache_dir), spec, progress))
+        counts = [data.n_seqs(t) for t in range(T)]
+        if steps is None:
+            if epochs is None:
+                raise ValueError("give steps or epochs")
+            steps = max(1, math.ceil(epochs * sum(counts) / batch_size))
+        if init is None:
+            init = 0.3 if objective == "entropy" else 1.0 / T
+        gamma = torch.full((T, nb) if level == "layer" else (T,), float(init), requires_grad=True)
+        opt = torch.optim.Adam([gamma], lr=lr)
+        losses: list[float] = []
+        batches = _batches(counts, batch_size, seed)
+        started = time.perf_counter()
+        with bar(steps, f"lora divmerge {objective}/{level}", unit="step", disable=not progress) as pbar:
+            for _ in range(steps):
+                batch = make_batch(next(batches), data)
+                full = gamma.detach() if level == "layer" else gamma.detach()[:, None].expand(T, nb)
+                loss, g = merge.loss_and_grad(full, batch, objective)
+                opt.zero_grad()
+                gamma.grad = g if level == "layer" else g.sum(1)
+                opt.step()
+                if objective == "entropy":
+                    with torch.no_grad():
+                        gamma.clamp_(0.0, 1.0)
+                losses.append(loss)
+                pbar.set_postfix(loss=f"{loss:.4f}")
+                pbar.update(1)
+        elapsed = time.perf_counter() - started
+    finally:
+        if tmp is not None:
+            tmp.cleanup()
+    coeffs = gamma.detach().clone() if level == "layer" else gamma.detach()[:, None].expand(T, nb).clone()
+    return LearnResult(coeffs, list(merge.block_names), losses, objective, level, config, elapsed / max(steps, 1))
+
+
+# ---- configuration file and CLI -------------------------------------------------------------------------
+
+
+class AdapterEntry(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    adapter: str
+    data: str
+
+
+class LoraDivMergeConfig(BaseModel):
+    """`blockmerge lora divmerge` YAML: like `blockmerge divmerge`'s, with `adapters:` instead of `models:`,
+    plus `output` (base: merged full checkpoint; adapter: an exact cat adapter carrying the coefficients)
+    and `quantize` (none, nf4, int8: bitsandbytes base for the forward passes)."""
+
+    model_config = ConfigDict(extra="forbid")
+    base_model: str
+    adapters: list[AdapterEntry]
+    level: Literal["task", "layer"] = "task"
+    objective: Literal["js", "kl", "entropy"] = "js"
+    steps: int | None = Field(default=None, ge=1)
+    epochs: float | None = Field(default=None, gt=0)
+    batch_size: int = Field(default=16, ge=1)
+    samples: int | None = Field(default=None, ge=1)
+    max_new_tokens: int = Field(default=16, ge=1)
+    eos_token_id: int | None = None
+    lr: float = Field(default=1e-2, gt=0)
+    init: float | None = None
+    seed: int = 0
+    device: str = "cpu"
+    topk: int = Field(default=64, ge=1)
+    full_vocab_max: int = Field(default=4096, ge=0)
+    token_chunk: int = Field(default=1024, ge=1)
+    cache_dir: str | None = None
+    dtype: str | None = None
+    compute_dtype: Literal["float32", "float64"] = "float32"
+    attn_implementation: Literal["sdpa", "eager"] = "sdpa"
+    output: Literal["base", "adapter"] = "base"
+    quantize: Literal["nf4", "int8"] | None = None
+
+    @field_validator("adapters")
+    @classmethod
+    def _nonempty(cls, v):
+        if not v:
+            raise ValueError("at least one adapter is needed")
+        return v
+
+
+def load_config(path: str | Path | dict) -> tuple[LoraDivMergeConfig, Path]:
+    import yaml
+
+    if isinstance(path, dict):
+        raw, root, where = path, Path.cwd(), "config"
+    else:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: config file not found")
+        try:
+            raw = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as e:
+            raise ValueError(f"{path}: invalid YAML ({e})") from e
+        root, where = path.parent, str(path)
+    if not isinstance(raw, dict):
+        raise ValueError(f"{where}: expected a mapping with base_model and adapters")
+    try:
+        cfg = LoraDivMergeConfig.model_validate(raw)
+    except ValidationError as e:
+        err = e.errors()[0]
+        loc = ".".join(str(x) for x in err["loc"]) or "(top level)"
+        raise ValueError(f"{where}: field {loc}: {err['msg']}") from None
+    if cfg.steps is not None and cfg.epochs is not None:
+        raise ValueError(f"{where}: give steps or epochs, not both")
+    return cfg, root
+
+
+def write_learned(
+    base_dir: str | Path,
+    adapter_dirs: Sequence[str | Path],
+    coefficients: torch.Tensor,
+    out: str | Path,
+    *,
+    output: str = "base",
+    force: bool = False,
+    dtype=None,
+    device=None,
+    progress: bool = True,
+    info: dict | None = None,
+) -> Path:
+    """The learned merge: a full checkpoint W0 + sum_t Gamma[t, block] s_t B_t A_t (output='base'), or an
+    exact cat adapter whose module blocks carry Gamma[t, block(module)] (output='adapter')."""
+    from .lora import PREFIX, MergedAdapter, _dtype, merge_into_base, write_adapter
+
+    if output == "base":
+        return merge_into_base(
+            base_dir,
+            adapter_dirs,
+            None,
+            out,
+            coefficients=coefficients,
+            force=force,
+            dtype=_dtype(dtype) if isinstance(dtype, str) else dtype,
+            device=device,
+            progress=progress,
+            extra_json={"divmerge.json": info or {}},
+        )
+    base = Checkpoint(base_dir)
+    adapters, names = read_adapters(adapter_dirs, base, base_given=True)
+    index = {b.name: i for i, b in enumerate(base.blocks())}
+    coeffs = torch.as_tensor(coefficients, dtype=torch.float32)
+    rank = sum(a.r for a in adapters)
+    tensors = {}
+    for mod in sorted({m for a in adapters for m in a.modules}):
+        b = index[block_name(names[mod])]
+        parts = [(a.modules[mod], float(coeffs[t, b])) for t, a in enumerate(adapters) if mod in a.modules]
+        A = torch.cat([m.A.float() * (g * m.scale) for m, g in parts])
+        B = torch.cat([m.B.float() for m, _ in parts], dim=1)
+        A = torch.cat([A, A.new_zeros(rank - A.shape[0], A.shape[1])])
+        B = torch.cat([B, B.new_zeros(B.shape[0], rank - B.shape[1])], dim=1)
+        dt = adapters[0].dtype
+        tensors[f"{PREFIX}{mod}.lora_A.weight"] = A.to(dt).contiguous()
+        tensors[f"{PREFIX}{mod}.lora_B.weight"] = B.to(dt).contiguous()
+    from .lora import _target_modules
+
+    config = dict(adapters[0].config)
+    config.update(r=rank, lora_alpha=rank, target_modules=_target_modules(adapters), alpha_pattern={},
+                  rank_pattern={}, use_rslora=False)  # fmt: skip
+    return write_adapter(MergedAdapter(config, tensors), out, force=force, info=info)
+
+
+def run_divmerge(config, out, *, force=False, steps=None, device=None, output=None, progress=True):
+    started = time.perf_counter()
+    cfg, root = load_config(config)
+    out = Path(out)
+    if out.exists() and not force:
+        raise FileExistsError(f"{out}: output already exists (use --force to overwrite)")
+    base_dir = _resolve(cfg.base_model, root)
+    if not base_dir.is_dir():
+        raise FileNotFoundError(f"base_model: {base_dir} is not a folder")
+    adapter_dirs, inputs = [], []
+    for i, a in enumerate(cfg.adapters):
+        d = _resolve(a.adapter, root)
+        if not d.is_dir():
+            raise FileNotFoundError(f"adapters.{i}.adapter: {d} is not a folder")
+        adapter_dirs.append(d)
+        inputs.append(read_prompts(_resolve(a.data, root), f"adapters.{i}.data", base_dir, cfg.samples))
+    n_steps = steps if steps is not None else cfg.steps
+    if n_steps is None and cfg.epochs is None:
+        n_steps = 100
+    res = learn(
+        base_dir,
+        adapter_dirs,
+        inputs,
+        level=cfg.level,
+        objective=cfg.objective,
+        steps=n_steps,
+        epochs=None if n_steps is not None else cfg.epochs,
+        lr=cfg.lr,
+        batch_size=cfg.batch_size,
+        max_new_tokens=cfg.max_new_tokens,
+        eos_token_id=cfg.eos_token_id,
+        init=cfg.init,
+        seed=cfg.seed,
+        device=device or cfg.device,
+        cache_dir=cfg.cache_dir,
+        progress=progress,
+        topk=cfg.topk,
+        full_vocab_max=cfg.full_vocab_max,
+        token_chunk=cfg.token_chunk,
+        dtype=cfg.compute_dtype,
+        attn_implementation=cfg.attn_implementation,
+        quantize=cfg.quantize,
+    )
+    info = res.to_json()
+    info.update(base_model=str(base_dir), adapters=[str(d) for d in adapter_dirs], config=cfg.model_dump())
+    path = write_learned(
+        base_dir,
+        adapter_dirs,
+        res.coefficients,
+        out,
+        output=output or cfg.output,
+        force=force,
+        dtype=cfg.dtype,
+        device=device or cfg.device,
+        progress=progress,
+        info=info,
+    )
+    if progress:
+        from .report import final_line
+
+        print(
+            final_line(
+                f"lora divmerge: {len(res.losses)} steps, loss {res.losses[0]:.4f} -> {res.losses[-1]:.4f}, "
+                f"wrote {path}",
+                started,
+            ),
+            file=sys.stderr,
+        )
+    return path, res
+
+
+def run_divmerge_cli(args) -> int:
+    run_divmerge(
+        args.config,
+        args.out,
+        force=args.force,
+        steps=args.steps,
+        device=args.device,
+        output=args.output,
+        progress=not getattr(args, "no_progress", False),
+    )
+    return 0
+
+
+__all__ = ["StreamedLoraMerge", "learn", "write_learned", "run_divmerge", "load_config", "Adapter"]
