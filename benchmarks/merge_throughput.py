@@ -5,10 +5,10 @@ next to the I/O floor (plain sequential reading of the same input files) measure
 
 The family is generated on disk tensor by tensor (blockmerge.synth.write_synthetic_llama, no nn.Module) in
 --root, reused when --root/DONE exists (and never deleted here). Every measurement runs in its own
-subprocess so that its peak RSS (ru_maxrss) is its own. "cold" runs start after dropping the page cache
-(`echo 1 > /proc/sys/vm/drop_caches`, needs root; reported as not cold otherwise), "warm" runs follow
-immediately so the inputs are (mostly) in the page cache. GB/s = bytes of all input files read / seconds.
-Writes benchmarks/out/merge_throughput.csv."""
+subprocess so that its peak RSS (VmHWM of the child's own address space) is its own. "cold" runs start
+after dropping the page cache (`echo 1 > /proc/sys/vm/drop_caches`, needs root; reported as not cold
+otherwise), "warm" runs follow immediately so the inputs are (mostly) in the page cache.
+GB/s = bytes of all input files read / seconds. Writes benchmarks/out/merge_throughput.csv."""
 
 from __future__ import annotations
 
@@ -25,6 +25,15 @@ from pathlib import Path
 
 READ_CHILD = r"""
 import json, os, resource, sys, time
+def peak_rss():
+    # VmHWM belongs to this exec's address space; ru_maxrss would also count the parent's pages at fork
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 files = json.loads(sys.argv[1])
 buf = bytearray(64 << 20)
 mv = memoryview(buf)
@@ -42,12 +51,20 @@ for f in files:
     finally:
         os.close(fd)
 secs = time.perf_counter() - t0
-rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-print(json.dumps({"bytes": total, "seconds": secs, "peak_rss": rss}))
+print(json.dumps({"bytes": total, "seconds": secs, "peak_rss": peak_rss()}))
 """
 
 MERGE_CHILD = r"""
 import json, resource, sys, time
+def peak_rss():
+    # VmHWM belongs to this exec's address space; ru_maxrss would also count the parent's pages at fork
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 t_import = time.perf_counter()
 from blockmerge.merge import run_merge
 from blockmerge.checkpoint import Checkpoint
@@ -56,7 +73,7 @@ t0 = time.perf_counter()
 run_merge(cfg, out, force=True, progress=False)
 secs = time.perf_counter() - t0
 print(json.dumps({"seconds": secs, "import_seconds": t0 - t_import,
-                  "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+                  "peak_rss": peak_rss()}))
 """
 
 
