@@ -475,3 +475,37 @@ def test_bad_yaml_is_a_clear_error(tmp_path):
         load_config(p)
     with pytest.raises(ConfigError, match="config file not found"):
         load_config(tmp_path / "missing.yml")
+
+
+def test_top_level_defaults_and_model_overrides(fam32, tmp_path):
+    """mergekit reads a model's parameter from the model entry first, then from the top-level parameters."""
+    base, experts = fam32
+    cfg = {
+        "merge_method": "dare_linear",
+        "base_model": str(base),
+        "models": [
+            {"model": str(experts[0])},
+            {"model": str(experts[1]), "parameters": {"weight": 0.25}},
+            {"model": str(experts[2]), "parameters": {"density": 1.0}},
+        ],
+        "parameters": {"weight": 0.5, "density": 0.6, "seed": 11},
+    }
+    out = load_all(run_merge(cfg, tmp_path / "o", progress=False))
+    ins = [load_all(d) for d in [base, *experts]]
+    name = "model.layers.1.mlp.down_proj.weight"
+    ts = [m[name] for m in ins]
+    masks = [
+        dare_keep(dare_seed(11, name), t, 1 - d, 0, ts[0].numel()).view(ts[0].shape)
+        for t, d in enumerate([0.6, 0.6, 1.0])
+    ]
+    ref = ref_gta(
+        ts[0],
+        ts[1:],
+        [0.5, 0.25, 0.5],
+        [0.6, 0.6, 1.0],
+        sparsify="random",
+        consensus=False,
+        normalize=False,
+        masks=masks,
+    )
+    torch.testing.assert_close(out[name].double(), ref, atol=1e-6, rtol=1e-6)
