@@ -70,6 +70,26 @@ def dare_keep(seed: int, task: int, p: float, offset: int, numel: int, device="c
     return hash_uniform(task_key(seed, task), idx) >= p
 
 
+def _s32(v: int) -> int:
+    """The int32 with the bit pattern of v mod 2^32."""
+    v &= _MASK32
+    return v - (1 << 32) if v >= 1 << 31 else v
+
+
+def _hash_uniform_chunk(key: int, start: int, m: int, out: torch.Tensor) -> torch.Tensor:
+    """hash_uniform(key, arange(start, start + m)) written into fp32 `out`, ~4x faster: int32 arithmetic that
+    wraps mod 2^32 (bit patterns as uint32; logical shifts as arithmetic shift + mask). Tested bit-identical."""
+    x, t, ar = _int_scratch(m, out.device)
+    torch.add(ar, _s32(start), out=x)
+    x.bitwise_xor_(_s32(key))
+    for sh, mul in ((16, _M1), (15, _M2)):
+        x.bitwise_xor_(torch.bitwise_right_shift(x, sh, out=t).bitwise_and_((1 << (32 - sh)) - 1))
+        x.mul_(_s32(mul))
+    x.bitwise_xor_(torch.bitwise_right_shift(x, 16, out=t).bitwise_and_(0xFFFF))
+    x.bitwise_right_shift_(8).bitwise_and_(0xFFFFFF)
+    return out.copy_(x).mul_(1.0 / (1 << 24))
+
+
 def magnitude_thresholds(base: torch.Tensor, experts: Sequence[torch.Tensor], density: Sequence[float]) -> list[float]:
     """Per-task TIES threshold: the k-th largest |tau_t| with k = int(density * numel) (mergekit's top-k);
     keeping |tau| >= threshold keeps the top k (ties at the threshold aside)."""
@@ -155,6 +175,20 @@ def _scratch(k: int, n: int, device) -> list[torch.Tensor]:
     if have is None or have.shape[1] < n:
         have = bufs[key] = torch.empty(k, max(n, CHUNK), dtype=torch.float32, device=device)
     return [have[i, :n] for i in range(k)]
+
+
+def _int_scratch(n: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Two int32 scratch vectors and arange(n) (int32), owned by the calling thread."""
+    key = (str(device), "int")
+    bufs = getattr(_tls, "bufs", None)
+    if bufs is None:
+        bufs = _tls.bufs = {}
+    have = bufs.get(key)
+    if have is None or have.shape[1] < n:
+        size = max(n, CHUNK)
+        have = bufs[key] = torch.empty(3, size, dtype=torch.int32, device=device)
+        torch.arange(size, dtype=torch.int32, device=device, out=have[2])
+    return have[0, :n], have[1, :n], have[2, :n]
 
 
 def _run_chunks(numel: int, device: torch.device, fn: Callable[[int, int, int], None]) -> int:
@@ -250,9 +284,14 @@ def combine_torch(
         sw = sum(w)
         div_const = sw if abs(sw) >= 1e-8 else 1.0
 
+    p32 = [float(torch.tensor(v, dtype=torch.float32)) for v in p]  # what a comparison with p sees
+
     def full_chunk(i: int, s: int, stop: int) -> None:
+        # Masks are applied as exact 0/1 fp32 factors written by comparisons into fp32 buffers: torch.where,
+        # masked_fill and bool tensors are several times slower on CPU. Same values as the formula for
+        # finite inputs (an inf task vector element times a 0 mask gives nan instead of 0).
         m = stop - s
-        bb, tau, acc, sp, sn, dp, dn = _scratch(7, m, dev)
+        bb, tau, acc, sp, sn, dp, dn, tmp = _scratch(8, m, dev)
         b = _f32(b_flat[s:stop], bb)
         acc.zero_()
         if sign_consensus:
@@ -264,26 +303,28 @@ def combine_torch(
         for t, e in enumerate(e_flat):
             torch.sub(e[s:stop], b, out=tau)
             if p[t] > 0:
-                keep = dare_keep(seed, t, p[t], offset + s, m, dev)
+                keep = torch.ge(_hash_uniform_chunk(task_key(seed, t), offset + s, m, tmp), p32[t], out=tmp)
                 if rescale:
                     tau.div_(1.0 - p[t])
-                tau.masked_fill_(keep.logical_not_(), 0.0)
+                tau.mul_(keep)
             if thr is not None:
-                tau.masked_fill_(torch.abs(tau) < thr[t], 0.0)
+                tau.mul_(torch.ge(torch.abs(tau, out=tmp), thr[t], out=tmp))
             x = tau.mul_(w[t])
             acc.add_(x)
             if sign_consensus:
-                sp.add_(x.clamp(min=0.0))
-                sn.add_(x.clamp(max=0.0))
+                sp.add_(torch.clamp(x, min=0.0, out=tmp))
+                sn.add_(torch.clamp(x, max=0.0, out=tmp))
                 if normalize:
-                    dp.add_(x > 0, alpha=w[t])
-                    dn.add_(x < 0, alpha=w[t])
+                    dp.add_(torch.gt(x, 0.0, out=tmp), alpha=w[t])
+                    dn.add_(torch.lt(x, 0.0, out=tmp), alpha=w[t])
         if sign_consensus:
-            elected = acc >= 0
-            mix = torch.where(elected, sp, sn, out=tau)
+            ipos = torch.ge(acc, 0.0, out=tmp)  # elected sign + (1.0) or - (0.0)
+            ineg = torch.lt(acc, 0.0, out=tau)
+            mix = sp.mul_(ipos).add_(sn.mul_(ineg))  # exact select: x*1 + y*0
             if normalize:
-                div = torch.where(elected, dp, dn, out=dp)
-                mix.div_(div.masked_fill_(div == 0, 1.0))
+                div = dp.mul_(ipos).add_(dn.mul_(ineg))
+                div.add_(torch.eq(div, 0.0, out=tmp))  # 0 -> 1
+                mix.div_(div)
         else:
             mix = acc
             if normalize:

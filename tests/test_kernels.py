@@ -201,6 +201,15 @@ def test_interp_dare_mask_identical_on_both_paths(offset):
         assert abs(kept - (1 - p[t])) < 0.05
 
 
+@pytest.mark.parametrize("start", [0, 2**31 - 333, 2**32 - 1000, 2**33 + 7])
+def test_fast_chunk_hash_is_bit_identical(start):
+    """The int32 hash used inside the CPU combine equals the int64 spec, across 2^31 / 2^32 and odd tails."""
+    m = 1003
+    for key in (R.task_key(0, 0), R.task_key(5, 3), 0xFFFFFFFF, 0):
+        got = R._hash_uniform_chunk(key, start, m, torch.empty(m))
+        assert torch.equal(got, R.hash_uniform(key, torch.arange(start, start + m)))
+
+
 def test_hash_is_counter_based():
     idx = torch.arange(1000, 3000)
     u = R.hash_uniform(R.task_key(3, 1), idx)

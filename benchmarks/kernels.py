@@ -1,0 +1,243 @@
+"""Throughput of the fused task-vector kernels (blockmerge.kernels.combine / project) against the unfused
+torch expressions, and against a plain memory copy (the memory-bandwidth floor), in one run.
+
+GB/s = bytes of all inputs read / time (combine: base + T experts; project: grad + base + T experts;
+copy: the source). Output allocation is part of every timed call (fused and unfused alike).
+The fused path is what the dispatch picks: Triton on CUDA, the chunked torch reference on CPU.
+The unfused expressions are the literal one-liners, computed in the input dtype:
+  combine: base + sum(a * (e - base) for a, e in zip(weights, experts))
+  project: torch.stack([torch.sum(grad * (e - base), dtype=torch.float32) for e in experts])
+
+  python benchmarks/kernels.py                      # device auto (cuda if available), writes CSV + PNG
+  python benchmarks/kernels.py --sizes 1M,16M --tasks 4 --dtypes bf16
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from blockmerge.kernels import backend, combine, project  # noqa: E402
+from blockmerge.kernels.reference import _run_chunks  # noqa: E402
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+FIELDS = ["op", "impl", "size", "T", "dtype", "ms", "GB/s", "device", "backend", "threads"]
+
+
+def parse_size(s: str) -> int:
+    s = s.strip().upper()
+    mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    return int(float(s[:-1]) * mult[s[-1]]) if s[-1] in mult else int(s)
+
+
+def size_label(n: int) -> str:
+    for unit, m in (("G", 1 << 30), ("M", 1 << 20), ("K", 1 << 10)):
+        if n % m == 0:
+            return f"{n // m}{unit}"
+    return str(n)
+
+
+def timeit(fn, device: torch.device, budget_s: float, max_reps: int) -> float:
+    """Best time (s) of a few calls after one warm-up call; as many calls as fit in budget_s."""
+
+    def once() -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter() - t0
+
+    first = once()
+    reps = max(1, min(max_reps, int(budget_s / max(first, 1e-9))))
+    return min(once() for _ in range(reps))
+
+
+def pooled_copy(dst: torch.Tensor, src: torch.Tensor) -> None:
+    """dst.copy_(src) chunk by chunk on the worker pool of the CPU kernels (same threading as combine)."""
+    _run_chunks(src.numel(), src.device, lambda i, s, e: dst[s:e].copy_(src[s:e]))
+
+
+def unfused_combine(base, experts, weights):
+    return base + sum(a * (e - base) for a, e in zip(weights, experts, strict=True))
+
+
+def unfused_project(grad, base, experts):
+    return torch.stack([torch.sum(grad * (e - base), dtype=torch.float32) for e in experts])
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:N")
+    ap.add_argument("--sizes", default="1M,16M,64M", help="elements per tensor, comma separated (K/M/G suffixes)")
+    ap.add_argument("--tasks", default="2,4,8", help="expert counts T")
+    ap.add_argument("--dtypes", default="bf16,fp32", help=f"input dtypes among {','.join(DTYPES)}")
+    ap.add_argument("--ops", default="combine,project")
+    ap.add_argument("--no-unfused", action="store_true", help="skip the unfused torch expressions")
+    ap.add_argument("--budget", type=float, default=0.5, help="seconds of timed calls per case (after warm-up)")
+    ap.add_argument("--reps", type=int, default=5, help="max timed calls per case")
+    ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "out"), help="folder for CSV and PNG")
+    args = ap.parse_args(argv)
+
+    if args.device == "auto":
+        dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        dev = torch.device(args.device)
+    sizes = [parse_size(s) for s in args.sizes.split(",")]
+    tasks = [int(t) for t in args.tasks.split(",")]
+    dtypes = [d.strip() for d in args.dtypes.split(",")]
+    ops = [o.strip() for o in args.ops.split(",")]
+    threads = torch.get_num_threads() if dev.type == "cpu" else 0
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu ({os.cpu_count()} cores)"
+    print(f"device {dev} [{name}], torch {torch.__version__}, torch threads {torch.get_num_threads()}")
+
+    rows: list[dict] = []
+
+    def record(op, impl, n, T, dname, sec, nbytes, bk):
+        row = dict(op=op, impl=impl, size=n, T=T, dtype=dname, ms=round(sec * 1e3, 3))
+        row.update({"GB/s": round(nbytes / sec / 1e9, 3), "device": dev.type, "backend": bk, "threads": threads})
+        rows.append(row)
+        ms, gbs = row["ms"], row["GB/s"]
+        print(f"{op:8s} {impl:8s} {size_label(n):>5s} T={T:<2d} {dname:5s} {ms:10.3f} ms {gbs:8.2f} GB/s")
+
+    def bench_case(dname: str, n: int) -> None:
+        dt = DTYPES[dname]
+        esize = torch.empty((), dtype=dt).element_size()
+        base = torch.randn(n, generator=g).to(device=dev, dtype=dt)
+        experts = [(base.float() + 0.01 * torch.randn(n, generator=g).to(dev)).to(dt) for _ in range(max(tasks))]
+        grad = torch.randn(n, generator=g).to(device=dev, dtype=dt)
+        bk = backend(base)
+        dst = torch.empty_like(base)
+        sec = timeit(lambda: dst.copy_(base), dev, args.budget, args.reps)
+        record("copy", "copy", n, 1, dname, sec, n * esize, "torch")
+        if dev.type == "cpu":  # the same copy spread over the CPU path's chunk pool: the floor is the faster one
+            sec = timeit(lambda: pooled_copy(dst, base), dev, args.budget, args.reps)
+            record("copy", "copy_pool", n, 1, dname, sec, n * esize, "torch")
+        dst = None
+        for T in tasks:
+            es = experts[:T]
+            w = [1.0 / T + 0.01 * i for i in range(T)]
+            if "combine" in ops:
+                nb = (T + 1) * n * esize
+                sec = timeit(lambda: combine(base, es, w), dev, args.budget, args.reps)  # noqa: B023
+                record("combine", "fused", n, T, dname, sec, nb, bk)
+                if not args.no_unfused:
+                    sec = timeit(lambda: unfused_combine(base, es, w), dev, args.budget, args.reps)  # noqa: B023
+                    record("combine", "unfused", n, T, dname, sec, nb, "torch")
+            if "project" in ops:
+                nb = (T + 2) * n * esize
+                sec = timeit(lambda: project(grad, base, es), dev, args.budget, args.reps)  # noqa: B023
+                record("project", "fused", n, T, dname, sec, nb, bk)
+                if not args.no_unfused:
+                    sec = timeit(lambda: unfused_project(grad, base, es), dev, args.budget, args.reps)  # noqa: B023
+                    record("project", "unfused", n, T, dname, sec, nb, "torch")
+
+    g = torch.Generator(device="cpu").manual_seed(0)
+    t_start = time.perf_counter()
+    for dname in dtypes:
+        for n in sizes:
+            bench_case(dname, n)
+    print(f"total {time.perf_counter() - t_start:.1f} s")
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "kernels.csv", "w", newline="") as f:
+        wr = csv.DictWriter(f, fieldnames=FIELDS)
+        wr.writeheader()
+        wr.writerows(rows)
+    print(f"wrote {out / 'kernels.csv'}")
+    summarize(rows)
+    try:
+        plot(rows, out / "kernels.png", f"{name}, torch threads {torch.get_num_threads()}")
+        print(f"wrote {out / 'kernels.png'}")
+    except ImportError as e:  # matplotlib is optional for the numbers
+        print(f"no plot: {e}")
+    return 0
+
+
+def _get(rows, **kv):
+    for r in rows:
+        if all(r[k] == v for k, v in kv.items()):
+            return r
+    return None
+
+
+def summarize(rows) -> None:
+    """Fused vs copy floor and vs unfused, per dtype and size, T=4 (or the T closest to 4)."""
+    print("\nsummary (GB/s of inputs read):")
+    for op in ("combine", "project"):
+        ts = sorted({r["T"] for r in rows if r["op"] == op})
+        if not ts:
+            continue
+        T = min(ts, key=lambda t: abs(t - 4))
+        for dname in dict.fromkeys(r["dtype"] for r in rows):
+            for n in dict.fromkeys(r["size"] for r in rows):
+                fu = _get(rows, op=op, impl="fused", T=T, dtype=dname, size=n)
+                un = _get(rows, op=op, impl="unfused", T=T, dtype=dname, size=n)
+                cps = [r for r in rows if r["op"] == "copy" and r["dtype"] == dname and r["size"] == n]
+                cp = max(cps, key=lambda r: r["GB/s"]) if cps else None
+                if fu is None:
+                    continue
+                line = f"  {op:8s} T={T} {dname:5s} {size_label(n):>5s}: fused {fu['GB/s']:7.2f}"
+                if cp:
+                    line += f" | {cp['impl']} {cp['GB/s']:7.2f} ({100 * fu['GB/s'] / cp['GB/s']:5.1f}% of copy)"
+                if un:
+                    line += f" | unfused {un['GB/s']:7.2f} (fused x{fu['GB/s'] / un['GB/s']:.1f})"
+                print(line)
+
+
+def plot(rows, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ops = [o for o in ("combine", "project") if any(r["op"] == o for r in rows)]
+    dts = list(dict.fromkeys(r["dtype"] for r in rows))
+    fig, axes = plt.subplots(len(ops), len(dts), figsize=(5.5 * len(dts), 4 * len(ops)), squeeze=False)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, op in enumerate(ops):
+        for j, dname in enumerate(dts):
+            ax = axes[i][j]
+            for k, T in enumerate(sorted({r["T"] for r in rows if r["op"] == op})):
+                for impl, ls in (("fused", "-"), ("unfused", "--")):
+                    pts = sorted(
+                        (r["size"], r["GB/s"])
+                        for r in rows
+                        if (r["op"], r["impl"], r["dtype"], r["T"]) == (op, impl, dname, T)
+                    )
+                    if pts:
+                        ax.plot(
+                            *zip(*pts, strict=True),
+                            ls,
+                            marker="o",
+                            color=colors[k % len(colors)],
+                            label=f"{impl} T={T}",
+                        )
+            for impl, mk in (("copy", "s"), ("copy_pool", "^")):
+                cp = sorted((r["size"], r["GB/s"]) for r in rows if (r["impl"], r["dtype"]) == (impl, dname))
+                if cp:
+                    ax.plot(*zip(*cp, strict=True), ":", marker=mk, color="black", label=f"{impl} (floor)")
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel("elements per tensor")
+            ax.set_ylabel("GB/s of inputs read")
+            ax.set_title(f"{op}, {dname}")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
