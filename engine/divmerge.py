@@ -151,6 +151,30 @@ class StreamedMerge:
             if w.grad is not None:
                 grad_col += project(w.grad, tensors[0][n], [e[n] for e in tensors[1:]]).to(grad_col)
 
+    def _merged_projecting(self, tensors, coeffs, grad_col: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Merged leaves whose gradient is projected onto the task vectors as soon as autograd has it,
+        then dropped (with the leaf itself): a block's dW never exist all at once."""
+        W = self.merged(tensors, coeffs, grad=True)
+
+        def make(n):
+            def hook(p):
+                grad_col.add_(project(p.grad, tensors[0][n], [e[n] for e in tensors[1:]]).to(grad_col))
+                p.grad = None
+                W.pop(n, None)
+
+            return hook
+
+        for n, w in W.items():
+            w.register_post_accumulate_grad_hook(make(n))
+        return W
+
+    def _embed_rows(self, tensors, rows: torch.Tensor):
+        """The embed block with only the batch's rows of the token embedding (a [U, H] slice per model):
+        the lookup and its gradient touch nothing else, so neither the merged table nor its dense
+        gradient is ever built."""
+        name = self.model.tokens_weight_name
+        return [dict(t, **{name: t[name][rows]}) for t in tensors]
+
     def loss_and_grad(
         self, gamma: torch.Tensor, batch: Batch, objective: str = "js", backward: bool = True
     ) -> tuple[float, torch.Tensor | None]:
@@ -164,6 +188,7 @@ class StreamedMerge:
         ids = batch.input_ids.to(dev)
         pos = torch.arange(ids.shape[1], device=dev)[None]
         grad = torch.zeros(self.T, len(self.blocks), dtype=torch.float64)
+        rows = m.token_rows(ids)
         acts: list[torch.Tensor] = []  # acts[l] = input of decoder layer l; acts[L] = input of the head
         h = pe = masks = None
         loss = 0.0
@@ -171,9 +196,11 @@ class StreamedMerge:
             b = m.block_index[block.name]
             if block.name != "head":
                 with torch.no_grad():
+                    if block.name == "embed":
+                        tensors = self._embed_rows(tensors, rows)
                     W = self.merged(tensors, gamma[:, b].tolist())
                     if block.name == "embed":
-                        h = m.embed(W, ids, pos)
+                        h = m.embed(W, ids, pos, rows)
                         pe = m.position_embeddings(h, pos)
                         masks = m.masks(h, pos)
                     else:
@@ -199,13 +226,15 @@ class StreamedMerge:
                 self._project(E, emb_tensors, grad[:, m.block_index["embed"]])
             dh = torch.zeros_like(h)
             dh.index_put_((batch.rows.to(dev), batch.cols.to(dev)), hsel.grad, accumulate=True)
-            del W, E, emb_tensors, hsel, h
+            del W, E, emb_tensors, hsel, h, tensors  # before the backward stream starts reading
         # backward through the decoder layers and the embedding, recomputing each block
         for block, tensors in self.source.stream(list(reversed(self.blocks[:-1]))):
             b = m.block_index[block.name]
-            W = self.merged(tensors, gamma[:, b].tolist(), grad=True)
             if block.name == "embed":
-                out = m.embed(W, ids, pos)
+                tensors = self._embed_rows(tensors, rows)
+            W = self._merged_projecting(tensors, gamma[:, b].tolist(), grad[:, b])
+            if block.name == "embed":
+                out = m.embed(W, ids, pos, rows)
                 out.backward(dh)
             else:
                 h_in = acts[block.layer].to(dev).requires_grad_(True)
@@ -213,8 +242,8 @@ class StreamedMerge:
                 out.backward(dh)
                 dh = h_in.grad
                 acts[block.layer + 1] = None
-            self._project(W, tensors, grad[:, b])
-            del W, out
+            self._project(W, tensors, grad[:, b])  # leaves the hooks did not see (none in practice)
+            del W, out, tensors
         return loss, grad.float()
 
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch.func import functional_call
 
 from .checkpoint import Block, Checkpoint, CheckpointError
@@ -114,13 +115,32 @@ class StreamedModel:
         return self.blocks[-1]
 
     # ---- pieces ---------------------------------------------------------------------------------
-    def embed(self, params: dict[str, torch.Tensor], input_ids: torch.Tensor, position_ids: torch.Tensor):
+    def embed(
+        self,
+        params: dict[str, torch.Tensor],
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor,
+        rows: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Input embeddings. With `rows` (sorted unique token ids, see `token_rows`), the token embedding
+        tensor in `params` holds only those rows: the embedding's memory and gradient stay small."""
         tok = _get(self.skeleton, self.spec.tokens)
-        h = functional_call(tok, self._local(params, self.spec.tokens), (input_ids,))
+        W = params[self.tokens_weight_name]
+        pad = tok.padding_idx
+        if rows is not None:
+            if pad is not None:
+                hit = (rows == pad).nonzero()
+                pad = int(hit[0, 0]) if len(hit) else None
+            input_ids = torch.searchsorted(rows, input_ids)
+        h = F.embedding(input_ids, W, pad, tok.max_norm, tok.norm_type, tok.scale_grad_by_freq, tok.sparse)
         if self.spec.positions is not None:
             pos = _get(self.skeleton, self.spec.positions)
             h = h + functional_call(pos, self._local(params, self.spec.positions), (position_ids,))
         return h
+
+    @staticmethod
+    def token_rows(input_ids: torch.Tensor) -> torch.Tensor:
+        return torch.unique(input_ids)  # sorted
 
     def position_embeddings(self, h: torch.Tensor, position_ids: torch.Tensor):
         if self.rotary is None:
@@ -190,13 +210,16 @@ class StreamedModel:
             start = cache.get_seq_length() if cache is not None else 0
             position_ids = torch.arange(start, start + input_ids.shape[1], device=self.device)[None]
         h = pe = masks = None
+        rows = self.token_rows(input_ids)
         for block, tensors in source.stream(self.blocks):
-            params = {k: v.to(dtype) for k, v in tensors[0].items()}
             if block.name == "embed":
-                h = self.embed(params, input_ids, position_ids)
+                params = {k: (v[rows] if k == self.tokens_weight_name else v).to(dtype) for k, v in tensors[0].items()}
+                h = self.embed(params, input_ids, position_ids, rows)
                 pe = self.position_embeddings(h, position_ids)
                 masks = self.masks(h, position_ids, cache)
-            elif block.layer is not None:
+                continue
+            params = {k: v.to(dtype) for k, v in tensors[0].items()}
+            if block.layer is not None:
                 h = self.layer(
                     block.layer, params, h, position_ids=position_ids, position_embeddings=pe, masks=masks, cache=cache
                 )

@@ -1,0 +1,161 @@
+"""One DivMerge learning step (layer level, JS, 3 experts) on the synthetic ~1B Llama bf16 family:
+peak RSS and time per step, against the bound "2 blocks per model + activations + 1 GiB" and against
+what holding every model in memory would take.
+
+The step runs in a subprocess so that its ru_maxrss is its own. Teacher data are SYNTHETIC targets (no
+teacher pass: generating with a 1B model block by block on a shared 2-core CPU would dominate the run):
+random prompts of `--seq` tokens, the last `--targets` positions of each carry a random top-k teacher
+distribution (k=64 + tail bucket, as the real teacher cache stores for a 32000-token vocabulary). The step
+itself is exactly the learner's: StreamedMerge.loss_and_grad (streamed forward, chunked head loss,
+block-by-block recomputed backward, project()).
+
+Weights are read as bf16 and combined into fp32 per block (compute in fp32: CPU bf16 matmuls are slow).
+
+    python benchmarks/divmerge_step.py [--root /tmp/synth1b] [--steps 2] [--batch 4] [--seq 64] [--device cpu]
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+def child(args) -> None:
+    import torch
+    from blockmerge.divmerge import Batch, StreamedMerge
+    from blockmerge.losses import Targets
+    from blockmerge.report import peak_rss_bytes
+
+    torch.manual_seed(0)
+    base = Path(args.root) / "base"
+    experts = [Path(args.root) / f"expert{i}" for i in range(args.experts)]
+    rss0 = peak_rss_bytes()
+    sm = StreamedMerge(base, experts, device=args.device, token_chunk=args.token_chunk)
+    V = sm.model.config.vocab_size
+    B, S, N = args.batch, args.seq, args.targets
+    ids = torch.randint(0, V, (B, S))
+    rows = torch.arange(B).repeat_interleave(N)
+    cols = torch.arange(S - N, S).repeat(B)
+    tasks = torch.arange(B).remainder(args.experts).repeat_interleave(N)
+    counts = torch.bincount(tasks)
+    weights = 1.0 / counts[tasks].double()
+    k = 64
+    topk_ids = torch.stack([torch.randperm(V)[:k] for _ in range(B * N)]).long()
+    probs = torch.distributions.Dirichlet(torch.full((k + 1,), 0.3)).sample((B * N,))
+    targets = Targets(probs=probs[:, :k].contiguous(), ids=topk_ids, tail=probs[:, k].contiguous())
+    batch = Batch(ids, rows, cols, weights, targets, tasks)
+    gamma = torch.full((args.experts, len(sm.blocks)), 1.0 / args.experts)
+    opt_gamma = gamma.clone().requires_grad_()
+    opt = torch.optim.Adam([opt_gamma], lr=1e-2)
+    times, losses = [], []
+    rss_setup = peak_rss_bytes()
+    for _ in range(args.steps):
+        t0 = time.perf_counter()
+        loss, grad = sm.loss_and_grad(opt_gamma.detach(), batch, "js")
+        opt_gamma.grad = grad
+        opt.step()
+        if args.device.startswith("cuda"):
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+        losses.append(loss)
+        print(
+            f"  step {len(times)}: loss {loss:.5f}, {times[-1]:.1f}s, peak RSS {peak_rss_bytes() / 2**30:.2f} GiB",
+            file=sys.stderr,
+            flush=True,
+        )
+    out = dict(
+        times=times,
+        losses=losses,
+        peak_rss=peak_rss_bytes(),
+        rss_after_import=rss0,
+        rss_after_setup=rss_setup,
+        grad_norm=float(grad.norm()),
+        n_blocks=len(sm.blocks),
+    )
+    if args.device.startswith("cuda"):
+        out["peak_gpu"] = torch.cuda.max_memory_allocated()
+    print("RESULT " + json.dumps(out), flush=True)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--root", default="/tmp/synth1b")
+    p.add_argument("--experts", type=int, default=3)
+    p.add_argument("--steps", type=int, default=2)
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--seq", type=int, default=64)
+    p.add_argument("--targets", type=int, default=48, help="target positions per sequence (the last ones)")
+    p.add_argument("--token-chunk", type=int, default=64)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--out", default="benchmarks/out/divmerge_step.csv")
+    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.child:
+        return child(args)
+
+    from blockmerge.checkpoint import Checkpoint
+    from blockmerge.synth import ensure_synthetic_llama
+
+    base_dir, expert_dirs = ensure_synthetic_llama(args.root, n_experts=args.experts)
+    models = [Checkpoint(base_dir)] + [Checkpoint(e) for e in expert_dirs[: args.experts]]
+    base = models[0]
+    blocks = base.blocks()
+    block_bytes = {b.name: sum(base.tensors[n].nbytes for n in b.tensors) for b in blocks}
+    largest = max(block_bytes.values())
+    cfg = base.config
+    H, L = cfg["hidden_size"], cfg["num_hidden_layers"]
+    acts = (L + 1) * args.batch * args.seq * H * 4  # fp32 block-boundary activations kept on the host
+    bound = largest * len(models) * 2 + acts + 2**30
+    ckpt_total = sum(m.nbytes for m in models)
+    n_params = sum(t.nbytes // t.dtype.itemsize for t in base.tensors.values())
+    all_in_memory = ckpt_total + 2 * n_params * 4  # every checkpoint + fp32 merged weights + their fp32 grads
+
+    cmd = [sys.executable, __file__, "--child", *sys.argv[1:]]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ))
+    wall = time.perf_counter() - t0
+    sys.stderr.write(proc.stderr[-4000:])
+    line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
+    if proc.returncode != 0 or line is None:
+        raise SystemExit(f"child failed (rc {proc.returncode})\n{proc.stdout[-2000:]}")
+    r = json.loads(line[len("RESULT ") :])
+    G = 2**30
+    rows = {
+        "device": args.device,
+        "experts": args.experts,
+        "batch": f"{args.batch}x{args.seq} tokens, {args.targets} target positions/seq (synthetic top-64 targets)",
+        "params": n_params,
+        "blocks": r["n_blocks"],
+        "largest_block_GiB_per_model": largest / G,
+        "time_per_step_s": sum(r["times"]) / len(r["times"]),
+        "step_times_s": " ".join(f"{t:.1f}" for t in r["times"]),
+        "losses": " ".join(f"{x:.5f}" for x in r["losses"]),
+        "rss_after_import_GiB": r["rss_after_import"] / G,
+        "peak_rss_GiB": r["peak_rss"] / G,
+        "bound_GiB (2 blocks x models + acts + 1 GiB)": bound / G,
+        "activations_GiB": acts / G,
+        "within_bound": r["peak_rss"] <= bound,
+        "all_in_memory_GiB (checkpoints + fp32 merged + fp32 grads)": all_in_memory / G,
+        "checkpoints_GiB": ckpt_total / G,
+        "peak_gpu_GiB": r.get("peak_gpu", 0) / G,
+        "subprocess_wall_s": wall,
+    }
+    for k, v in rows.items():
+        print(f"{k:>62}: {v:.3f}" if isinstance(v, float) else f"{k:>62}: {v}")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with out.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows))
+        w.writeheader()
+        w.writerow(rows)
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
