@@ -273,12 +273,12 @@ def teacher_folders(
     folders = []
     total = sum(len(x) for x in inputs)
     with bar(total, "teacher", unit="seq", disable=not progress) as pbar:
-        for t, (e, prompts) in enumerate(zip(expert_dirs, inputs, strict=True)):
+        for e, prompts in zip(expert_dirs, inputs, strict=True):
             folders.append(
                 teacher_pass(
                     e,
                     [list(map(int, p)) for p in prompts],
-                    cache_dir / f"task{t}",
+                    cache_dir,
                     spec,
                     device=device,
                     attn_implementation=attn_implementation,

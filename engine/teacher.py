@@ -7,8 +7,9 @@ Prompts are bucketed by length, so no padding is ever needed. Generation stops a
 `max_new_tokens`. The distribution recorded at step i is the expert's p(. | x, y<i) from that same pass
 (with the KV cache), i.e. exactly what teacher forcing x + y would give, up to rounding.
 
-Storage, per task: `task{t}/chunk{c}.pt` files of at most `chunk_seqs` sequences, written as they fill
-and read back memory-mapped (torch.load(mmap=True)), so neither pass holds all targets in memory:
+Storage, per task: `{expert folder name}-{key}/chunk{c}.pt` files of at most `chunk_seqs` sequences,
+written as they fill and read back memory-mapped (torch.load(mmap=True)), so neither pass holds all
+targets in memory:
   tokens [sum len] int64 (prompt + continuation, concatenated), seq_start [n+1], prompt_len [n],
   pos_start [n+1] (rows of the targets), orig [n] (index of the prompt in the input list), and
   probs [N, V] (full vocabulary, when V <= full_vocab_max) or ids [N, k] + probs [N, k] + tail [N]."""
@@ -118,7 +119,7 @@ class _ChunkWriter:
 def teacher_pass(
     expert_dir: str | Path,
     prompts: list[list[int]],
-    folder: str | Path,
+    cache_root: str | Path,
     spec: TeacherSpec,
     *,
     device="cpu",
@@ -126,10 +127,10 @@ def teacher_pass(
     resident_max_bytes: int = 1 << 29,
     progress=None,
 ) -> Path:
-    """Generate and cache expert `expert_dir`'s continuations of `prompts` under `folder` (reused when
-    its manifest has the same key)."""
-    folder = Path(folder)
+    """Generate and cache expert `expert_dir`'s continuations of `prompts` in a folder under `cache_root`
+    named by a hash of (expert files, prompts, spec): an existing complete one is reused as is."""
     key = cache_key(Path(expert_dir), prompts, spec)
+    folder = Path(cache_root) / f"{Path(expert_dir).name}-{key}"
     manifest = folder / "manifest.json"
     if manifest.exists():
         try:

@@ -75,9 +75,9 @@ def test_teacher_cache_round_trip(families, tmp_path, full_vocab_max):
     g = torch.Generator().manual_seed(3)
     prompts = [torch.randint(2, 97, (int(n),), generator=g).tolist() for n in torch.randint(2, 6, (9,), generator=g)]
     spec = TeacherSpec(max_new_tokens=5, eos_token_id=1, full_vocab_max=full_vocab_max, topk=7, chunk_seqs=4)
-    folder = teacher_pass(expert, prompts, tmp_path / "t0", spec)
+    folder = teacher_pass(expert, prompts, tmp_path, spec)
     mtime = (folder / "manifest.json").stat().st_mtime_ns
-    assert teacher_pass(expert, prompts, tmp_path / "t0", spec) == folder  # reused, not regenerated
+    assert teacher_pass(expert, prompts, tmp_path, spec) == folder  # reused, not regenerated
     assert (folder / "manifest.json").stat().st_mtime_ns == mtime
     data = TeacherData([folder])
     assert data.n_seqs(0) == len(prompts) and len(list(folder.glob("chunk*.pt"))) == 3
