@@ -8,7 +8,8 @@ The family is generated on disk tensor by tensor (blockmerge.synth.write_synthet
 subprocess so that its peak RSS (VmHWM of the child's own address space) is its own. "cold" runs start
 after dropping the page cache (`echo 1 > /proc/sys/vm/drop_caches`, needs root; reported as not cold
 otherwise), "warm" runs follow immediately so the inputs are (mostly) in the page cache.
-GB/s = bytes of all input files read / seconds. Writes benchmarks/out/merge_throughput.csv."""
+GB/s = bytes of all input files read / seconds; cpu_seconds = the child's user + system time (on a shared
+machine the wall time also counts time spent waiting for a core). Writes benchmarks/out/merge_throughput.csv."""
 
 from __future__ import annotations
 
@@ -51,7 +52,8 @@ for f in files:
     finally:
         os.close(fd)
 secs = time.perf_counter() - t0
-print(json.dumps({"bytes": total, "seconds": secs, "peak_rss": peak_rss()}))
+ru = resource.getrusage(resource.RUSAGE_SELF)
+print(json.dumps({"bytes": total, "seconds": secs, "peak_rss": peak_rss(), "cpu_seconds": ru.ru_utime + ru.ru_stime}))
 """
 
 MERGE_CHILD = r"""
@@ -72,8 +74,9 @@ cfg, out = json.loads(sys.argv[1]), sys.argv[2]
 t0 = time.perf_counter()
 run_merge(cfg, out, force=True, progress=False)
 secs = time.perf_counter() - t0
-print(json.dumps({"seconds": secs, "import_seconds": t0 - t_import,
-                  "peak_rss": peak_rss()}))
+ru = resource.getrusage(resource.RUSAGE_SELF)
+print(json.dumps({"seconds": secs, "import_seconds": t0 - t_import, "peak_rss": peak_rss(),
+                  "cpu_seconds": ru.ru_utime + ru.ru_stime}))
 """
 
 
@@ -157,12 +160,13 @@ def main(argv: list[str] | None = None) -> int:
             "seconds": round(res["seconds"], 3),
             "wall_seconds": round(res["wall_seconds"], 3),
             "GB_per_s": round(nbytes / 1e9 / res["seconds"], 3),
+            "cpu_seconds": round(res["cpu_seconds"], 2),
             "peak_rss_GiB": round(res["peak_rss"] / 2**30, 3),
         }
         rows.append(row)
         print(
             f"{kind:>16} {cache:>5}: {nbytes / 1e9:6.2f} GB read in {row['seconds']:7.2f}s = "
-            f"{row['GB_per_s']:5.2f} GB/s, peak RSS {row['peak_rss_GiB']:.2f} GiB",
+            f"{row['GB_per_s']:5.2f} GB/s, {row['cpu_seconds']:7.1f} CPU-s, peak RSS {row['peak_rss_GiB']:.2f} GiB",
             flush=True,
         )
 
