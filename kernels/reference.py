@@ -144,6 +144,15 @@ _pool_lock = threading.Lock()
 _tls = threading.local()
 
 
+def _reset_after_fork() -> None:  # pool threads do not survive fork(): the child starts a new pool
+    global _pool, _pool_size, _pool_lock
+    _pool, _pool_size, _pool_lock = None, 0, threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reset_after_fork)
+
+
 def cpu_workers() -> int:
     """Number of pool threads the CPU path uses (BLOCKMERGE_CPU_THREADS, default torch.get_num_threads())."""
     env = os.environ.get("BLOCKMERGE_CPU_THREADS", "").strip()
@@ -262,17 +271,21 @@ def combine_torch(
         # base_weight*b + scale*sum w (e - b) = (base_weight - scale*sum w)*b + sum scale*w*e: one pass per input
         coef_b = base_weight - scale * sum(w)
         coef = [scale * wt for wt in w]
+        terms = [(b_flat, coef_b)] if coef_b != 0.0 or T == 0 else []  # e.g. weights summing to 1: base unread
+        terms += list(zip(e_flat, coef, strict=True))
 
         def simple_chunk(i: int, s: int, stop: int) -> None:
             m = stop - s
             acc = o_flat[s:stop] if out32 else _scratch(1, m, dev)[0]
-            b = b_flat[s:stop]
-            if b.dtype == torch.float32:
-                torch.mul(b, coef_b, out=acc)
-            else:
-                acc.copy_(b).mul_(coef_b)
-            for e, c in zip(e_flat, coef, strict=True):
-                acc.add_(e[s:stop], alpha=c)  # mixed dtypes: computed in fp32, no bf16 rounding
+            for j, (x, c) in enumerate(terms):
+                if j == 0:
+                    x = x[s:stop]
+                    if x.dtype == torch.float32:
+                        torch.mul(x, c, out=acc)
+                    else:  # (torch.mul(bf16, c, out=fp32) would round the product to bf16)
+                        acc.copy_(x).mul_(c)
+                else:
+                    acc.add_(x[s:stop], alpha=c)  # mixed dtypes: computed in fp32, no bf16 rounding
             if not out32:
                 o_flat[s:stop].copy_(acc)
 

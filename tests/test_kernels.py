@@ -178,6 +178,8 @@ def test_reference_matches_naive_formula(opt, monkeypatch):
 def test_reference_16bit_inputs(dtype):
     base, experts, w = _inputs((70001,), dtype, 4, seed=2)
     _close(R.combine_torch(base, experts, w), _naive(base, experts, w))
+    w1 = [0.125, 0.375, 0.25, 0.25]  # sums to 1: the base coefficient is 0 and base is not read
+    _close(R.combine_torch(base, experts, w1), _naive(base, experts, w1))
     out32 = R.combine_torch(base, experts, w, out_dtype=torch.float32)
     _close(out32, _naive(base, experts, w, out_dtype=torch.float32))  # fp32 accumulation, no 16-bit rounding
 
@@ -247,6 +249,23 @@ def test_project_reference_large_is_deterministic(monkeypatch):
     a = R.project_torch(grad, base, experts)
     assert torch.equal(a, R.project_torch(grad, base, experts))
     torch.testing.assert_close(a, exact, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_pool_survives_fork():
+    base, experts, w = _inputs((4 * R._GRAIN,), torch.float32, 2)
+    want = R.combine_torch(base, experts, w)  # starts the pool in this process
+    pid = os.fork()
+    if pid == 0:  # child: a fresh pool (the parent's threads do not exist here)
+        import faulthandler
+
+        faulthandler.dump_traceback_later(60, exit=True)
+        torch.set_num_threads(1)  # libgomp (torch's own OpenMP) is not fork-safe: keep it out of the child
+        os.environ["BLOCKMERGE_CPU_THREADS"] = "2"
+        ok = torch.equal(R.combine_torch(base, experts, w), want)
+        os._exit(0 if ok else 3)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
 
 
 def test_magnitude_thresholds_topk():
