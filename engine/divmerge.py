@@ -51,6 +51,7 @@ from .modeling import BlockSource, StreamedModel
 from .teacher import TeacherData, TeacherSpec, teacher_pass
 
 LEVELS = ("task", "layer")
+SMALL_MODEL_BYTES = 64 << 20
 
 
 @dataclass
@@ -312,10 +313,50 @@ def learn(
     dtype: str = "float32",
     attn_implementation: str = "sdpa",
     resident_max_bytes: int = 1 << 29,
+    num_threads: int | None = None,
 ) -> LearnResult:
     """Learn merge coefficients. `inputs[t]` are task t's prompts (lists of token ids, no padding).
 
-    Returns coefficients [T, n_blocks] (task level: the same value in every block of a task)."""
+    Returns coefficients [T, n_blocks] (task level: the same value in every block of a task).
+    `num_threads`: torch intra-op threads while learning (restored after); default: 1 for models under
+    SMALL_MODEL_BYTES, whose ops are too small to gain from threads (and lose badly on a busy CPU),
+    else unchanged."""
+    if num_threads is None and Checkpoint(base_dir).nbytes < SMALL_MODEL_BYTES:
+        num_threads = 1
+    previous = torch.get_num_threads()
+    if num_threads is not None:
+        torch.set_num_threads(num_threads)
+    try:
+        return _learn(**{k: v for k, v in locals().items() if k not in ("previous", "num_threads")})
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _learn(
+    base_dir,
+    expert_dirs,
+    inputs,
+    *,
+    level,
+    objective,
+    steps,
+    epochs,
+    lr,
+    batch_size,
+    max_new_tokens,
+    eos_token_id,
+    init,
+    seed,
+    device,
+    cache_dir,
+    progress,
+    topk,
+    full_vocab_max,
+    token_chunk,
+    dtype,
+    attn_implementation,
+    resident_max_bytes,
+) -> LearnResult:
     from .report import progress as bar
 
     if level not in LEVELS:
