@@ -167,7 +167,10 @@ class StreamedLoraMerge:
         self.T = len(self.adapters)
         self.state = _State(len(self.blocks), quantize)
         self.adapted_blocks: set[int] = set()
+        self._adapter_bytes = sum(a.nbytes() for a in self.adapters)
         self._install(names)
+        for a in self.adapters:  # the low-rank modules hold their own (concatenated) copies
+            a.modules.clear()
 
     def _install(self, names: dict[str, str]) -> None:
         sk = self.model.skeleton
@@ -191,7 +194,8 @@ class StreamedLoraMerge:
             setattr(sk.get_submodule(parent) if parent else sk, child, mod)
 
     def adapter_bytes(self) -> int:
-        return sum(a.nbytes() for a in self.adapters)
+        """Bytes of the adapters' factors as read."""
+        return self._adapter_bytes
 
     def _params(self, tensors) -> dict[str, torch.Tensor]:
         return {k: v.to(self.dtype) for k, v in tensors[0].items()}
