@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .checkpoint import Checkpoint, block_name
-from .divmerge import LEVELS, Batch, LearnResult, _batches, _resolve, make_batch, read_prompts
+from .divmerge import LEVELS, SMALL_MODEL_BYTES, Batch, LearnResult, _batches, _resolve, make_batch, read_prompts
 from .lora import Adapter, AdapterError, read_adapters
 from .losses import OBJECTIVES, Targets, chunked_head_loss, topk_targets
 from .modeling import BlockSource, StreamedModel
@@ -394,9 +394,26 @@ def learn(
     attn_implementation: str = "sdpa",
     resident_max_bytes: int = 1 << 29,
     quantize: str | None = None,
+    num_threads: int | None = None,
 ) -> LearnResult:
     """Learn adapter coefficients. `inputs[t]` are adapter t's task prompts (token id lists).
-    Returns coefficients [T, n_blocks] (blocks without adapted modules keep their initial value)."""
+    Returns coefficients [T, n_blocks] (blocks without adapted modules keep their initial value).
+    `num_threads`: torch intra-op threads while learning (restored after); default as blockmerge.divmerge
+    (1 for models under SMALL_MODEL_BYTES, else unchanged)."""
+    if num_threads is None and Checkpoint(base_dir).nbytes < SMALL_MODEL_BYTES:
+        num_threads = 1
+    previous = torch.get_num_threads()
+    if num_threads is not None:
+        torch.set_num_threads(num_threads)
+    try:
+        return _learn(**{k: v for k, v in locals().items() if k not in ("previous", "num_threads")})
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _learn(base_dir, adapter_dirs, inputs, *, level, objective, steps, epochs, lr, batch_size, max_new_tokens,
+           eos_token_id, init, seed, device, cache_dir, progress, topk, full_vocab_max, token_chunk, dtype,
+           attn_implementation, resident_max_bytes, quantize) -> LearnResult:  # fmt: skip
     from .report import progress as bar
 
     if level not in LEVELS:
