@@ -131,8 +131,11 @@ class LowRankSumLinear(torch.nn.Module):
         g = self.state.coef[self.block]
         if g is None:
             return y
-        col = g.to(self.scale)[self.task] * self.scale  # Gamma_t s_t per rank column
-        return y + ((x @ self.A.T) * col) @ self.B.T
+        z = x @ self.A.T
+        col = g.to(self.scale)[..., self.task] * self.scale  # Gamma_t s_t per rank column: [R], or [batch, R]
+        if col.dim() == 2 and z.dim() == 3:  # per-row coefficients (teachers of several tasks in one batch)
+            col = col[:, None, :]
+        return y + (z * col) @ self.B.T
 
 
 class StreamedLoraMerge:
@@ -275,38 +278,43 @@ class StreamedLoraMerge:
         self.set_coefficients(None)
         return loss, grad.float()
 
-    # ---- teacher: base + adapter t ---------------------------------------------------------------------
-    def teacher_pass(
-        self, t: int, prompts: list[list[int]], folder: str | Path, spec: TeacherSpec, progress=None
-    ) -> Path:
-        """Greedy continuations and distributions of base + adapter t, cached like blockmerge.teacher's."""
-        folder = Path(folder)
+    # ---- teachers: base + adapter t, all tasks in the same passes -------------------------------------
+    def _teacher_key(self, t: int, prompts: list[list[int]], spec: TeacherSpec) -> str:
         h = hashlib.sha256()
-        h.update(
-            json.dumps(
-                [
-                    str(self.base.path.resolve()),
-                    _fingerprint(self.base.path),
-                    str(self.adapter_dirs[t].resolve()),
-                    _fingerprint(self.adapter_dirs[t]),
-                    asdict(spec),
-                    self.state.quantize,
-                    str(self.dtype),
-                ]
-            ).encode()
-        )
+        ident = [str(self.base.path.resolve()), _fingerprint(self.base.path), str(self.adapter_dirs[t].resolve()),
+                 _fingerprint(self.adapter_dirs[t]), asdict(spec), self.state.quantize, str(self.dtype)]  # fmt: skip
+        h.update(json.dumps(ident).encode())
         h.update(json.dumps(prompts).encode())
-        key = h.hexdigest()[:20]
-        manifest = folder / "manifest.json"
-        if manifest.exists():
+        return h.hexdigest()[:20]
+
+    def teacher_folders(self, inputs, cache_dir: str | Path, spec: TeacherSpec, progress=True) -> list[Path]:
+        """Greedy continuations and distributions of each teacher base + adapter t on task t's prompts,
+        cached in cache_dir/task{t} in blockmerge.teacher's format (read back by TeacherData).
+
+        The teachers share the base, so prompts of all tasks go through the same streamed passes: each row
+        of a batch carries its own coefficients (one-hot on its task), and one pass over the base serves
+        every adapter."""
+        from .report import progress as bar
+
+        cache_dir = Path(cache_dir)
+        prompts = [[list(map(int, p)) for p in x] for x in inputs]
+        folders = [cache_dir / f"task{t}" for t in range(len(prompts))]
+        keys = [self._teacher_key(t, p, spec) for t, p in enumerate(prompts)]
+        todo = []
+        for t, (folder, key) in enumerate(zip(folders, keys, strict=True)):
+            manifest = folder / "manifest.json"
             try:
-                if json.loads(manifest.read_text()).get("key") == key:
-                    return folder
+                if manifest.exists() and json.loads(manifest.read_text()).get("key") == key:
+                    continue
             except json.JSONDecodeError:
                 pass
-        folder.mkdir(parents=True, exist_ok=True)
-        for old in folder.glob("chunk*.pt"):
-            old.unlink()
+            folder.mkdir(parents=True, exist_ok=True)
+            for old in folder.glob("chunk*.pt"):
+                old.unlink()
+            manifest.unlink(missing_ok=True)
+            todo.append(t)
+        if not todo:
+            return folders
         m = self.model
         vocab = m.config.get_text_config().vocab_size
         full = vocab <= spec.full_vocab_max
@@ -314,59 +322,43 @@ class StreamedLoraMerge:
         if eos is None:
             eos = getattr(m.config, "eos_token_id", None)
             eos = eos[0] if isinstance(eos, list) else eos
-        onehot = torch.zeros(self.T, len(self.blocks), dtype=torch.float64)
-        onehot[t] = 1.0
-        self.set_coefficients(onehot)
-        writer = _ChunkWriter(folder, spec, full)
-        buckets: dict[int, list[int]] = {}
-        for i, p in enumerate(prompts):
-            if not p:
-                raise ValueError(f"prompt {i} of adapter {self.adapter_dirs[t]} is empty")
-            buckets.setdefault(len(p), []).append(i)
+        writers = {t: _ChunkWriter(folders[t], spec, full) for t in todo}
+        buckets: dict[int, list[tuple[int, int]]] = {}
+        for t in todo:
+            for i, p in enumerate(prompts[t]):
+                if not p:
+                    raise ValueError(f"prompt {i} of adapter {self.adapter_dirs[t]} is empty")
+                buckets.setdefault(len(p), []).append((t, i))
+        eye = torch.eye(self.T, dtype=torch.float64)
         try:
-            for length in sorted(buckets):
-                idx = buckets[length]
-                for s in range(0, len(idx), spec.gen_batch):
-                    part = idx[s : s + spec.gen_batch]
-                    new, logps = generate(
-                        m, self.source, torch.tensor([prompts[i] for i in part]), spec.max_new_tokens, eos, self.dtype
-                    )
-                    for b, i in enumerate(part):
-                        cont = new[b].tolist()
-                        if eos is not None and eos in cont:
-                            cont = cont[: cont.index(eos) + 1]
-                        targets = None
-                        if spec.store_dists:
-                            lp = torch.stack([logps[j][b] for j in range(len(cont))])
-                            targets = Targets(probs=lp.exp()) if full else topk_targets(lp, spec.topk)
-                        writer.add(i, list(prompts[i]), cont, targets)
-                    if progress is not None:
-                        progress.update(len(part))
+            with bar(sum(len(prompts[t]) for t in todo), "teacher", unit="seq", disable=not progress) as pbar:
+                for length in sorted(buckets):
+                    rows = buckets[length]
+                    for s in range(0, len(rows), spec.gen_batch):
+                        part = rows[s : s + spec.gen_batch]
+                        onehot = eye[[t for t, _ in part]]  # [batch, T]
+                        for b in range(len(self.blocks)):
+                            self.state.coef[b] = onehot.to(self.device, self.dtype)
+                        ids = torch.tensor([prompts[t][i] for t, i in part])
+                        new, logps = generate(m, self.source, ids, spec.max_new_tokens, eos, self.dtype)
+                        for r, (t, i) in enumerate(part):
+                            cont = new[r].tolist()
+                            if eos is not None and eos in cont:
+                                cont = cont[: cont.index(eos) + 1]
+                            targets = None
+                            if spec.store_dists:
+                                lp = torch.stack([logps[j][r] for j in range(len(cont))])
+                                targets = Targets(probs=lp.exp()) if full else topk_targets(lp, spec.topk)
+                            writers[t].add(i, prompts[t][i], cont, targets)
+                        pbar.update(len(part))
         finally:
             self.set_coefficients(None)
-        writer.flush()
-        manifest.write_text(
-            json.dumps(
-                {
-                    "key": key,
-                    "chunks": writer.sizes,
-                    "full_vocab": full,
-                    "vocab": vocab,
-                    "n_seqs": len(prompts),
-                    "spec": asdict(spec),
-                }
-            )
-        )
-        return folder
-
-    def teacher_folders(self, inputs, cache_dir: Path, spec: TeacherSpec, progress=True) -> list[Path]:
-        from .report import progress as bar
-
-        with bar(sum(len(x) for x in inputs), "teacher", unit="seq", disable=not progress) as pbar:
-            return [
-                self.teacher_pass(t, [list(map(int, p)) for p in prompts], cache_dir / f"task{t}", spec, pbar)
-                for t, prompts in enumerate(inputs)
-            ]
+        for t in todo:
+            writers[t].flush()
+            info = {"key": keys[t], "chunks": writers[t].sizes, "full_vocab": full, "vocab": vocab,
+                    "n_seqs": len(prompts[t]), "spec": asdict(spec)}  # fmt: skip
+            (folders[t] / "manifest.json").write_text(json.dumps(info))
+        return folders
 
 
 def learn(
@@ -450,7 +442,7 @@ def _learn(base_dir, adapter_dirs, inputs, *, level, objective, steps, epochs, l
         tmp = tempfile.TemporaryDirectory(prefix="blockmerge-lora-teacher-")
         cache_dir = tmp.name
     try:
-        data = TeacherData(merge.teacher_folders(inputs, Path(cache_dir), spec, progress))
+        data = TeacherData(merge.teacher_folders(inputs, cache_dir, spec, progress))
         counts = [data.n_seqs(t) for t in range(T)]
         if steps is None:
             if epochs is None:

@@ -498,6 +498,20 @@ def test_lora_teacher_is_base_plus_adapter(fam, tmp_path):
     with torch.no_grad():
         ref = pm(ids).logits
     torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
+    # the cached teacher data (all tasks generated in shared batches, one-hot coefficients per row) holds
+    # each adapter's own greedy continuation and distributions
+    from blockmerge.teacher import TeacherData, TeacherSpec
+
+    spec = TeacherSpec(max_new_tokens=4, eos_token_id=1)
+    data = TeacherData(sm.teacher_folders(_prompts(), tmp_path, spec, progress=False))
+    for t in range(3):
+        pm = PeftModel.from_pretrained(tiny_model("llama", seed=0), ads[t]).eval()
+        for j in range(data.n_seqs(t)):
+            tokens, plen, targets = data.get(t, j)
+            with torch.no_grad():
+                p = torch.softmax(pm(tokens[None, :-1]).logits[0, plen - 1 :], -1)
+            assert tokens[plen:].tolist() == p.argmax(-1).tolist()
+            torch.testing.assert_close(targets.probs, p, atol=1e-5, rtol=1e-4)
 
 
 def test_lora_divmerge_cli_end_to_end(fam, tmp_path):
