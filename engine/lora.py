@@ -388,8 +388,10 @@ def merge_adapters(
     weights = [1.0] * T if weights is None else [float(w) for w in weights]
     if len(weights) != T:
         raise AdapterError(f"--weights: expected {T} values (one per adapter), got {len(weights)}")
+    if rank is not None and not method.endswith("svd"):
+        raise AdapterError(f"--rank applies to the svd methods only, not to {method}")
     if T == 1:
-        method = "linear"  # PEFT: a single adapter is always merged linearly
+        method, rank = "linear", None  # PEFT: a single adapter is always merged linearly
     if method in DENSITY_METHODS:
         if density is None:
             raise AdapterError(f"method {method} needs --density")
@@ -401,13 +403,11 @@ def merge_adapters(
     if method == "cat":
         new_rank = sum(ranks)
     elif svd:
-        new_rank = rank or max(ranks)
+        new_rank = rank if rank is not None else max(ranks)
     else:
         if len(set(ranks)) != 1:
             raise AdapterError(f"method {method} needs adapters of the same rank, got r={ranks} (use cat or svd)")
         new_rank = ranks[0]
-    if rank is not None and not svd:
-        raise AdapterError(f"--rank applies to the svd methods only, not to {method}")
     if new_rank <= 0:
         raise AdapterError(f"--rank must be positive, got {new_rank}")
     out_dtype = dtype or adapters[0].dtype
