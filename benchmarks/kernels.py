@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import csv
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -29,7 +30,22 @@ from blockmerge.kernels import backend, combine, project  # noqa: E402
 from blockmerge.kernels.reference import _run_chunks  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-FIELDS = ["op", "impl", "size", "T", "dtype", "ms", "GB/s", "device", "backend", "threads"]
+FIELDS = [
+    "op",
+    "impl",
+    "size",
+    "T",
+    "dtype",
+    "ms",
+    "GB/s",
+    "ms_median",
+    "GB/s_median",
+    "pct_of_copy",
+    "rounds",
+    "device",
+    "backend",
+    "threads",
+]
 
 
 def parse_size(s: str) -> int:
@@ -45,21 +61,37 @@ def size_label(n: int) -> str:
     return str(n)
 
 
-def timeit(fn, device: torch.device, budget_s: float, max_reps: int) -> float:
-    """Best time (s) of a few calls after one warm-up call; as many calls as fit in budget_s."""
+def timed(fn, device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - t0
 
-    def once() -> float:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+
+def time_interleaved(cases: dict, device: torch.device, rounds: int, budget_s: float) -> dict[str, list[float]]:
+    """Times (s) of each case, one per timed round. The cases are timed in turn, round after round (copy,
+    fused, unfused side by side), so that on a shared machine neighbours in a round see about the same
+    background load. The first round is a warm-up unless it took longer than budget_s (big sizes); at most
+    `rounds` timed rounds (at least 2), and no more once the timed rounds have used budget_s."""
+    t_round = time.perf_counter()
+    first = {k: timed(fn, device) for k, fn in cases.items()}
+    t_round = time.perf_counter() - t_round
+    samples: dict = {k: [] for k in cases}
+    done, spent = 0, 0.0
+    if t_round > budget_s:
+        done, spent = 1, t_round
+        for k, v in first.items():
+            samples[k].append(v)
+    while done < rounds and (done < 2 or spent < budget_s):
         t0 = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        return time.perf_counter() - t0
-
-    first = once()
-    reps = max(1, min(max_reps, int(budget_s / max(first, 1e-9))))
-    return min(once() for _ in range(reps))
+        for k, fn in cases.items():
+            samples[k].append(timed(fn, device))
+        spent += time.perf_counter() - t0
+        done += 1
+    return samples
 
 
 def pooled_copy(dst: torch.Tensor, src: torch.Tensor) -> None:
@@ -83,8 +115,8 @@ def main(argv=None) -> int:
     ap.add_argument("--dtypes", default="bf16,fp32", help=f"input dtypes among {','.join(DTYPES)}")
     ap.add_argument("--ops", default="combine,project")
     ap.add_argument("--no-unfused", action="store_true", help="skip the unfused torch expressions")
-    ap.add_argument("--budget", type=float, default=0.5, help="seconds of timed calls per case (after warm-up)")
-    ap.add_argument("--reps", type=int, default=5, help="max timed calls per case")
+    ap.add_argument("--rounds", type=int, default=5, help="max timed rounds over all cases of a (dtype, size)")
+    ap.add_argument("--budget", type=float, default=3.0, help="stop adding rounds past this many seconds (min 2)")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "out"), help="folder for CSV and PNG")
     args = ap.parse_args(argv)
 
@@ -102,12 +134,18 @@ def main(argv=None) -> int:
 
     rows: list[dict] = []
 
-    def record(op, impl, n, T, dname, sec, nbytes, bk):
-        row = dict(op=op, impl=impl, size=n, T=T, dtype=dname, ms=round(sec * 1e3, 3))
-        row.update({"GB/s": round(nbytes / sec / 1e9, 3), "device": dev.type, "backend": bk, "threads": threads})
+    def record(op, impl, n, T, dname, ts, nbytes, bk, pct):
+        sec, med = min(ts), statistics.median(ts)
+        row = dict(op=op, impl=impl, size=n, T=T, dtype=dname, ms=round(sec * 1e3, 3), ms_median=round(med * 1e3, 3))
+        row.update({"GB/s": round(nbytes / sec / 1e9, 3), "GB/s_median": round(nbytes / med / 1e9, 3)})
+        row.update({"pct_of_copy": round(pct, 1), "rounds": len(ts), "device": dev.type, "backend": bk})
+        row["threads"] = threads
         rows.append(row)
         ms, gbs = row["ms"], row["GB/s"]
-        print(f"{op:8s} {impl:8s} {size_label(n):>5s} T={T:<2d} {dname:5s} {ms:10.3f} ms {gbs:8.2f} GB/s")
+        print(
+            f"{op:8s} {impl:9s} {size_label(n):>5s} T={T:<2d} {dname:5s} {ms:10.3f} ms {gbs:8.2f} GB/s"
+            f"  ({row['pct_of_copy']:6.1f}% of copy, median of {len(ts)} rounds)"
+        )
 
     def bench_case(dname: str, n: int) -> None:
         dt = DTYPES[dname]
@@ -117,29 +155,32 @@ def main(argv=None) -> int:
         grad = torch.randn(n, generator=g).to(device=dev, dtype=dt)
         bk = backend(base)
         dst = torch.empty_like(base)
-        sec = timeit(lambda: dst.copy_(base), dev, args.budget, args.reps)
-        record("copy", "copy", n, 1, dname, sec, n * esize, "torch")
+        cases = {("copy", "copy", 1): lambda: dst.copy_(base)}
+        nbytes = {("copy", "copy", 1): n * esize}
         if dev.type == "cpu":  # the same copy spread over the CPU path's chunk pool: the floor is the faster one
-            sec = timeit(lambda: pooled_copy(dst, base), dev, args.budget, args.reps)
-            record("copy", "copy_pool", n, 1, dname, sec, n * esize, "torch")
-        dst = None
+            cases[("copy", "copy_pool", 1)] = lambda: pooled_copy(dst, base)
+            nbytes[("copy", "copy_pool", 1)] = n * esize
         for T in tasks:
             es = experts[:T]
             w = [1.0 / T + 0.01 * i for i in range(T)]
             if "combine" in ops:
-                nb = (T + 1) * n * esize
-                sec = timeit(lambda: combine(base, es, w), dev, args.budget, args.reps)  # noqa: B023
-                record("combine", "fused", n, T, dname, sec, nb, bk)
+                cases[("combine", "fused", T)] = lambda es=es, w=w: combine(base, es, w)
                 if not args.no_unfused:
-                    sec = timeit(lambda: unfused_combine(base, es, w), dev, args.budget, args.reps)  # noqa: B023
-                    record("combine", "unfused", n, T, dname, sec, nb, "torch")
+                    cases[("combine", "unfused", T)] = lambda es=es, w=w: unfused_combine(base, es, w)
+                nbytes[("combine", "fused", T)] = nbytes[("combine", "unfused", T)] = (T + 1) * n * esize
             if "project" in ops:
-                nb = (T + 2) * n * esize
-                sec = timeit(lambda: project(grad, base, es), dev, args.budget, args.reps)  # noqa: B023
-                record("project", "fused", n, T, dname, sec, nb, bk)
+                cases[("project", "fused", T)] = lambda es=es: project(grad, base, es)
                 if not args.no_unfused:
-                    sec = timeit(lambda: unfused_project(grad, base, es), dev, args.budget, args.reps)  # noqa: B023
-                    record("project", "unfused", n, T, dname, sec, nb, "torch")
+                    cases[("project", "unfused", T)] = lambda es=es: unfused_project(grad, base, es)
+                nbytes[("project", "fused", T)] = nbytes[("project", "unfused", T)] = (T + 2) * n * esize
+        samples = time_interleaved(cases, dev, args.rounds, args.budget)
+        floor = [min(ts) for ts in zip(*(v for (op, _, _), v in samples.items() if op == "copy"), strict=True)]
+        fbytes = n * esize
+        for (op, impl, T), ts in samples.items():
+            nb = nbytes[(op, impl, T)]
+            # per round: this case's GB/s over the round's copy floor GB/s (best of copy and copy_pool)
+            pct = statistics.median(100 * (nb / t) / (fbytes / c) for t, c in zip(ts, floor, strict=True))
+            record(op, impl, n, T, dname, ts, nb, bk if impl == "fused" else "torch", pct)
 
     g = torch.Generator(device="cpu").manual_seed(0)
     t_start = time.perf_counter()
@@ -173,7 +214,8 @@ def _get(rows, **kv):
 
 def summarize(rows) -> None:
     """Fused vs copy floor and vs unfused, per dtype and size, T=4 (or the T closest to 4)."""
-    print("\nsummary (GB/s of inputs read):")
+    print("\nsummary, T=4: best GB/s of inputs read; % of the copy floor = median over rounds of the ratio to the")
+    print("same round's copy (best of copy_ and the pooled copy); fused/unfused speed-up from best times")
     for op in ("combine", "project"):
         ts = sorted({r["T"] for r in rows if r["op"] == op})
         if not ts:
@@ -184,12 +226,12 @@ def summarize(rows) -> None:
                 fu = _get(rows, op=op, impl="fused", T=T, dtype=dname, size=n)
                 un = _get(rows, op=op, impl="unfused", T=T, dtype=dname, size=n)
                 cps = [r for r in rows if r["op"] == "copy" and r["dtype"] == dname and r["size"] == n]
-                cp = max(cps, key=lambda r: r["GB/s"]) if cps else None
                 if fu is None:
                     continue
                 line = f"  {op:8s} T={T} {dname:5s} {size_label(n):>5s}: fused {fu['GB/s']:7.2f}"
-                if cp:
-                    line += f" | {cp['impl']} {cp['GB/s']:7.2f} ({100 * fu['GB/s'] / cp['GB/s']:5.1f}% of copy)"
+                if cps:
+                    cp = max(cps, key=lambda r: r["GB/s"])
+                    line += f" | copy {cp['GB/s']:7.2f} | fused at {fu['pct_of_copy']:5.1f}% of copy"
                 if un:
                     line += f" | unfused {un['GB/s']:7.2f} (fused x{fu['GB/s'] / un['GB/s']:.1f})"
                 print(line)

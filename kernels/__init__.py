@@ -1,5 +1,8 @@
 """Fused task-vector kernels: one dispatch point choosing Triton for CUDA tensors and the torch
-reference elsewhere. BLOCKMERGE_KERNELS=torch|triton forces a path (triton on CPU needs TRITON_INTERPRET=1)."""
+reference elsewhere. BLOCKMERGE_KERNELS=torch|triton forces a path (triton on CPU needs TRITON_INTERPRET=1
+set before triton is first imported). The torch path is the CPU implementation (chunked, on a pool of
+BLOCKMERGE_CPU_THREADS threads, default torch.get_num_threads()). Inputs are not differentiated through
+(no autograd): project gives the gradient with respect to the coefficients."""
 
 from __future__ import annotations
 
