@@ -162,6 +162,18 @@ def test_interp_combine_weights_as_tensor_and_negative():
     _close(TK.combine_triton(base, [], []), base)
 
 
+@interp
+def test_interp_mixed_dtypes_and_strided_inputs():
+    g = torch.Generator().manual_seed(8)
+    base = torch.randn(64, 40, generator=g)
+    experts = [(base + 0.1 * torch.randn(64, 40, generator=g)).bfloat16() for _ in range(3)]
+    bt, et = base.t(), [e.t() for e in experts]  # non-contiguous views, fp32 base with bf16 experts
+    kw = {"thresholds": [0.05] * 3, "sign_consensus": True, "out_dtype": torch.bfloat16}
+    _close(TK.combine_triton(bt, et, [0.3, 0.3, 0.4], **kw), R.combine_torch(bt, et, [0.3, 0.3, 0.4], **kw))
+    grad = torch.randn(40, 64, generator=g)
+    torch.testing.assert_close(TK.project_triton(grad, bt, et), R.project_torch(grad, bt, et), rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("opt", list(OPTIONS))
 def test_reference_matches_naive_formula(opt, monkeypatch):
     """The chunked, threaded CPU path against the formula (n spans several chunks and uses the pool)."""
