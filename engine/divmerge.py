@@ -218,8 +218,19 @@ class StreamedMerge:
                     emb_tensors, gamma[:, m.block_index["embed"]].tolist(), names=[m.tokens_weight_name], grad=backward
                 )
             hsel = h[batch.rows.to(dev), batch.cols.to(dev)].detach().requires_grad_(backward)
-            head = lambda x, W=W, E=E: m.lm_head(W, m.final_norm(W, x), E)
-            loss = chunked_head_loss(hsel, batch.weights, batch.targets, objective, head, self.token_chunk, backward)
+            head_w = E[m.tokens_weight_name] if m.tied else W[m.head_weight_name]
+            norm = lambda x, W=W: m.final_norm(W, x)
+            loss = chunked_head_loss(
+                hsel,
+                batch.weights,
+                batch.targets,
+                objective,
+                norm,
+                head_w,
+                W.get(m.head_bias_name),
+                self.token_chunk,
+                backward,
+            )
             if not backward:
                 return loss, None
             self._project(W, tensors, grad[:, b])

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 OBJECTIVES = ("js", "kl", "entropy")
 
@@ -105,22 +106,42 @@ def chunked_head_loss(
     weights: torch.Tensor,
     targets: Targets | None,
     objective: str,
-    head: Callable[[torch.Tensor], torch.Tensor],
+    norm: Callable[[torch.Tensor], torch.Tensor],
+    head_weight: torch.Tensor,
+    head_bias: torch.Tensor | None = None,
     chunk: int = 1024,
     backward: bool = True,
 ) -> float:
-    """sum_i weights[i] * divergence_i over the positions (rows) of `h` [N, H], chunk by chunk.
+    """sum_i weights[i] * divergence_i over the positions (rows) of `h` [N, H], chunk by chunk, with
+    logits = norm(h) @ head_weight.T (+ head_bias).
 
-    `head(h_chunk) -> logits` closes over the head weights; with `backward`, each chunk's loss is
-    backpropagated at once (into h.grad when h requires grad, and into the head weights)."""
+    With `backward`, each chunk is backpropagated at once: into h.grad (when h requires grad), into the
+    parameters `norm` closes over, and into head_weight.grad IN PLACE (addmm_ of the chunk's
+    dlogits^T @ y): autograd would build each chunk's [V, H] weight gradient as a new tensor before
+    adding it, i.e. a second vocabulary-sized matrix at once."""
     total = 0.0
+    grad_w = backward and head_weight.requires_grad
+    if grad_w and head_weight.grad is None:
+        head_weight.grad = torch.zeros_like(head_weight)
     for s in range(0, h.shape[0], chunk):
         sl = slice(s, min(s + chunk, h.shape[0]))
-        logits = head(h[sl])
+        y = norm(h[sl])
+        yd = y.detach().requires_grad_(backward and y.requires_grad)
+        logits = F.linear(yd, head_weight.detach(), head_bias)
+        if grad_w:
+            if not logits.requires_grad:
+                logits.requires_grad_(True)
+            logits.retain_grad()
         logq = torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), -1)
         div = divergence(logq, None if targets is None else targets.slice(sl).to(logq.device), objective)
         loss = (div * weights[sl].to(div)).sum()
         if backward and loss.requires_grad:
             loss.backward()
+            if grad_w:
+                head_weight.grad.addmm_(
+                    logits.grad.reshape(-1, logits.shape[-1]).T.to(yd), yd.detach().reshape(-1, yd.shape[-1])
+                )
+            if yd.grad is not None:
+                y.backward(yd.grad)
         total += float(loss.detach())
     return total

@@ -86,6 +86,7 @@ class StreamedModel:
         self.block_index = {b.name: i for i, b in enumerate(self.blocks)}
         names = set(self.ckpt.tensors)
         self.head_weight_name = f"{spec.head}.weight"
+        self.head_bias_name = f"{spec.head}.bias"
         self.tied = self.head_weight_name not in names
         self.tokens_weight_name = f"{spec.tokens}.weight"
         if self.tokens_weight_name not in names:

@@ -131,20 +131,24 @@ def test_losses_against_direct_formulas():
         q_c = [float(q[i, j]) for j in ids] + [1 - sum(float(q[i, j]) for j in ids)]
         assert float(t.tail[i]) == pytest.approx(p_c[-1], rel=1e-5)
         assert float(divergence(logq, t, "js")[i]) == pytest.approx(_direct_js(p_c, q_c), rel=1e-5)
-    # chunking does not change loss or gradients
+    # chunked head loss (norm + head, in-place weight gradient) == plain autograd on all positions at once
     h = torch.randn(9, 5, generator=g, requires_grad=True)
+    scale = torch.rand(5, generator=g).requires_grad_()  # a parameter of the "norm"
     W = torch.randn(11, 5, generator=g, requires_grad=True)
+    bias = torch.randn(11, generator=g, requires_grad=True)
     tg = Targets(probs=torch.softmax(torch.randn(9, 11, generator=g), -1))
     w = torch.rand(9, generator=g)
-    grads = []
+    leaves = (h, scale, W, bias)
+    norm = lambda x: torch.tanh(x) * scale
+    ref = (divergence(torch.log_softmax(norm(h) @ W.T + bias, -1), tg, "js") * w).sum()
+    ref_grads = torch.autograd.grad(ref, leaves)
     for chunk in (1, 4, 100):
-        h.grad = W.grad = None
-        loss = chunked_head_loss(h, w, tg, "js", lambda x: x @ W.T, chunk)
-        grads.append((loss, h.grad.clone(), W.grad.clone()))
-    for loss, gh, gw in grads[1:]:
-        assert loss == pytest.approx(grads[0][0], rel=1e-6)
-        torch.testing.assert_close(gh, grads[0][1])
-        torch.testing.assert_close(gw, grads[0][2])
+        for x in leaves:
+            x.grad = None
+        loss = chunked_head_loss(h, w, tg, "js", norm, W, bias, chunk)
+        assert loss == pytest.approx(float(ref.detach()), rel=1e-6)
+        for x, gx in zip(leaves, ref_grads, strict=True):
+            torch.testing.assert_close(x.grad, gx, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("objective,level", [("js", "layer"), ("entropy", "task")])
