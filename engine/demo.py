@@ -45,7 +45,7 @@ class Settings:
     ties_density: float = 0.3
     dare_density: float = 0.5
     n_unlabeled: int = 64  # unlabeled prompts per task for DivMerge / AdaMerging
-    learn_steps: int = 60
+    learn_steps: int = 100
     learn_batch: int = 16
     learn_lr: float = 1e-2
     seed: int = 0
