@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from blockmerge.demo import METHODS, Comparison, Settings
+from blockmerge.demo import METHODS, Comparison, Settings, quiet_transformers
 from blockmerge.evaluate import task_subsets
 from blockmerge.suite import DEFAULT, build_suite
 
@@ -87,6 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=str(OUT))
     args = p.parse_args(argv)
     started = time.perf_counter()
+    quiet_transformers()
     suite = build_suite(args.cache, DEFAULT)
     ks = [int(k) for k in args.ks.split(",")]
     methods = [m for m in args.methods.split(",") if m]

@@ -222,8 +222,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
 
 
+def quiet_transformers() -> None:
+    """No per-checkpoint 'Loading weights' bars: the demo loads dozens of tiny models."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+
 def run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
+    quiet_transformers()
     config = DEFAULT if args.seed == 0 else SuiteConfig(seed=args.seed)
     suite = build_suite(args.cache, config, rebuild=args.rebuild)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
