@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import sys
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -200,6 +201,35 @@ def _int_scratch(n: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tens
     return have[0, :n], have[1, :n], have[2, :n]
 
 
+_HUGE_MIN = 8 << 20  # bytes: outputs at least this big get transparent huge pages
+_libc = None
+
+
+def _madvise_hugepages(t: torch.Tensor) -> None:
+    """Ask Linux for transparent huge pages on a fresh CPU tensor before it is first written: the first
+    touch of a fresh large output otherwise costs one page fault per 4 KiB (measured here: allocating and
+    filling 128 MiB took 106 ms with 4 KiB pages, 28 ms with huge pages, 21 ms for an existing buffer).
+    Only a hint (MADV_HUGEPAGE): any failure is ignored. BLOCKMERGE_HUGEPAGES=0 turns it off."""
+    global _libc
+    nbytes = t.numel() * t.element_size()
+    if t.device.type != "cpu" or nbytes < _HUGE_MIN or not sys.platform.startswith("linux"):
+        return
+    if _libc is False or os.environ.get("BLOCKMERGE_HUGEPAGES", "1") == "0":
+        return
+    try:
+        if _libc is None:
+            import ctypes
+
+            _libc = ctypes.CDLL(None, use_errno=True)
+            _libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        page = 4096
+        start = -(-t.data_ptr() // page) * page
+        end = (t.data_ptr() + nbytes) // page * page
+        _libc.madvise(start, end - start, 14)  # MADV_HUGEPAGE
+    except Exception:  # a hint only
+        _libc = False
+
+
 def _run_chunks(numel: int, device: torch.device, fn: Callable[[int, int, int], None]) -> int:
     """Call fn(i, start, stop) for the chunks of range(numel) (pool on CPU); returns the number of chunks."""
     workers = cpu_workers() if device.type == "cpu" else 1
@@ -258,6 +288,7 @@ def combine_torch(
         if e.shape != base.shape:
             raise ValueError(f"expert shape {list(e.shape)} != base shape {list(base.shape)}")
     out = torch.empty(base.shape, dtype=out_dtype or base.dtype, device=base.device)
+    _madvise_hugepages(out)
     n = base.numel()
     if n == 0:
         return out

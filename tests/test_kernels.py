@@ -263,6 +263,14 @@ def test_project_reference_large_is_deterministic(monkeypatch):
     torch.testing.assert_close(a, exact, rtol=1e-5, atol=1e-4)
 
 
+def test_large_output_with_hugepage_hint(monkeypatch):
+    base, experts, w = _inputs((R._HUGE_MIN // 4 + 5,), torch.float32, 2, seed=3)
+    want = _naive(base, experts, w)
+    _close(R.combine_torch(base, experts, w), want)
+    monkeypatch.setenv("BLOCKMERGE_HUGEPAGES", "0")
+    _close(R.combine_torch(base, experts, w), want)
+
+
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
 def test_pool_survives_fork():
     base, experts, w = _inputs((4 * R._GRAIN,), torch.float32, 2)
