@@ -91,7 +91,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq", type=int, default=64)
     p.add_argument("--targets", type=int, default=48, help="target positions per sequence (the last ones)")
-    p.add_argument("--token-chunk", type=int, default=64)
+    p.add_argument("--token-chunk", type=int, default=None, help="positions per head chunk (default: auto, ~32 MiB)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", default="benchmarks/out/divmerge_step.csv")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)

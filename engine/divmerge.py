@@ -52,6 +52,7 @@ from .teacher import TeacherData, TeacherSpec, teacher_pass
 
 LEVELS = ("task", "layer")
 SMALL_MODEL_BYTES = 64 << 20
+LOGITS_CHUNK_BYTES = 32 << 20
 
 
 @dataclass
@@ -122,7 +123,7 @@ class StreamedMerge:
         device: str | torch.device = "cpu",
         dtype: torch.dtype = torch.float32,
         attn_implementation: str = "sdpa",
-        token_chunk: int = 1024,
+        token_chunk: int | None = None,
         resident_max_bytes: int = 0,
     ):
         self.base = Checkpoint(base_dir)
@@ -134,7 +135,9 @@ class StreamedMerge:
         self.dtype = dtype
         self.model = StreamedModel(self.base, attn_implementation=attn_implementation, device=self.device)
         self.source = BlockSource([self.base, *self.experts], device=self.device, resident_max_bytes=resident_max_bytes)
-        self.token_chunk = token_chunk
+        vocab = self.model.config.get_text_config().vocab_size
+        # positions per head chunk: default so that one chunk's fp32 logits take ~LOGITS_CHUNK_BYTES
+        self.token_chunk = token_chunk or max(16, LOGITS_CHUNK_BYTES // (4 * vocab))
         self.blocks = self.model.blocks
         self.block_names = self.model.block_names
         self.T = len(self.experts)
@@ -320,7 +323,7 @@ def learn(
     progress: bool = True,
     topk: int = 64,
     full_vocab_max: int = 4096,
-    token_chunk: int = 1024,
+    token_chunk: int | None = None,
     dtype: str = "float32",
     attn_implementation: str = "sdpa",
     resident_max_bytes: int = 1 << 29,
@@ -552,7 +555,7 @@ class DivMergeConfig(BaseModel):
     device: str = "cpu"
     topk: int = Field(default=64, ge=1)
     full_vocab_max: int = Field(default=4096, ge=0)
-    token_chunk: int = Field(default=1024, ge=1)
+    token_chunk: int | None = Field(default=None, ge=1)  # default: ~32 MiB of fp32 logits per chunk
     cache_dir: str | None = None
     dtype: str | None = None  # output dtype (default: the base's)
     compute_dtype: Literal["float32", "float64"] = "float32"
