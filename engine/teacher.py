@@ -20,6 +20,7 @@ import hashlib
 import json
 import os
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -61,8 +62,10 @@ def generate(
     max_new_tokens: int,
     eos_token_id: int | None,
     dtype: torch.dtype = torch.float32,
-) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """Greedy continuation of equal-length prompts [B, P]: new tokens [B, n] and each step's log-probs [B, V]."""
+    keep: Callable[[torch.Tensor], object] | None = None,
+) -> tuple[torch.Tensor, list]:
+    """Greedy continuation of equal-length prompts [B, P]: new tokens [B, n] and each step's log-probs
+    [B, V], or what `keep(log-probs)` makes of them (so a large vocabulary's rows are not all kept)."""
     from transformers import DynamicCache
 
     cache = DynamicCache(config=model.config)
@@ -73,7 +76,7 @@ def generate(
         logp = torch.log_softmax(logits, -1)
         nxt = logp.argmax(-1)
         steps.append(nxt)
-        logps.append(logp)
+        logps.append(logp if keep is None else keep(logp))
         if eos_token_id is not None:
             done |= nxt == eos_token_id
             if bool(done.all()):
@@ -151,6 +154,11 @@ def teacher_pass(
         eos = eos[0] if isinstance(eos, list) else eos
     dtype = getattr(torch, spec.dtype)
     writer = _ChunkWriter(folder, spec, full)
+    keep = None
+    if spec.store_dists:  # per step: full probabilities, or top-k + tail at once (never [B, steps, V])
+        keep = (lambda lp: Targets(probs=lp.exp())) if full else (lambda lp: topk_targets(lp, spec.topk))
+    else:
+        keep = lambda lp: None
     buckets: dict[int, list[int]] = {}
     for i, p in enumerate(prompts):
         if not p:
@@ -160,8 +168,8 @@ def teacher_pass(
         idx = buckets[length]
         for s in range(0, len(idx), spec.gen_batch):
             part = idx[s : s + spec.gen_batch]
-            new, logps = generate(
-                model, source, torch.tensor([prompts[i] for i in part]), spec.max_new_tokens, eos, dtype
+            new, steps = generate(
+                model, source, torch.tensor([prompts[i] for i in part]), spec.max_new_tokens, eos, dtype, keep
             )
             for b, i in enumerate(part):
                 cont = new[b].tolist()
@@ -169,8 +177,7 @@ def teacher_pass(
                     cont = cont[: cont.index(eos) + 1]
                 targets = None
                 if spec.store_dists:
-                    lp = torch.stack([logps[j][b] for j in range(len(cont))])
-                    targets = Targets(probs=lp.exp()) if full else topk_targets(lp, spec.topk)
+                    targets = Targets.cat([steps[j].slice(slice(b, b + 1)) for j in range(len(cont))])
                 writer.add(i, list(prompts[i]), cont, targets)
             if progress is not None:
                 progress.update(len(part))
