@@ -188,6 +188,11 @@ class StreamedLoraMerge:
             except AttributeError:
                 raise AdapterError(f"{self.base.path}: adapted tensor {tname} is not a module weight") from None
             kind = type(orig).__name__
+            if path == self.model.spec.head:
+                raise AdapterError(
+                    f"{tname}: an adapter on the output projection is not supported by divmerge over adapters "
+                    "(the head's loss is computed in token chunks straight from its weight)"
+                )
             if kind not in ("Linear", "Conv1D"):
                 raise AdapterError(f"{tname}: adapters on {kind} modules are not supported (Linear only)")
             b = self.model.block_index[block_name(tname)]
@@ -220,6 +225,7 @@ class StreamedLoraMerge:
         m, dev, st = self.model, self.device, self.state
         ids = batch.input_ids.to(dev)
         pos = torch.arange(ids.shape[1], device=dev)[None]
+        rows = m.token_rows(ids)  # only the embedding rows of the batch's tokens are converted
         grad = torch.zeros(self.T, len(self.blocks), dtype=torch.float64)
         self.set_coefficients(gamma)
         acts: list[torch.Tensor | None] = []  # acts[l] = input of decoder layer l
@@ -227,12 +233,15 @@ class StreamedLoraMerge:
         loss = 0.0
         for block, tensors in self.source.stream(self.blocks):
             b = m.block_index[block.name]
-            W = self._params(tensors)
+            if block.name == "embed":
+                W = {k: (v[rows] if k == m.tokens_weight_name else v).to(self.dtype) for k, v in tensors[0].items()}
+            else:
+                W = self._params(tensors)
             del tensors
             if block.name != "head":
                 with torch.no_grad():
                     if block.name == "embed":
-                        h = m.embed(W, ids, pos)
+                        h = m.embed(W, ids, pos, rows)
                         pe = m.position_embeddings(h, pos)
                         masks = m.masks(h, pos)
                     else:
@@ -240,22 +249,29 @@ class StreamedLoraMerge:
                         h = m.layer(block.layer, W, h, position_ids=pos, position_embeddings=pe, masks=masks)
                 del W
                 continue
-            E = None
             if m.tied:
-                E = {m.tokens_weight_name: self._params(self.source.read(m.embed_block()))[m.tokens_weight_name]}
-            g_leaf = None
-            if backward and b in self.adapted_blocks:
-                g_leaf = st.coef[b] = st.coef[b].clone().requires_grad_(True)
+                head_w = self.source.read(m.embed_block())[0][m.tokens_weight_name].to(self.dtype)
+            else:
+                head_w = W[m.head_weight_name]
             hsel = h[batch.rows.to(dev), batch.cols.to(dev)].detach().requires_grad_(backward)
-            head = lambda x, W=W, E=E: m.lm_head(W, m.final_norm(W, x), E)
-            loss = chunked_head_loss(hsel, batch.weights, batch.targets, objective, head, self.token_chunk, backward)
+            norm = lambda x, W=W: m.final_norm(W, x)
+            loss = chunked_head_loss(
+                hsel,
+                batch.weights,
+                batch.targets,
+                objective,
+                norm,
+                head_w,
+                W.get(m.head_bias_name),
+                self.token_chunk,
+                backward,
+            )
             if not backward:
+                self.set_coefficients(None)
                 return loss, None
-            if g_leaf is not None and g_leaf.grad is not None:
-                grad[:, b] += g_leaf.grad.to(grad)
             dh = torch.zeros_like(h)
             dh.index_put_((batch.rows.to(dev), batch.cols.to(dev)), hsel.grad, accumulate=True)
-            del W, E, hsel, h
+            del W, head_w, hsel, h
         # backward through the decoder layers, recomputing each one; nothing below the lowest adapted layer
         adapted_layers = [self.blocks[b].layer for b in self.adapted_blocks if self.blocks[b].layer is not None]
         lowest = min(adapted_layers, default=self.model.num_layers)
@@ -323,6 +339,13 @@ class StreamedLoraMerge:
             eos = getattr(m.config, "eos_token_id", None)
             eos = eos[0] if isinstance(eos, list) else eos
         writers = {t: _ChunkWriter(folders[t], spec, full) for t in todo}
+        # per generation step: full probabilities or top-k + tail at once (never [batch, steps, vocab])
+        if not spec.store_dists:
+            keep = lambda lp: None
+        elif full:
+            keep = lambda lp: Targets(probs=lp.exp())
+        else:
+            keep = lambda lp: topk_targets(lp, spec.topk)
         buckets: dict[int, list[tuple[int, int]]] = {}
         for t in todo:
             for i, p in enumerate(prompts[t]):
@@ -340,15 +363,14 @@ class StreamedLoraMerge:
                         for b in range(len(self.blocks)):
                             self.state.coef[b] = onehot.to(self.device, self.dtype)
                         ids = torch.tensor([prompts[t][i] for t, i in part])
-                        new, logps = generate(m, self.source, ids, spec.max_new_tokens, eos, self.dtype)
+                        new, steps = generate(m, self.source, ids, spec.max_new_tokens, eos, self.dtype, keep)
                         for r, (t, i) in enumerate(part):
                             cont = new[r].tolist()
                             if eos is not None and eos in cont:
                                 cont = cont[: cont.index(eos) + 1]
                             targets = None
                             if spec.store_dists:
-                                lp = torch.stack([logps[j][r] for j in range(len(cont))])
-                                targets = Targets(probs=lp.exp()) if full else topk_targets(lp, spec.topk)
+                                targets = Targets.cat([steps[j].slice(slice(r, r + 1)) for j in range(len(cont))])
                             writers[t].add(i, prompts[t][i], cont, targets)
                         pbar.update(len(part))
         finally:
