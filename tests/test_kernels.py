@@ -264,7 +264,8 @@ def test_project_reference_large_is_deterministic(monkeypatch):
 
 
 def test_large_output_with_hugepage_hint(monkeypatch):
-    base, experts, w = _inputs((R._HUGE_MIN // 4 + 5,), torch.float32, 2, seed=3)
+    monkeypatch.setattr(R, "_HUGE_MIN", 1 << 16)  # exercise the madvise path on a small tensor
+    base, experts, w = _inputs((3 * R._GRAIN + 5,), torch.float32, 2, seed=3)
     want = _naive(base, experts, w)
     _close(R.combine_torch(base, experts, w), want)
     monkeypatch.setenv("BLOCKMERGE_HUGEPAGES", "0")
