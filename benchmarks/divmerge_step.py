@@ -83,6 +83,36 @@ def child(args) -> None:
     print("RESULT " + json.dumps(out), flush=True)
 
 
+def child_teacher(args) -> None:
+    """A real (short) teacher pass of expert0, streamed from disk (nothing resident): time and peak RSS."""
+    import tempfile
+
+    import torch
+    from blockmerge.report import peak_rss_bytes
+    from blockmerge.teacher import TeacherData, TeacherSpec, teacher_pass
+
+    g = torch.Generator().manual_seed(0)
+    prompts = torch.randint(3, 32000, (args.batch, args.seq - args.teacher_pass), generator=g).tolist()
+    spec = TeacherSpec(max_new_tokens=args.teacher_pass, eos_token_id=None, topk=64)
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.perf_counter()
+        folder = teacher_pass(Path(args.root) / "expert0", prompts, tmp, spec, device=args.device, resident_max_bytes=0)
+        dt = time.perf_counter() - t0
+        tokens, plen, targets = TeacherData([folder]).get(0, 0)
+        assert len(targets) == args.teacher_pass and targets.topk
+    print("RESULT " + json.dumps(dict(seconds=dt, peak_rss=peak_rss_bytes())), flush=True)
+
+
+def _run_child(flag: str) -> dict:
+    cmd = [sys.executable, __file__, flag, *sys.argv[1:]]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ))
+    sys.stderr.write(proc.stderr[-4000:])
+    line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
+    if proc.returncode != 0 or line is None:
+        raise SystemExit(f"child {flag} failed (rc {proc.returncode})\n{proc.stdout[-2000:]}")
+    return json.loads(line[len("RESULT ") :])
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--root", default="/tmp/synth1b")
@@ -94,10 +124,19 @@ def main() -> None:
     p.add_argument("--token-chunk", type=int, default=None, help="positions per head chunk (default: auto, ~32 MiB)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", default="benchmarks/out/divmerge_step.csv")
+    p.add_argument(
+        "--teacher-pass",
+        type=int,
+        default=0,
+        help="also time a real streamed teacher pass of expert0 (batch prompts, N new tokens)",
+    )
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--child-teacher", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
         return child(args)
+    if args.child_teacher:
+        return child_teacher(args)
 
     from blockmerge.checkpoint import Checkpoint
     from blockmerge.synth import ensure_synthetic_llama
@@ -116,15 +155,9 @@ def main() -> None:
     n_params = sum(t.nbytes // t.dtype.itemsize for t in base.tensors.values())
     all_in_memory = ckpt_total + 2 * n_params * 4  # every checkpoint + fp32 merged weights + their fp32 grads
 
-    cmd = [sys.executable, __file__, "--child", *sys.argv[1:]]
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ))
+    r = _run_child("--child")
     wall = time.perf_counter() - t0
-    sys.stderr.write(proc.stderr[-4000:])
-    line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
-    if proc.returncode != 0 or line is None:
-        raise SystemExit(f"child failed (rc {proc.returncode})\n{proc.stdout[-2000:]}")
-    r = json.loads(line[len("RESULT ") :])
     G = 2**30
     rows = {
         "device": args.device,
@@ -146,6 +179,13 @@ def main() -> None:
         "peak_gpu_GiB": r.get("peak_gpu", 0) / G,
         "subprocess_wall_s": wall,
     }
+    if args.teacher_pass:
+        t = _run_child("--child-teacher")
+        rows["teacher_pass"] = f"expert0, {args.batch} prompts x {args.seq - args.teacher_pass} tokens, "
+        rows["teacher_pass"] += f"{args.teacher_pass} new tokens, top-64, streamed"
+        rows["teacher_pass_s"] = t["seconds"]
+        rows["teacher_pass_peak_rss_GiB"] = t["peak_rss"] / G
+        rows["teacher_bound_GiB (2 blocks x 1 model + 1 GiB)"] = (largest * 2 + 2**30) / G
     for k, v in rows.items():
         print(f"{k:>62}: {v:.3f}" if isinstance(v, float) else f"{k:>62}: {v}")
     out = Path(args.out)
