@@ -132,6 +132,7 @@ def main() -> None:
     common = dict(base=str(base_dir), adapters=[str(x) for x in adapters], prompts=prompts, cache=str(cache),
                   max_new_tokens=a.max_new_tokens, eos=None, token_chunk=a.token_chunk, threads=a.threads,
                   quantize=a.quantize, steps=a.steps, batch_size=T * a.prompts_per_task)  # fmt: skip
+    cached = all((cache / f"task{t}" / "manifest.json").exists() for t in range(T))
     t0 = time.perf_counter()
     teacher = run_child(dict(common, what="teacher"))
     learn = run_child(dict(common, what="learn"))
@@ -157,8 +158,8 @@ def main() -> None:
         ("activations (kept inputs + layer recompute + head chunk)", activations),
         ("slack", 1 << 30),
         ("bound", bound),
-        ("peak RSS teacher pass", teacher["peak_rss"]),
-        ("peak RSS learning (2 steps)", learn["peak_rss"]),
+        ("peak RSS teacher pass" + (" (cache reused: not a measurement)" if cached else ""), teacher["peak_rss"]),
+        (f"peak RSS learning ({a.steps} steps)", learn["peak_rss"]),
         ("dense alternative: fp32 base + 4 full-rank deltas", dense),
     ]
     print(f"base {base_dir}: {base.nbytes / 1e9:.2f} GB bf16, {L} layers, largest block {largest / 1e6:.1f}M params")
@@ -168,7 +169,7 @@ def main() -> None:
         print(f"  {name:<58} {gi(v):7.3f} GiB")
     print(f"teacher pass {teacher['seconds']:.1f}s; learning {learn['seconds']:.1f}s incl. setup, "
           f"{learn['seconds_per_step']:.1f}s per step, losses {learn['losses']}; total wall {wall:.0f}s")  # fmt: skip
-    ok = learn["peak_rss"] < bound and teacher["peak_rss"] < bound
+    ok = learn["peak_rss"] < bound and (cached or teacher["peak_rss"] < bound)
     print(f"peak below bound: {ok}")
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
