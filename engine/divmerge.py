@@ -262,7 +262,7 @@ class StreamedMerge:
         return loss, grad.float()
 
 
-def _batches(counts: Sequence[int], batch_size: int, seed: int):
+def batches(counts: Sequence[int], batch_size: int, seed: int):
     """Endless batches of (task, sequence) pairs mixing tasks, reshuffled each epoch from `seed`."""
     pairs = [(t, j) for t, n in enumerate(counts) for j in range(n)]
     rng = random.Random(seed)
@@ -449,11 +449,11 @@ def _learn(
         gamma = torch.full(shape, float(init), dtype=torch.float32, requires_grad=True)
         opt = torch.optim.Adam([gamma], lr=lr)
         losses: list[float] = []
-        batches = _batches(counts, batch_size, seed)
+        stream = batches(counts, batch_size, seed)
         started = time.perf_counter()
         with bar(steps, f"divmerge {objective}/{level}", unit="step", disable=not progress) as pbar:
             for _ in range(steps):
-                batch = make_batch(next(batches), data)
+                batch = make_batch(next(stream), data)
                 full = gamma.detach() if level == "layer" else gamma.detach()[:, None].expand(T, nb)
                 loss, g = merge.loss_and_grad(full, batch, objective)
                 opt.zero_grad()
@@ -533,14 +533,11 @@ class ModelEntry(BaseModel):
     data: str
 
 
-class DivMergeConfig(BaseModel):
-    """`blockmerge divmerge` YAML. Paths are absolute, relative to the working directory, or relative to
-    the YAML's folder. Data files are .jsonl with one prompt per line: {"text": ...} (tokenized with the
-    base model's tokenizer) or {"input_ids": [...]}."""
+class LearnSettings(BaseModel):
+    """Learning settings shared by `blockmerge divmerge` and `blockmerge lora divmerge` YAMLs."""
 
     model_config = ConfigDict(extra="forbid")
     base_model: str
-    models: list[ModelEntry]
     level: Literal["task", "layer"] = "layer"
     objective: Literal["js", "kl", "entropy"] = "js"
     steps: int | None = Field(default=None, ge=1)
@@ -561,6 +558,14 @@ class DivMergeConfig(BaseModel):
     compute_dtype: Literal["float32", "float64"] = "float32"
     attn_implementation: Literal["sdpa", "eager"] = "sdpa"
 
+
+class DivMergeConfig(LearnSettings):
+    """`blockmerge divmerge` YAML. Paths are absolute, relative to the working directory, or relative to
+    the YAML's folder. Data files are .jsonl with one prompt per line: {"text": ...} (tokenized with the
+    base model's tokenizer) or {"input_ids": [...]}."""
+
+    models: list[ModelEntry]
+
     @field_validator("models")
     @classmethod
     def _nonempty(cls, v):
@@ -569,14 +574,16 @@ class DivMergeConfig(BaseModel):
         return v
 
 
-def _resolve(p: str, root: Path) -> Path:
+def resolve(p: str, root: Path) -> Path:
     q = Path(p).expanduser()
     if q.is_absolute() or q.exists() or not (root / q).exists():
         return q
     return root / q
 
 
-def load_config(path: str | Path | dict) -> tuple[DivMergeConfig, Path]:
+def load_yaml_config(path: str | Path | dict, schema: type[LearnSettings], what: str) -> tuple[LearnSettings, Path]:
+    """A YAML file (or a dict) validated as `schema`, and the folder relative paths are resolved from.
+    `what`: the name of the schema's list of entries, for the error on a non-mapping."""
     if isinstance(path, dict):
         raw, root, where = path, Path.cwd(), "config"
     else:
@@ -589,9 +596,9 @@ def load_config(path: str | Path | dict) -> tuple[DivMergeConfig, Path]:
             raise ValueError(f"{path}: invalid YAML ({e})") from e
         root, where = path.parent, str(path)
     if not isinstance(raw, dict):
-        raise ValueError(f"{where}: expected a mapping with base_model and models")
+        raise ValueError(f"{where}: expected a mapping with base_model and {what}")
     try:
-        cfg = DivMergeConfig.model_validate(raw)
+        cfg = schema.model_validate(raw)
     except ValidationError as e:
         err = e.errors()[0]
         loc = ".".join(str(x) for x in err["loc"]) or "(top level)"
@@ -599,6 +606,52 @@ def load_config(path: str | Path | dict) -> tuple[DivMergeConfig, Path]:
     if cfg.steps is not None and cfg.epochs is not None:
         raise ValueError(f"{where}: give steps or epochs, not both")
     return cfg, root
+
+
+def load_config(path: str | Path | dict) -> tuple[DivMergeConfig, Path]:
+    return load_yaml_config(path, DivMergeConfig, "models")
+
+
+def resolve_inputs(cfg: LearnSettings, root: Path, key: str, dir_field: str) -> tuple[Path, list[Path], list]:
+    """The base folder, the folders of the entries `cfg.<key>` (their `dir_field`) and each entry's prompts."""
+    base_dir = resolve(cfg.base_model, root)
+    if not base_dir.is_dir():
+        raise FileNotFoundError(f"base_model: {base_dir} is not a folder")
+    dirs, inputs = [], []
+    for i, entry in enumerate(getattr(cfg, key)):
+        d = resolve(getattr(entry, dir_field), root)
+        if not d.is_dir():
+            raise FileNotFoundError(f"{key}.{i}.{dir_field}: {d} is not a folder")
+        dirs.append(d)
+        inputs.append(read_prompts(resolve(entry.data, root), f"{key}.{i}.data", base_dir, cfg.samples))
+    return base_dir, dirs, inputs
+
+
+def learn_kwargs(cfg: LearnSettings, *, steps: int | None, device: str | None, progress: bool) -> dict:
+    """`learn(...)` keyword arguments from the settings; `steps`, `device`: command-line overrides."""
+    n_steps = steps if steps is not None else cfg.steps
+    if n_steps is None and cfg.epochs is None:
+        n_steps = 100
+    return dict(
+        level=cfg.level,
+        objective=cfg.objective,
+        steps=n_steps,
+        epochs=None if n_steps is not None else cfg.epochs,
+        lr=cfg.lr,
+        batch_size=cfg.batch_size,
+        max_new_tokens=cfg.max_new_tokens,
+        eos_token_id=cfg.eos_token_id,
+        init=cfg.init,
+        seed=cfg.seed,
+        device=device or cfg.device,
+        cache_dir=cfg.cache_dir,
+        progress=progress,
+        topk=cfg.topk,
+        full_vocab_max=cfg.full_vocab_max,
+        token_chunk=cfg.token_chunk,
+        dtype=cfg.compute_dtype,
+        attn_implementation=cfg.attn_implementation,
+    )
 
 
 def read_prompts(file: Path, field_name: str, base_dir: Path, samples: int | None) -> list[list[int]]:
@@ -647,42 +700,8 @@ def run_divmerge(config, out, *, force=False, steps=None, device=None, progress=
     out = Path(out)
     if out.exists() and not force:  # before any work
         raise FileExistsError(f"{out}: output already exists (use --force to overwrite)")
-    base_dir = _resolve(cfg.base_model, root)
-    if not base_dir.is_dir():
-        raise FileNotFoundError(f"base_model: {base_dir} is not a folder")
-    expert_dirs, inputs = [], []
-    for i, m in enumerate(cfg.models):
-        d = _resolve(m.model, root)
-        if not d.is_dir():
-            raise FileNotFoundError(f"models.{i}.model: {d} is not a folder")
-        expert_dirs.append(d)
-        inputs.append(read_prompts(_resolve(m.data, root), f"models.{i}.data", base_dir, cfg.samples))
-    n_steps = steps if steps is not None else cfg.steps
-    if n_steps is None and cfg.epochs is None:
-        n_steps = 100
-    res = learn(
-        base_dir,
-        expert_dirs,
-        inputs,
-        level=cfg.level,
-        objective=cfg.objective,
-        steps=n_steps,
-        epochs=None if n_steps is not None else cfg.epochs,
-        lr=cfg.lr,
-        batch_size=cfg.batch_size,
-        max_new_tokens=cfg.max_new_tokens,
-        eos_token_id=cfg.eos_token_id,
-        init=cfg.init,
-        seed=cfg.seed,
-        device=device or cfg.device,
-        cache_dir=cfg.cache_dir,
-        progress=progress,
-        topk=cfg.topk,
-        full_vocab_max=cfg.full_vocab_max,
-        token_chunk=cfg.token_chunk,
-        dtype=cfg.compute_dtype,
-        attn_implementation=cfg.attn_implementation,
-    )
+    base_dir, expert_dirs, inputs = resolve_inputs(cfg, root, "models", "model")
+    res = learn(base_dir, expert_dirs, inputs, **learn_kwargs(cfg, steps=steps, device=device, progress=progress))
     info = res.to_json()
     info["base_model"] = str(base_dir)
     info["models"] = [str(d) for d in expert_dirs]

@@ -38,14 +38,25 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from .checkpoint import Checkpoint, block_name
-from .divmerge import LEVELS, SMALL_MODEL_BYTES, Batch, LearnResult, _batches, _resolve, make_batch, read_prompts
+from .divmerge import (
+    LEVELS,
+    SMALL_MODEL_BYTES,
+    Batch,
+    LearnResult,
+    LearnSettings,
+    batches,
+    learn_kwargs,
+    load_yaml_config,
+    make_batch,
+    resolve_inputs,
+)
 from .lora import Adapter, AdapterError, read_adapters
 from .losses import OBJECTIVES, Targets, chunked_head_loss, topk_targets
 from .modeling import BlockSource, StreamedModel
-from .teacher import TeacherData, TeacherSpec, _ChunkWriter, _fingerprint, generate
+from .teacher import ChunkWriter, TeacherData, TeacherSpec, fingerprint, generate
 
 QUANTIZE = (None, "nf4", "int8")
 
@@ -297,8 +308,8 @@ class StreamedLoraMerge:
     # ---- teachers: base + adapter t, all tasks in the same passes -------------------------------------
     def _teacher_key(self, t: int, prompts: list[list[int]], spec: TeacherSpec) -> str:
         h = hashlib.sha256()
-        ident = [str(self.base.path.resolve()), _fingerprint(self.base.path), str(self.adapter_dirs[t].resolve()),
-                 _fingerprint(self.adapter_dirs[t]), asdict(spec), self.state.quantize, str(self.dtype)]  # fmt: skip
+        ident = [str(self.base.path.resolve()), fingerprint(self.base.path), str(self.adapter_dirs[t].resolve()),
+                 fingerprint(self.adapter_dirs[t]), asdict(spec), self.state.quantize, str(self.dtype)]  # fmt: skip
         h.update(json.dumps(ident).encode())
         h.update(json.dumps(prompts).encode())
         return h.hexdigest()[:20]
@@ -338,7 +349,7 @@ class StreamedLoraMerge:
         if eos is None:
             eos = getattr(m.config, "eos_token_id", None)
             eos = eos[0] if isinstance(eos, list) else eos
-        writers = {t: _ChunkWriter(folders[t], spec, full) for t in todo}
+        writers = {t: ChunkWriter(folders[t], spec, full) for t in todo}
         # per generation step: full probabilities or top-k + tail at once (never [batch, steps, vocab])
         if not spec.store_dists:
             keep = lambda lp: None
@@ -475,11 +486,11 @@ def _learn(base_dir, adapter_dirs, inputs, *, level, objective, steps, epochs, l
         gamma = torch.full((T, nb) if level == "layer" else (T,), float(init), requires_grad=True)
         opt = torch.optim.Adam([gamma], lr=lr)
         losses: list[float] = []
-        batches = _batches(counts, batch_size, seed)
+        stream = batches(counts, batch_size, seed)
         started = time.perf_counter()
         with bar(steps, f"lora divmerge {objective}/{level}", unit="step", disable=not progress) as pbar:
             for _ in range(steps):
-                batch = make_batch(next(batches), data)
+                batch = make_batch(next(stream), data)
                 full = gamma.detach() if level == "layer" else gamma.detach()[:, None].expand(T, nb)
                 loss, g = merge.loss_and_grad(full, batch, objective)
                 opt.zero_grad()
@@ -508,33 +519,14 @@ class AdapterEntry(BaseModel):
     data: str
 
 
-class LoraDivMergeConfig(BaseModel):
+class LoraDivMergeConfig(LearnSettings):
     """`blockmerge lora divmerge` YAML: like `blockmerge divmerge`'s, with `adapters:` instead of `models:`,
     plus `output` (base: merged full checkpoint; adapter: an exact cat adapter carrying the coefficients)
     and `quantize` (none, nf4, int8: bitsandbytes base for the forward passes)."""
 
-    model_config = ConfigDict(extra="forbid")
-    base_model: str
     adapters: list[AdapterEntry]
     level: Literal["task", "layer"] = "task"
-    objective: Literal["js", "kl", "entropy"] = "js"
-    steps: int | None = Field(default=None, ge=1)
-    epochs: float | None = Field(default=None, gt=0)
-    batch_size: int = Field(default=16, ge=1)
-    samples: int | None = Field(default=None, ge=1)
-    max_new_tokens: int = Field(default=16, ge=1)
-    eos_token_id: int | None = None
-    lr: float = Field(default=1e-2, gt=0)
-    init: float | None = None
-    seed: int = 0
-    device: str = "cpu"
-    topk: int = Field(default=64, ge=1)
-    full_vocab_max: int = Field(default=4096, ge=0)
     token_chunk: int = Field(default=1024, ge=1)
-    cache_dir: str | None = None
-    dtype: str | None = None
-    compute_dtype: Literal["float32", "float64"] = "float32"
-    attn_implementation: Literal["sdpa", "eager"] = "sdpa"
     output: Literal["base", "adapter"] = "base"
     quantize: Literal["nf4", "int8"] | None = None
 
@@ -547,30 +539,7 @@ class LoraDivMergeConfig(BaseModel):
 
 
 def load_config(path: str | Path | dict) -> tuple[LoraDivMergeConfig, Path]:
-    import yaml
-
-    if isinstance(path, dict):
-        raw, root, where = path, Path.cwd(), "config"
-    else:
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: config file not found")
-        try:
-            raw = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as e:
-            raise ValueError(f"{path}: invalid YAML ({e})") from e
-        root, where = path.parent, str(path)
-    if not isinstance(raw, dict):
-        raise ValueError(f"{where}: expected a mapping with base_model and adapters")
-    try:
-        cfg = LoraDivMergeConfig.model_validate(raw)
-    except ValidationError as e:
-        err = e.errors()[0]
-        loc = ".".join(str(x) for x in err["loc"]) or "(top level)"
-        raise ValueError(f"{where}: field {loc}: {err['msg']}") from None
-    if cfg.steps is not None and cfg.epochs is not None:
-        raise ValueError(f"{where}: give steps or epochs, not both")
-    return cfg, root
+    return load_yaml_config(path, LoraDivMergeConfig, "adapters")
 
 
 def write_learned(
@@ -633,43 +602,9 @@ def run_divmerge(config, out, *, force=False, steps=None, device=None, output=No
     out = Path(out)
     if out.exists() and not force:
         raise FileExistsError(f"{out}: output already exists (use --force to overwrite)")
-    base_dir = _resolve(cfg.base_model, root)
-    if not base_dir.is_dir():
-        raise FileNotFoundError(f"base_model: {base_dir} is not a folder")
-    adapter_dirs, inputs = [], []
-    for i, a in enumerate(cfg.adapters):
-        d = _resolve(a.adapter, root)
-        if not d.is_dir():
-            raise FileNotFoundError(f"adapters.{i}.adapter: {d} is not a folder")
-        adapter_dirs.append(d)
-        inputs.append(read_prompts(_resolve(a.data, root), f"adapters.{i}.data", base_dir, cfg.samples))
-    n_steps = steps if steps is not None else cfg.steps
-    if n_steps is None and cfg.epochs is None:
-        n_steps = 100
-    res = learn(
-        base_dir,
-        adapter_dirs,
-        inputs,
-        level=cfg.level,
-        objective=cfg.objective,
-        steps=n_steps,
-        epochs=None if n_steps is not None else cfg.epochs,
-        lr=cfg.lr,
-        batch_size=cfg.batch_size,
-        max_new_tokens=cfg.max_new_tokens,
-        eos_token_id=cfg.eos_token_id,
-        init=cfg.init,
-        seed=cfg.seed,
-        device=device or cfg.device,
-        cache_dir=cfg.cache_dir,
-        progress=progress,
-        topk=cfg.topk,
-        full_vocab_max=cfg.full_vocab_max,
-        token_chunk=cfg.token_chunk,
-        dtype=cfg.compute_dtype,
-        attn_implementation=cfg.attn_implementation,
-        quantize=cfg.quantize,
-    )
+    base_dir, adapter_dirs, inputs = resolve_inputs(cfg, root, "adapters", "adapter")
+    kwargs = learn_kwargs(cfg, steps=steps, device=device, progress=progress)
+    res = learn(base_dir, adapter_dirs, inputs, **kwargs, quantize=cfg.quantize)
     info = res.to_json()
     info.update(base_model=str(base_dir), adapters=[str(d) for d in adapter_dirs], config=cfg.model_dump())
     path = write_learned(

@@ -42,14 +42,14 @@ class TeacherSpec:
     dtype: str = "float32"
 
 
-def _fingerprint(path: Path) -> list:
+def fingerprint(path: Path) -> list:
     files = sorted(p for p in path.iterdir() if p.suffix in (".safetensors", ".json"))
     return [(p.name, p.stat().st_size, int(p.stat().st_mtime)) for p in files]
 
 
 def cache_key(expert_dir: Path, prompts: list[list[int]], spec: TeacherSpec) -> str:
     h = hashlib.sha256()
-    h.update(json.dumps([str(Path(expert_dir).resolve()), _fingerprint(Path(expert_dir)), asdict(spec)]).encode())
+    h.update(json.dumps([str(Path(expert_dir).resolve()), fingerprint(Path(expert_dir)), asdict(spec)]).encode())
     h.update(json.dumps(prompts).encode())
     return h.hexdigest()[:20]
 
@@ -85,7 +85,7 @@ def generate(
     return torch.stack(steps, 1), logps
 
 
-class _ChunkWriter:
+class ChunkWriter:
     def __init__(self, folder: Path, spec: TeacherSpec, full: bool):
         self.folder, self.spec, self.full = folder, spec, full
         self.rows: list[tuple] = []
@@ -153,7 +153,7 @@ def teacher_pass(
         eos = getattr(model.config, "eos_token_id", None)
         eos = eos[0] if isinstance(eos, list) else eos
     dtype = getattr(torch, spec.dtype)
-    writer = _ChunkWriter(folder, spec, full)
+    writer = ChunkWriter(folder, spec, full)
     keep = None
     if spec.store_dists:  # per step: full probabilities, or top-k + tail at once (never [B, steps, V])
         keep = (lambda lp: Targets(probs=lp.exp())) if full else (lambda lp: topk_targets(lp, spec.topk))
