@@ -11,6 +11,8 @@ head has no tensor of its own for the output projection: it reuses the embed blo
 
 from __future__ import annotations
 
+import functools
+import inspect
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +38,17 @@ class ArchSpec:
 LLAMA_LIKE = ArchSpec("model.embed_tokens", None, "model.layers", "model.norm", "lm_head", "model.rotary_emb")
 GPT2 = ArchSpec("transformer.wte", "transformer.wpe", "transformer.h", "transformer.ln_f", "lm_head", None)
 ARCHS = {"llama": LLAMA_LIKE, "mistral": LLAMA_LIKE, "qwen2": LLAMA_LIKE, "gpt2": GPT2}
+
+
+@functools.cache
+def _cache_kwarg(fn) -> str:
+    return "cache" if "cache" in inspect.signature(fn).parameters else "past_key_values"
+
+
+def cache_kwarg(fn) -> str:
+    """The KV-cache keyword of a transformers layer or mask function: `cache` since transformers 5.24,
+    `past_key_values` before (the old name warns until 5.40)."""
+    return _cache_kwarg(getattr(fn, "__func__", fn))
 
 
 def _get(module: torch.nn.Module, path: str) -> torch.nn.Module:
@@ -155,23 +168,21 @@ class StreamedModel:
         no padding mask: batches are right-padded, so real positions never attend to padding."""
         from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
-        kw = dict(
-            config=self.config, inputs_embeds=h, attention_mask=None, past_key_values=cache, position_ids=position_ids
-        )
         out = {}
         for t in set(self.layer_types):
             fn = create_sliding_window_causal_mask if t == "sliding_attention" else create_causal_mask
-            out[t] = fn(**kw)
+            kw = {cache_kwarg(fn): cache}
+            out[t] = fn(config=self.config, inputs_embeds=h, attention_mask=None, position_ids=position_ids, **kw)
         return out
 
     def layer(self, i: int, params, h, *, position_ids, position_embeddings, masks, cache=None) -> torch.Tensor:
         prefix = f"{self.spec.layers}.{i}"
-        kwargs = dict(
-            attention_mask=masks[self.layer_types[i]],
-            position_ids=position_ids,
-            past_key_values=cache,
-            use_cache=cache is not None,
-        )
+        kwargs = {
+            "attention_mask": masks[self.layer_types[i]],
+            "position_ids": position_ids,
+            cache_kwarg(self.layers[i].forward): cache,
+            "use_cache": cache is not None,
+        }
         if position_embeddings is not None:
             kwargs["position_embeddings"] = position_embeddings
         out = functional_call(self.layers[i], self._local(params, prefix), (h,), kwargs)
