@@ -100,6 +100,8 @@ def main(argv: list[str] | None = None) -> int:
         "ANP (mean over the n sampled subsets of k tasks; the same subsets for every method) on the blockmerge "
         f"task suite ({', '.join(suite.config.tasks)}); experts' test accuracy "
         + ", ".join(f"{t} {a:.2f}" for t, a in suite.expert_accuracy.items())
+        + "; base (pretrained on sibling mappings only) "
+        + ", ".join(f"{t} {a:.2f}" for t, a in suite.base_accuracy.items())
         + f". Learned methods: {settings.learn_steps} steps, batch {settings.learn_batch}, "
         f"{settings.n_unlabeled} unlabeled prompts per task. "
         f"Command: `python benchmarks/quality.py --ks {args.ks} --subsets {args.subsets}"

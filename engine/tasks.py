@@ -4,6 +4,11 @@ Every example is ``<s> TAG input = output </s>`` at the character level, where T
 letter naming the task. Generators are pure functions of a seed, so every split is reproducible.
 Completion-only training puts the loss on ``output </s>`` only; evaluation greedily decodes after ``=``
 and counts exact matches of the output string.
+
+Each task also has a *sibling*: a related mapping of the same inputs (copy -> reverse, sort -> descending
+sort, add -> a+b+1, ...). The suite's base model is pretrained on the siblings under the tasks' tags, so
+it knows the format and the computations but none of the tasks themselves (accuracy near 0), and each
+expert only has to re-map its tag: a small task vector, as when fine-tuning a real pretrained model.
 """
 
 from __future__ import annotations
@@ -75,11 +80,13 @@ class Task:
     tag: str
     sample: Callable[[random.Random], tuple[str, str]]  # rng -> (input, output)
     description: str
+    sibling: Callable[[str], str] = str  # input -> output of the related mapping the base is pretrained on
 
-    def example(self, rng: random.Random) -> tuple[str, str]:
-        """(prompt, answer): prompt = TAG input '=', answer = the exact output string."""
+    def example(self, rng: random.Random, sibling: bool = False) -> tuple[str, str]:
+        """(prompt, answer): prompt = TAG input '=', answer = the exact output string (of the sibling
+        mapping when `sibling`)."""
         x, y = self.sample(rng)
-        return f"{self.tag}{x}{SEP}", y
+        return f"{self.tag}{x}{SEP}", (self.sibling(x) if sibling else y)
 
 
 def _word(rng: random.Random, lo: int = 2, hi: int = 7, alphabet: str = LETTERS) -> str:
@@ -107,7 +114,7 @@ def _add(rng):
 
 
 def _count(rng):
-    w = _word(rng, 1, 9, "ab")
+    w = _word(rng, 4, 9, "abc")
     return w, str(w.count("a"))
 
 
@@ -126,15 +133,22 @@ def _rotate(rng):
     return w, w[1:] + w[0]
 
 
+def _plus(x: str, d: int) -> str:
+    a, _, b = x.partition("+")
+    return str(int(a) + (int(b) if b else 0) + d)
+
+
+# siblings: the letter tasks copy -> reverse -> map -> rotate -> copy are a cycle (pairs that rarely agree),
+# sort -> descending sort, add -> a+b+1, count -> word length, successor -> n+2
 TASKS: list[Task] = [
-    Task("copy", "C", _copy, "repeat a 2-7 letter word"),
-    Task("reverse", "R", _reverse, "reverse a 2-7 letter word"),
-    Task("sort", "S", _sort, "sort the letters of a 2-7 letter word"),
-    Task("add", "A", _add, "sum of two numbers 0-99"),
-    Task("count", "N", _count, "number of a's in a 1-9 letter a/b word"),
-    Task("successor", "U", _successor, "n+1 for n in 0-999"),
-    Task("map", "M", _map, "apply a fixed letter substitution cipher"),
-    Task("rotate", "T", _rotate, "move the first letter of a 2-7 letter word to the end"),
+    Task("copy", "C", _copy, "repeat a 2-7 letter word", lambda x: x[::-1]),
+    Task("reverse", "R", _reverse, "reverse a 2-7 letter word", lambda x: "".join(CIPHER[c] for c in x)),
+    Task("sort", "S", _sort, "sort the letters of a 2-7 letter word", lambda x: "".join(sorted(x, reverse=True))),
+    Task("add", "A", _add, "sum of two numbers 0-99", lambda x: _plus(x, 1)),
+    Task("count", "N", _count, "number of a's in a 4-9 letter a/b/c word", lambda x: str(len(x))),
+    Task("successor", "U", _successor, "n+1 for n in 0-999", lambda x: _plus(x, 2)),
+    Task("map", "M", _map, "apply a fixed letter substitution cipher", lambda x: x[1:] + x[0]),
+    Task("rotate", "T", _rotate, "move the first letter of a 2-7 letter word to the end", lambda x: x),
 ]
 TASK_NAMES = [t.name for t in TASKS]
 MAX_ANSWER = 8  # longest answer in characters (sort/copy/reverse/map: 7, add: 3, successor: 4)
@@ -152,7 +166,8 @@ def _rng(task: str, stream: str, seed: int) -> random.Random:
 
 
 def eval_sets(task: str, n_test: int, n_val: int, seed: int = 0) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
-    """(test, val): distinct (prompt, answer) pairs drawn from one seeded stream, test first."""
+    """(test, val): distinct (prompt, answer) pairs drawn from one seeded stream and dealt out in
+    proportion (not test first), so that both splits have the same mix, e.g. of short and long inputs."""
     t = get_task(task)
     rng = _rng(task, "eval", seed)
     seen: set[str] = set()
@@ -165,7 +180,9 @@ def eval_sets(task: str, n_test: int, n_val: int, seed: int = 0) -> tuple[list[t
             continue
         seen.add(p)
         out.append((p, a))
-    return out[:n_test], out[n_test:]
+    n = n_test + n_val
+    is_val = [(i + 1) * n_val // n > i * n_val // n for i in range(n)]
+    return [x for x, v in zip(out, is_val, strict=True) if not v], [x for x, v in zip(out, is_val, strict=True) if v]
 
 
 def sample_prompts(
@@ -186,13 +203,14 @@ def sample_prompts(
 class TrainStream:
     """Endless seeded (prompt, answer) pairs of one task, never one of the held-out evaluation prompts."""
 
-    def __init__(self, task: str, seed: int, exclude: set[str]):
+    def __init__(self, task: str, seed: int, exclude: set[str], sibling: bool = False):
         self.task = get_task(task)
         self.rng = _rng(task, "train", seed)
         self.exclude = exclude
+        self.sibling = sibling
 
     def next(self) -> tuple[str, str]:
         while True:
-            p, a = self.task.example(self.rng)
+            p, a = self.task.example(self.rng, self.sibling)
             if p not in self.exclude:
                 return p, a

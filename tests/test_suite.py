@@ -29,7 +29,7 @@ def test_tasks_are_exact_and_deterministic():
                 a, b = x.split("+")
                 assert int(answer) == int(a) + int(b)
             elif task.name == "count":
-                assert int(answer) == x.count("a") and set(x) <= {"a", "b"}
+                assert int(answer) == x.count("a") and set(x) <= {"a", "b", "c"}
             elif task.name == "successor":
                 assert int(answer) == int(x) + 1
             elif task.name == "map":
@@ -37,12 +37,22 @@ def test_tasks_are_exact_and_deterministic():
             elif task.name == "rotate":
                 assert answer == x[1:] + x[0]
             assert len(answer) <= T.MAX_ANSWER
+            sib_prompt, sib = task.example(random.Random(len(prompt)), sibling=True)
+            assert len(sib) <= T.MAX_ANSWER and sib == task.sibling(sib_prompt[1:-1])
+    # the base is pretrained on the siblings: they (almost) never agree with the task itself
+    for task in T.TASKS:
+        test, _ = T.eval_sets(task.name, 100, 0, seed=0)
+        assert sum(task.sibling(p[1:-1]) == a for p, a in test) <= 5, task.name
     assert len(T.TASKS) >= 8 and len(set(T.TAGS)) == len(T.TASKS)
     a = T.eval_sets("sort", 30, 10, seed=3)
     b = T.eval_sets("sort", 30, 10, seed=3)
     assert a == b and T.eval_sets("sort", 30, 10, seed=4) != a
     test, val = a
     assert len({p for p, _ in test + val}) == 40  # distinct, val disjoint from test
+    # both splits are dealt from the same stream in proportion: short inputs land in both
+    test, val = T.eval_sets("count", 100, 50, seed=0)
+    assert len(test) == 100 and len(val) == 50
+    assert min(len(p) for p, _ in val) == min(len(p) for p, _ in test)
     held = {p for p, _ in test + val}
     stream = T.TrainStream("sort", 3, held)
     assert all(stream.next()[0] not in held for _ in range(300))
