@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from .modeling import cache_kwarg
 from .tasks import MAX_ANSWER, CharTokenizer
 
 
@@ -47,7 +48,7 @@ def greedy_decode(
             for _ in range(max_new_tokens - 1):
                 if bool(done.all()):
                     break
-                res = model(input_ids=nxt[:, None], past_key_values=past, use_cache=True)
+                res = model(input_ids=nxt[:, None], use_cache=True, **{cache_kwarg(model.forward): past})
                 past = res.past_key_values
                 nxt = res.logits[:, -1].argmax(-1)
                 gen.append(nxt)
