@@ -22,6 +22,12 @@ def load_model(path: str | Path, device: str = "cpu"):
 
 
 @torch.no_grad()
+def _cache_of(out):
+    """The KV cache of a model output: `cache` since transformers 5.24, `past_key_values` before."""
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else out.past_key_values
+
+
 def greedy_decode(
     model,
     prompts: Sequence[Sequence[int]],
@@ -41,7 +47,7 @@ def greedy_decode(
             chunk = idx[s : s + batch_size]
             ids = torch.tensor([list(prompts[i]) for i in chunk], dtype=torch.long, device=device)
             res = model(input_ids=ids, use_cache=True)
-            past = res.past_key_values
+            past = _cache_of(res)
             nxt = res.logits[:, -1].argmax(-1)
             gen = [nxt]
             done = nxt == eos_token_id
@@ -49,7 +55,7 @@ def greedy_decode(
                 if bool(done.all()):
                     break
                 res = model(input_ids=nxt[:, None], use_cache=True, **{cache_kwarg(model.forward): past})
-                past = res.past_key_values
+                past = _cache_of(res)
                 nxt = res.logits[:, -1].argmax(-1)
                 gen.append(nxt)
                 done |= nxt == eos_token_id
