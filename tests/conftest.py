@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import os
 
+import pytest
+import torch
+
 
 def pytest_collection_modifyitems(config, items):
     if os.environ.get("TRITON_INTERPRET") == "1":
@@ -13,3 +16,13 @@ def pytest_collection_modifyitems(config, items):
     if drop:
         config.hook.pytest_deselected(items=drop)
         items[:] = [it for it in items if not it.get_closest_marker("interp")]
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models: intra-op threads only cost time (a lot on a busy CPU). Modules opt in with
+    `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

@@ -35,13 +35,7 @@ def _save_adapter(path, r, alpha, rslora, seed, targets=TARGETS, **extra):
     return path
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models: intra-op threads only cost time (a lot on a busy CPU)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
