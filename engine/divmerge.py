@@ -371,8 +371,6 @@ def _learn(
     attn_implementation,
     resident_max_bytes,
 ) -> LearnResult:
-    from .report import progress as bar
-
     if level not in LEVELS:
         raise ValueError(f"level {level!r}: expected one of {', '.join(LEVELS)}")
     if objective not in OBJECTIVES:
@@ -414,7 +412,6 @@ def _learn(
         token_chunk=token_chunk,
         resident_max_bytes=resident_max_bytes,
     )
-    T, nb = merge.T, len(merge.blocks)
     spec = TeacherSpec(
         max_new_tokens=max_new_tokens,
         eos_token_id=eos_token_id,
@@ -438,37 +435,49 @@ def _learn(
             attn_implementation=attn_implementation,
         )
         data = TeacherData(folders)
-        counts = [data.n_seqs(t) for t in range(T)]
-        if steps is None:
-            if epochs is None:
-                raise ValueError("give steps or epochs")
-            steps = max(1, math.ceil(epochs * sum(counts) / batch_size))
-        if init is None:
-            init = 0.3 if objective == "entropy" else 1.0 / T
-        shape = (T, nb) if level == "layer" else (T,)
-        gamma = torch.full(shape, float(init), dtype=torch.float32, requires_grad=True)
-        opt = torch.optim.Adam([gamma], lr=lr)
-        losses: list[float] = []
-        stream = batches(counts, batch_size, seed)
-        started = time.perf_counter()
-        with bar(steps, f"divmerge {objective}/{level}", unit="step", disable=not progress) as pbar:
-            for _ in range(steps):
-                batch = make_batch(next(stream), data)
-                full = gamma.detach() if level == "layer" else gamma.detach()[:, None].expand(T, nb)
-                loss, g = merge.loss_and_grad(full, batch, objective)
-                opt.zero_grad()
-                gamma.grad = g if level == "layer" else g.sum(1)
-                opt.step()
-                if objective == "entropy":
-                    with torch.no_grad():
-                        gamma.clamp_(0.0, 1.0)
-                losses.append(loss)
-                pbar.set_postfix(loss=f"{loss:.4f}")
-                pbar.update(1)
-        elapsed = time.perf_counter() - started
+        return optimize(merge, data, level=level, objective=objective, steps=steps, epochs=epochs, lr=lr,
+                        batch_size=batch_size, init=init, seed=seed, progress=progress, config=config,
+                        desc=f"divmerge {objective}/{level}")  # fmt: skip
     finally:
         if tmp is not None:
             tmp.cleanup()
+
+
+def optimize(merge, data: TeacherData, *, level: str, objective: str, steps: int | None, epochs: float | None,
+             lr: float, batch_size: int, init: float | None, seed: int, progress: bool, config: dict,
+             desc: str) -> LearnResult:  # fmt: skip
+    """Adam on Gamma over batches mixing tasks; `merge.loss_and_grad(gamma [T, blocks], batch, objective)` gives
+    the loss and its streamed gradient (full models or LoRA adapters alike)."""
+    from .report import progress as bar
+
+    T, nb = merge.T, len(merge.blocks)
+    counts = [data.n_seqs(t) for t in range(T)]
+    if steps is None:
+        if epochs is None:
+            raise ValueError("give steps or epochs")
+        steps = max(1, math.ceil(epochs * sum(counts) / batch_size))
+    if init is None:
+        init = 0.3 if objective == "entropy" else 1.0 / T
+    gamma = torch.full((T, nb) if level == "layer" else (T,), float(init), dtype=torch.float32, requires_grad=True)
+    opt = torch.optim.Adam([gamma], lr=lr)
+    losses: list[float] = []
+    stream = batches(counts, batch_size, seed)
+    started = time.perf_counter()
+    with bar(steps, desc, unit="step", disable=not progress) as pbar:
+        for _ in range(steps):
+            batch = make_batch(next(stream), data)
+            full = gamma.detach() if level == "layer" else gamma.detach()[:, None].expand(T, nb)
+            loss, g = merge.loss_and_grad(full, batch, objective)
+            opt.zero_grad()
+            gamma.grad = g if level == "layer" else g.sum(1)
+            opt.step()
+            if objective == "entropy":  # AdaMerging keeps coefficients in [0, 1]
+                with torch.no_grad():
+                    gamma.clamp_(0.0, 1.0)
+            losses.append(loss)
+            pbar.set_postfix(loss=f"{loss:.4f}")
+            pbar.update(1)
+    elapsed = time.perf_counter() - started
     coeffs = gamma.detach().clone() if level == "layer" else gamma.detach()[:, None].expand(T, nb).clone()
     return LearnResult(coeffs, list(merge.block_names), losses, objective, level, config, elapsed / max(steps, 1))
 

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import sys
 import tempfile
 import time
@@ -47,10 +46,9 @@ from .divmerge import (
     Batch,
     LearnResult,
     LearnSettings,
-    batches,
     learn_kwargs,
     load_yaml_config,
-    make_batch,
+    optimize,
     resolve_inputs,
 )
 from .lora import Adapter, AdapterError, read_adapters
@@ -439,8 +437,6 @@ def learn(
 def _learn(base_dir, adapter_dirs, inputs, *, level, objective, steps, epochs, lr, batch_size, max_new_tokens,
            eos_token_id, init, seed, device, cache_dir, progress, topk, full_vocab_max, token_chunk, dtype,
            attn_implementation, resident_max_bytes, quantize) -> LearnResult:  # fmt: skip
-    from .report import progress as bar
-
     if level not in LEVELS:
         raise ValueError(f"level {level!r}: expected one of {', '.join(LEVELS)}")
     if objective not in OBJECTIVES:
@@ -467,7 +463,6 @@ def _learn(base_dir, adapter_dirs, inputs, *, level, objective, steps, epochs, l
         resident_max_bytes=resident_max_bytes,
         quantize=quantize,
     )
-    T, nb = merge.T, len(merge.blocks)
     spec = TeacherSpec(max_new_tokens=max_new_tokens, eos_token_id=eos_token_id, full_vocab_max=full_vocab_max,
                        topk=topk, store_dists=objective != "entropy")  # fmt: skip
     tmp = None
@@ -476,38 +471,12 @@ def _learn(base_dir, adapter_dirs, inputs, *, level, objective, steps, epochs, l
         cache_dir = tmp.name
     try:
         data = TeacherData(merge.teacher_folders(inputs, cache_dir, spec, progress))
-        counts = [data.n_seqs(t) for t in range(T)]
-        if steps is None:
-            if epochs is None:
-                raise ValueError("give steps or epochs")
-            steps = max(1, math.ceil(epochs * sum(counts) / batch_size))
-        if init is None:
-            init = 0.3 if objective == "entropy" else 1.0 / T
-        gamma = torch.full((T, nb) if level == "layer" else (T,), float(init), requires_grad=True)
-        opt = torch.optim.Adam([gamma], lr=lr)
-        losses: list[float] = []
-        stream = batches(counts, batch_size, seed)
-        started = time.perf_counter()
-        with bar(steps, f"lora divmerge {objective}/{level}", unit="step", disable=not progress) as pbar:
-            for _ in range(steps):
-                batch = make_batch(next(stream), data)
-                full = gamma.detach() if level == "layer" else gamma.detach()[:, None].expand(T, nb)
-                loss, g = merge.loss_and_grad(full, batch, objective)
-                opt.zero_grad()
-                gamma.grad = g if level == "layer" else g.sum(1)
-                opt.step()
-                if objective == "entropy":
-                    with torch.no_grad():
-                        gamma.clamp_(0.0, 1.0)
-                losses.append(loss)
-                pbar.set_postfix(loss=f"{loss:.4f}")
-                pbar.update(1)
-        elapsed = time.perf_counter() - started
+        return optimize(merge, data, level=level, objective=objective, steps=steps, epochs=epochs, lr=lr,
+                        batch_size=batch_size, init=init, seed=seed, progress=progress, config=config,
+                        desc=f"lora divmerge {objective}/{level}")  # fmt: skip
     finally:
         if tmp is not None:
             tmp.cleanup()
-    coeffs = gamma.detach().clone() if level == "layer" else gamma.detach()[:, None].expand(T, nb).clone()
-    return LearnResult(coeffs, list(merge.block_names), losses, objective, level, config, elapsed / max(steps, 1))
 
 
 # ---- configuration file and CLI -------------------------------------------------------------------------
