@@ -32,7 +32,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-CHUNK = 1 << 17  # elements per chunk: a few fp32 temporaries of this size fit in L2
+CHUNK = 1 << 18  # elements per chunk: a few fp32 temporaries of this size fit in L2
 _GRAIN = 1 << 15  # below this torch runs elementwise ops serially anyway: no pool
 
 # 32-bit hash constants (lowbias32 by C. Wellons) and the golden-ratio key mixers.
