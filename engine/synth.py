@@ -8,41 +8,21 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
+_LLAMA_LIKE = dict(
+    hidden_size=48,
+    intermediate_size=96,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=97,
+    max_position_embeddings=128,
+    tie_word_embeddings=False,
+)
+
 TINY = {
-    "llama": dict(
-        model_type="llama",
-        hidden_size=48,
-        intermediate_size=96,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=97,
-        max_position_embeddings=128,
-        tie_word_embeddings=False,
-    ),
-    "qwen2": dict(
-        model_type="qwen2",
-        hidden_size=48,
-        intermediate_size=96,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=97,
-        max_position_embeddings=128,
-        tie_word_embeddings=False,
-    ),
-    "mistral": dict(
-        model_type="mistral",
-        hidden_size=48,
-        intermediate_size=96,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=97,
-        max_position_embeddings=128,
-        tie_word_embeddings=False,
-        sliding_window=None,
-    ),
+    "llama": dict(model_type="llama", **_LLAMA_LIKE),
+    "qwen2": dict(model_type="qwen2", **_LLAMA_LIKE),
+    "mistral": dict(model_type="mistral", sliding_window=None, **_LLAMA_LIKE),
     "gpt2": dict(
         model_type="gpt2",
         n_embd=48,
