@@ -21,11 +21,11 @@ from __future__ import annotations
 
 import fnmatch
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import torch
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, ValidationError, field_validator
 
 from .checkpoint import block_name
 
@@ -99,16 +99,18 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+def _check_parameters(v: dict[str, Any]) -> dict[str, Any]:
+    for k, x in v.items():
+        _check_value(x, k)
+    return v
+
+
+Parameters = Annotated[dict[str, Any], AfterValidator(_check_parameters)]
+
+
 class ModelEntry(_Strict):
     model: str
-    parameters: dict[str, Any] = {}
-
-    @field_validator("parameters")
-    @classmethod
-    def _values(cls, v: dict[str, Any]) -> dict[str, Any]:
-        for k, x in v.items():
-            _check_value(x, k)
-        return v
+    parameters: Parameters = {}
 
 
 class SliceSource(_Strict):
@@ -127,20 +129,13 @@ class MergeConfig(_Strict):
     base_model: str | None = None
     models: list[ModelEntry] = []
     slices: list[SliceDef] | None = None
-    parameters: dict[str, Any] = {}
+    parameters: Parameters = {}
     dtype: str | None = None
     out_dtype: str | None = None
     tokenizer_source: str | None = None
     name: str | None = None
     # folder relative model paths are also looked up in (the YAML's folder); not part of the YAML
     source_dir: str | None = None
-
-    @field_validator("parameters")
-    @classmethod
-    def _values(cls, v: dict[str, Any]) -> dict[str, Any]:
-        for k, x in v.items():
-            _check_value(x, k)
-        return v
 
     @field_validator("dtype", "out_dtype")
     @classmethod
