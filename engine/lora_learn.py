@@ -52,9 +52,9 @@ from .divmerge import (
     resolve_inputs,
 )
 from .lora import Adapter, AdapterError, read_adapters
-from .losses import OBJECTIVES, Targets, chunked_head_loss, topk_targets
+from .losses import OBJECTIVES, Targets, chunked_head_loss
 from .modeling import BlockSource, StreamedModel
-from .teacher import ChunkWriter, TeacherData, TeacherSpec, fingerprint, generate
+from .teacher import ChunkWriter, TeacherData, TeacherSpec, fingerprint, generate, step_targets
 
 QUANTIZE = (None, "nf4", "int8")
 
@@ -341,20 +341,8 @@ class StreamedLoraMerge:
         if not todo:
             return folders
         m = self.model
-        vocab = m.config.get_text_config().vocab_size
-        full = vocab <= spec.full_vocab_max
-        eos = spec.eos_token_id
-        if eos is None:
-            eos = getattr(m.config, "eos_token_id", None)
-            eos = eos[0] if isinstance(eos, list) else eos
+        vocab, full, eos, keep = step_targets(m.config, spec)
         writers = {t: ChunkWriter(folders[t], spec, full) for t in todo}
-        # per generation step: full probabilities or top-k + tail at once (never [batch, steps, vocab])
-        if not spec.store_dists:
-            keep = lambda lp: None
-        elif full:
-            keep = lambda lp: Targets(probs=lp.exp())
-        else:
-            keep = lambda lp: topk_targets(lp, spec.topk)
         buckets: dict[int, list[tuple[int, int]]] = {}
         for t in todo:
             for i, p in enumerate(prompts[t]):

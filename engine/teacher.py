@@ -119,6 +119,25 @@ class ChunkWriter:
         self.rows = []
 
 
+def step_targets(config, spec: TeacherSpec):
+    """(vocab size, full vocabulary?, EOS id, keep) for a teacher pass: keep(log_probs) reduces one generation
+    step to full probabilities or top-k + tail at once (never [batch, steps, vocab]), or to None when only the
+    continuations are needed."""
+    vocab = config.get_text_config().vocab_size
+    full = vocab <= spec.full_vocab_max
+    eos = spec.eos_token_id
+    if eos is None:
+        eos = getattr(config, "eos_token_id", None)
+        eos = eos[0] if isinstance(eos, list) else eos
+    if not spec.store_dists:
+        keep = lambda lp: None
+    elif full:
+        keep = lambda lp: Targets(probs=lp.exp())
+    else:
+        keep = lambda lp: topk_targets(lp, spec.topk)
+    return vocab, full, eos, keep
+
+
 def teacher_pass(
     expert_dir: str | Path,
     prompts: list[list[int]],
@@ -146,19 +165,9 @@ def teacher_pass(
         old.unlink()
     model = StreamedModel(expert_dir, attn_implementation=attn_implementation, device=device)
     source = model.source(resident_max_bytes)
-    vocab = model.config.get_text_config().vocab_size
-    full = vocab <= spec.full_vocab_max
-    eos = spec.eos_token_id
-    if eos is None:
-        eos = getattr(model.config, "eos_token_id", None)
-        eos = eos[0] if isinstance(eos, list) else eos
+    vocab, full, eos, keep = step_targets(model.config, spec)
     dtype = getattr(torch, spec.dtype)
     writer = ChunkWriter(folder, spec, full)
-    keep = None
-    if spec.store_dists:  # per step: full probabilities, or top-k + tail at once (never [B, steps, V])
-        keep = (lambda lp: Targets(probs=lp.exp())) if full else (lambda lp: topk_targets(lp, spec.topk))
-    else:
-        keep = lambda lp: None
     buckets: dict[int, list[int]] = {}
     for i, p in enumerate(prompts):
         if not p:
