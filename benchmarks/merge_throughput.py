@@ -24,8 +24,8 @@ import tempfile
 import time
 from pathlib import Path
 
-READ_CHILD = r"""
-import json, os, resource, sys, time
+CHILD_PEAK_RSS = r"""
+import resource
 def peak_rss():
     # VmHWM belongs to this exec's address space; ru_maxrss would also count the parent's pages at fork
     try:
@@ -35,6 +35,12 @@ def peak_rss():
     except OSError:
         pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+"""
+
+READ_CHILD = (
+    CHILD_PEAK_RSS
+    + r"""
+import json, os, sys, time
 files = json.loads(sys.argv[1])
 buf = bytearray(64 << 20)
 mv = memoryview(buf)
@@ -55,18 +61,12 @@ secs = time.perf_counter() - t0
 ru = resource.getrusage(resource.RUSAGE_SELF)
 print(json.dumps({"bytes": total, "seconds": secs, "peak_rss": peak_rss(), "cpu_seconds": ru.ru_utime + ru.ru_stime}))
 """
+)
 
-MERGE_CHILD = r"""
-import json, resource, sys, time
-def peak_rss():
-    # VmHWM belongs to this exec's address space; ru_maxrss would also count the parent's pages at fork
-    try:
-        for line in open("/proc/self/status"):
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+MERGE_CHILD = (
+    CHILD_PEAK_RSS
+    + r"""
+import json, sys, time
 t_import = time.perf_counter()
 from blockmerge.merge import run_merge
 from blockmerge.checkpoint import Checkpoint
@@ -78,6 +78,7 @@ ru = resource.getrusage(resource.RUSAGE_SELF)
 print(json.dumps({"seconds": secs, "import_seconds": t0 - t_import, "peak_rss": peak_rss(),
                   "cpu_seconds": ru.ru_utime + ru.ru_stime}))
 """
+)
 
 
 def drop_caches() -> bool:
