@@ -66,22 +66,11 @@ def static_config(method: str, suite: Suite, subset: Sequence[str], s: Settings,
     if method == "task_arithmetic":
         models = [{"model": e, "parameters": {"weight": lam}} for e in experts]
         return {"merge_method": "task_arithmetic", "base_model": str(suite.base), "models": models}
-    if method == "ties":
-        models = [{"model": e, "parameters": {"weight": 1.0, "density": s.ties_density}} for e in experts]
-        return {
-            "merge_method": "ties",
-            "base_model": str(suite.base),
-            "models": models,
-            "parameters": {"normalize": True, "lambda": 1.0},
-        }
-    if method == "dare_ties":
-        models = [{"model": e, "parameters": {"weight": 1.0, "density": s.dare_density}} for e in experts]
-        return {
-            "merge_method": "dare_ties",
-            "base_model": str(suite.base),
-            "models": models,
-            "parameters": {"normalize": True, "lambda": 1.0, "seed": s.seed},
-        }
+    if method in ("ties", "dare_ties"):
+        density = s.ties_density if method == "ties" else s.dare_density
+        params = {"normalize": True, "lambda": 1.0} | ({"seed": s.seed} if method == "dare_ties" else {})
+        models = [{"model": e, "parameters": {"weight": 1.0, "density": density}} for e in experts]
+        return {"merge_method": method, "base_model": str(suite.base), "models": models, "parameters": params}
     raise ValueError(f"unknown static method {method!r}")
 
 
