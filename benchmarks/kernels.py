@@ -3,7 +3,8 @@ torch expressions, and against a plain memory copy (the memory-bandwidth floor),
 
 GB/s = bytes of all inputs read / time (combine: base + T experts; project: grad + base + T experts;
 copy: the source). Output allocation is part of every timed call (fused and unfused alike).
-The fused path is what the dispatch picks: Triton on CUDA, the chunked torch reference on CPU.
+The fused path is what the dispatch picks: Triton on CUDA, the torch.compile'd formulas on CPU; on CPU the
+eager torch reference (chunked, the fallback without a C++ compiler) is timed beside it ("eager").
 The unfused expressions are the literal one-liners, computed in the input dtype:
   combine: base + sum(a * (e - base) for a, e in zip(weights, experts))
   project: torch.stack([torch.sum(grad * (e - base), dtype=torch.float32) for e in experts])
@@ -26,7 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from blockmerge.kernels import backend, combine, project  # noqa: E402
+from blockmerge.kernels import backend, combine, combine_torch, project, project_torch  # noqa: E402
 from blockmerge.kernels.reference import _run_chunks  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -165,14 +166,23 @@ def main(argv=None) -> int:
             w = [1.0 / T + 0.01 * i for i in range(T)]
             if "combine" in ops:
                 cases[("combine", "fused", T)] = lambda es=es, w=w: combine(base, es, w)
+                if bk == "compiled":
+                    cases[("combine", "eager", T)] = lambda es=es, w=w: combine_torch(base, es, w)
                 if not args.no_unfused:
                     cases[("combine", "unfused", T)] = lambda es=es, w=w: unfused_combine(base, es, w)
-                nbytes[("combine", "fused", T)] = nbytes[("combine", "unfused", T)] = (T + 1) * n * esize
+                for impl in ("fused", "eager", "unfused"):
+                    nbytes[("combine", impl, T)] = (T + 1) * n * esize
             if "project" in ops:
                 cases[("project", "fused", T)] = lambda es=es: project(grad, base, es)
+                if bk == "compiled":
+                    cases[("project", "eager", T)] = lambda es=es: project_torch(grad, base, es)
                 if not args.no_unfused:
                     cases[("project", "unfused", T)] = lambda es=es: unfused_project(grad, base, es)
-                nbytes[("project", "fused", T)] = nbytes[("project", "unfused", T)] = (T + 2) * n * esize
+                for impl in ("fused", "eager", "unfused"):
+                    nbytes[("project", impl, T)] = (T + 2) * n * esize
+        for (_, impl, _), fn in cases.items():
+            if impl == "fused":  # compile (torch.compile / Triton) before any timed or warm-up round
+                fn()
         samples = time_interleaved(cases, dev, args.rounds, args.budget)
         floor = [min(ts) for ts in zip(*(v for (op, _, _), v in samples.items() if op == "copy"), strict=True)]
         fbytes = n * esize
@@ -225,6 +235,7 @@ def summarize(rows) -> None:
             for n in dict.fromkeys(r["size"] for r in rows):
                 fu = _get(rows, op=op, impl="fused", T=T, dtype=dname, size=n)
                 un = _get(rows, op=op, impl="unfused", T=T, dtype=dname, size=n)
+                ea = _get(rows, op=op, impl="eager", T=T, dtype=dname, size=n)
                 cps = [r for r in rows if r["op"] == "copy" and r["dtype"] == dname and r["size"] == n]
                 if fu is None:
                     continue
@@ -232,6 +243,8 @@ def summarize(rows) -> None:
                 if cps:
                     cp = max(cps, key=lambda r: r["GB/s"])
                     line += f" | copy {cp['GB/s']:7.2f} | fused at {fu['pct_of_copy']:5.1f}% of copy"
+                if ea:
+                    line += f" | eager {ea['GB/s']:7.2f} ({ea['pct_of_copy']:5.1f}%)"
                 if un:
                     line += f" | unfused {un['GB/s']:7.2f} (fused x{fu['GB/s'] / un['GB/s']:.1f})"
                 print(line)
@@ -251,7 +264,7 @@ def plot(rows, path: Path, title: str) -> None:
         for j, dname in enumerate(dts):
             ax = axes[i][j]
             for k, T in enumerate(sorted({r["T"] for r in rows if r["op"] == op})):
-                for impl, ls in (("fused", "-"), ("unfused", "--")):
+                for impl, ls in (("fused", "-"), ("eager", "-."), ("unfused", "--")):
                     pts = sorted(
                         (r["size"], r["GB/s"])
                         for r in rows

@@ -12,6 +12,7 @@ from pathlib import Path
 import blockmerge.kernels as K
 import pytest
 import torch
+from blockmerge.kernels import compiled as C
 from blockmerge.kernels import reference as R
 
 triton = pytest.importorskip("triton")
@@ -306,20 +307,30 @@ def test_dispatch(monkeypatch):
 
     cpu = torch.zeros(3)
     monkeypatch.delenv("BLOCKMERGE_KERNELS", raising=False)
-    assert K.backend(cpu) == "torch"
+    monkeypatch.setattr(C, "_broken", None)
+    assert K.backend(cpu) == "compiled"
     assert K.backend(SimpleNamespace(is_cuda=True)) == "triton"
     calls = []
-    monkeypatch.setattr(real, "combine_triton", lambda *a, **k: calls.append("combine") or "triton")
-    monkeypatch.setattr(real, "project_triton", lambda *a, **k: calls.append("project") or "triton")
+    fakes = ((real, "combine_triton"), (real, "project_triton"), (C, "combine_compiled"), (C, "project_compiled"))
+    for mod, name in fakes:
+        monkeypatch.setattr(mod, name, lambda *a, name=name, **k: calls.append(name) or name)
     base, experts, w = _inputs((5,), torch.float32, 2)
-    assert isinstance(K.combine(base, experts, w), torch.Tensor) and calls == []  # CPU -> torch
-    assert isinstance(K.project(base, base, experts), torch.Tensor) and calls == []
+    assert K.combine(base, experts, w) == "combine_compiled" and K.project(base, base, experts) == "project_compiled"
+    monkeypatch.setattr(C, "_broken", "no compiler")  # torch.compile failed earlier: the eager reference
+    assert K.backend(cpu) == "torch"
+    assert isinstance(K.combine(base, experts, w), torch.Tensor)
+    assert isinstance(K.project(base, base, experts), torch.Tensor)
+    assert calls == ["combine_compiled", "project_compiled"]
+    calls.clear()
     monkeypatch.setenv("BLOCKMERGE_KERNELS", "triton")  # forced either way
     assert K.backend(cpu) == "triton"
-    assert K.combine(base, experts, w, normalize=True) == "triton" and K.project(base, base, experts) == "triton"
-    assert calls == ["combine", "project"]
+    assert K.combine(base, experts, w, normalize=True) == "combine_triton"
+    assert K.project(base, base, experts) == "project_triton"
+    assert calls == ["combine_triton", "project_triton"]
     monkeypatch.setenv("BLOCKMERGE_KERNELS", "torch")
     assert K.backend(SimpleNamespace(is_cuda=True)) == "torch"
+    monkeypatch.setenv("BLOCKMERGE_KERNELS", "compiled")
+    assert K.backend(SimpleNamespace(is_cuda=True)) == "compiled"
     monkeypatch.setenv("BLOCKMERGE_KERNELS", "cuda")
     with pytest.raises(ValueError, match="BLOCKMERGE_KERNELS"):
         K.backend(cpu)
@@ -378,3 +389,115 @@ def test_kernels_compile_for_sm90():
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0 and "OK" in r.stdout, r.stderr[-3000:]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the compiled CPU path (torch.compile of the formulas, the CPU default) against the eager reference
+
+COMPILED_CASES = [(torch.float32, 1), (torch.bfloat16, 3), (torch.float16, 5)]  # one graph each per option
+
+
+@pytest.fixture
+def compiled_on(monkeypatch):
+    """torch.compile works in this process (a fallback test elsewhere may have turned it off)."""
+    monkeypatch.setattr(C, "_broken", None)
+    monkeypatch.delenv("BLOCKMERGE_KERNELS", raising=False)
+
+
+@pytest.mark.parametrize("opt", list(OPTIONS))
+def test_compiled_combine_matches_torch(opt, compiled_on):
+    i = list(OPTIONS).index(opt)
+    for k, (dtype, T) in enumerate(COMPILED_CASES):
+        shape = SHAPES[(i + k) % len(SHAPES)]
+        base, experts, w = _inputs(shape, dtype, T, seed=100 + i * 10 + k)
+        kw = _kwargs(opt, base, experts)
+        ref = R.combine_torch(base, experts, w, **kw)
+        got = C.combine_compiled(base, experts, w, **kw)
+        assert got.dtype == ref.dtype and got.shape == ref.shape
+        _close(got, ref)
+    assert C.available()  # compiled for real, no silent fallback
+
+
+def test_compiled_hash_is_bit_identical():
+    """The int32 hash inside the compiled combine equals the int64 spec across 2^31 and 2^32."""
+    for start in (0, 2**31 - 333, 2**32 - 1000):
+        idx = torch.arange(start, start + 1003)
+        idx32 = torch.tensor([R._s32(v) for v in idx.tolist()], dtype=torch.int32)
+        for key in (R.task_key(0, 0), R.task_key(5, 3), 0xFFFFFFFF, 0):
+            got = C.hash_uniform32(torch.tensor(R._s32(key), dtype=torch.int32), idx32)
+            assert torch.equal(got, R.hash_uniform(key, idx))
+
+
+@pytest.mark.parametrize("call_max", [None, 1000])
+def test_compiled_dare_mask_identical(call_max, compiled_on, monkeypatch):
+    """The mask encoding of test_interp_dare_mask_identical_on_both_paths, offsets crossing 2^32, and a
+    tensor split into several calls (CALL_MAX) keeps each element's counter."""
+    if call_max:
+        monkeypatch.setattr(C, "CALL_MAX", call_max)
+    n, T, p, seed, w = 2051, 3, [0.3, 0.5, 0.9], 42, [1.0, 2.0, 4.0]
+    for offset in (0, 5, 2**32 - 700):
+        kw = dict(drop_p=p, rescale=False, seed=seed, offset=offset)
+        got = C.combine_compiled(torch.zeros(n), [torch.ones(n)] * T, w, **kw)
+        want = sum(R.dare_keep(seed, t, p[t], offset, n).float() * w[t] for t in range(T))
+        assert torch.equal(got, want)
+    assert C.available()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_compiled_project_matches(dtype, compiled_on, monkeypatch):
+    monkeypatch.setattr(C, "PROJECT_CHUNK", 1000)  # several chunks summed in fp64
+    for T, shape in ((1, (7,)), (3, (4097,)), (10, (3, 1029))):
+        base, experts, _ = _inputs(shape, dtype, T, seed=T)
+        grad = torch.randn(shape).to(dtype)
+        exact = torch.stack([(grad.double() * (e.double() - base.double())).sum() for e in experts]).float()
+        got = C.project_compiled(grad, base, experts)
+        assert got.dtype == torch.float32 and got.shape == (T,)
+        torch.testing.assert_close(got, exact, rtol=1e-5, atol=1e-5)
+        assert torch.equal(got, C.project_compiled(grad, base, experts))  # deterministic
+    assert C.available()
+
+
+def test_compiled_mixed_dtypes_and_strided_inputs(compiled_on):
+    g = torch.Generator().manual_seed(8)
+    base = torch.randn(64, 40, generator=g)
+    experts = [(base + 0.1 * torch.randn(64, 40, generator=g)).bfloat16() for _ in range(3)]
+    bt, et = base.t(), [e.t() for e in experts]  # non-contiguous views, fp32 base with bf16 experts
+    kw = {"thresholds": [0.05] * 3, "sign_consensus": True, "out_dtype": torch.bfloat16}
+    got = C.combine_compiled(bt, et, [0.3, 0.3, 0.4], **kw)
+    assert got.shape == bt.shape
+    _close(got, R.combine_torch(bt, et, [0.3, 0.3, 0.4], **kw))
+    grad = torch.randn(40, 64, generator=g)
+    torch.testing.assert_close(C.project_compiled(grad, bt, et), R.project_torch(grad, bt, et), rtol=1e-5, atol=1e-5)
+    _close(C.combine_compiled(base, [], []), base)  # no experts: base_weight * base
+    with pytest.raises(ValueError, match="weights"):
+        C.combine_compiled(base, experts, [1.0])
+    with pytest.raises(ValueError, match="shape"):
+        C.combine_compiled(base, [experts[0], torch.zeros(9)], [1.0, 1.0])
+    assert C.available()
+
+
+def test_compiled_falls_back_to_eager_with_a_warning(tmp_path):
+    """A failing compiler (here: none at all, in a child process) gives one clear warning and the eager
+    reference's result; the dispatch then stays on the eager path."""
+    script = textwrap.dedent(
+        """
+        import warnings, torch
+        from blockmerge import kernels as K
+        b = torch.randn(1000); es = [b + 1, b + 2]
+        assert K.backend(b) == "compiled"
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            out = K.combine(b, es, [0.5, 0.5])
+            g = K.project(b, b, es)
+        assert torch.allclose(out, b + 1.5) and torch.allclose(g, b.sum() * torch.tensor([1.0, 2.0]), atol=1e-3)
+        msgs = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+        assert len(msgs) == 1 and "torch.compile cannot build" in msgs[0] and "C++ compiler" in msgs[0], msgs
+        assert K.backend(b) == "torch" and not K.compiled.available()
+        print("OK")
+        """
+    )
+    # an empty Inductor cache: a cached kernel would not need the compiler
+    env = dict(os.environ, CXX="/nonexistent/g++", TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "inductor"))
+    env.pop("BLOCKMERGE_KERNELS", None)
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0 and "OK" in r.stdout, (r.stdout + r.stderr)[-3000:]

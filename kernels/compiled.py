@@ -1,0 +1,233 @@
+"""CPU kernels for combine and project: the formulas of reference.py written as plain torch expressions and
+compiled by torch.compile (Inductor's C++ backend with OpenMP) into one vectorised loop per call. Each input
+is read once, converted to fp32 in registers and never stored as a temporary: the fused loop runs at memory
+speed, where the eager reference pays one pass over an fp32 buffer per torch op (see benchmarks/kernels.py).
+
+Same signatures and semantics as reference.combine_torch / project_torch (the eager reference, which stays
+the fallback when torch.compile cannot build: no C++ compiler, unsupported platform). Rounding may differ
+from the eager path by an ulp (operation order, fused multiply-adds): tests hold them to per-dtype tolerances.
+
+One compiled graph per structure (number of experts, dtypes, which options are on); the numbers (weights,
+DARE probabilities, thresholds, seed keys, offsets) are tensors, and shapes are dynamic, so a merge compiles
+a graph or two once and reuses them for every tensor. Inductor caches compiled code on disk
+(TORCHINDUCTOR_CACHE_DIR, default /tmp/torchinductor_$USER), so later processes skip the compiler.
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+from collections.abc import Sequence
+
+import torch
+
+from .reference import _M1, _M2, _as_list, _s32, task_key
+
+CALL_MAX = 1 << 30  # elements per compiled call: the DARE counter inside is int32
+PROJECT_CHUNK = 1 << 20  # project sums chunks of this size in fp32 and the chunk sums in fp64
+RECOMPILE_LIMIT = 256  # graphs per formula (dynamo's default of 8 would silently fall back to eager)
+
+_compiled: dict[str, object] = {}
+_broken: str | None = None  # why torch.compile failed in this process (the eager path is used from then on)
+
+
+def hash_uniform32(key: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """reference.hash_uniform in int32 arithmetic that wraps mod 2^32 (vectorises; int64 multiplies do not on
+    AVX2): logical shifts as arithmetic shifts + masks, constants as their int32 bit patterns."""
+    x = idx ^ key
+    x = x ^ ((x >> 16) & 0xFFFF)
+    x = x * _s32(_M1)
+    x = x ^ ((x >> 15) & 0x1FFFF)
+    x = x * _s32(_M2)
+    x = x ^ ((x >> 16) & 0xFFFF)
+    return ((x >> 8) & 0xFFFFFF).to(torch.float32) * (1.0 / (1 << 24))
+
+
+def combine_formula(
+    b: torch.Tensor,
+    experts: Sequence[torch.Tensor],
+    coef: torch.Tensor,
+    keys: torch.Tensor,
+    offset: torch.Tensor,
+    *,
+    dare: tuple[bool, ...],
+    trim: bool,
+    sign: bool,
+    normalize: bool,
+    simple: bool,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
+    """The reference.py formula on flat tensors. coef (fp32): [base_weight, scale, divisor, w_t..., p_t...,
+    rescale_t..., thr_t...]; in the simple case (no DARE/TIES/normalize) coef[0] is the base's own coefficient
+    base_weight - scale*sum(w) and w_t are scale*w_t, so every input is one multiply-add."""
+    T = len(experts)
+    W, P, R, THR = 3, 3 + T, 3 + 2 * T, 3 + 3 * T
+    if simple:
+        acc = b.float() * coef[0]
+        for t, e in enumerate(experts):
+            acc = acc + e.float() * coef[W + t]
+        return acc.to(out_dtype)
+    b32 = b.float()
+    acc = sp = sn = dp = dn = idx = None
+    for t, e in enumerate(experts):
+        tau = e.float() - b32
+        if dare[t]:
+            if idx is None:
+                idx = torch.arange(b.numel(), dtype=torch.int32, device=b.device) + offset
+            keep = (hash_uniform32(keys[t], idx) >= coef[P + t]).float()
+            tau = tau * coef[R + t] * keep
+        if trim:
+            tau = tau * (tau.abs() >= coef[THR + t]).float()
+        x = tau * coef[W + t]
+        acc = x if acc is None else acc + x
+        if sign:  # running sums of the positive / negative parts and of their weights (see reference.py)
+            sp = x.clamp(min=0.0) if sp is None else sp + x.clamp(min=0.0)
+            sn = x.clamp(max=0.0) if sn is None else sn + x.clamp(max=0.0)
+            if normalize:
+                wp, wn = (x > 0).float() * coef[W + t], (x < 0).float() * coef[W + t]
+                dp = wp if dp is None else dp + wp
+                dn = wn if dn is None else dn + wn
+    if sign:
+        pos = (acc >= 0).float()  # elected sign
+        mix = sp * pos + sn * (1.0 - pos)
+        if normalize:
+            div = dp * pos + dn * (1.0 - pos)
+            mix = mix / (div + (div == 0).float())
+    else:
+        mix = acc / coef[2] if normalize else acc
+    return (mix * coef[1] + b32 * coef[0]).to(out_dtype)
+
+
+def project_formula(g: torch.Tensor, b: torch.Tensor, experts: Sequence[torch.Tensor]) -> torch.Tensor:
+    """[T] fp32: sum(g * (e_t - b)) over one chunk (difference first: <g,e> - <g,b> cancels badly)."""
+    g32, b32 = g.float(), b.float()
+    return torch.stack([(g32 * (e.float() - b32)).sum() for e in experts])
+
+
+def _call(name: str, fn, *args, **kw):
+    compiled_fn = _compiled.get(name)
+    if compiled_fn is None:
+        # raised once, never lowered: past the limit dynamo would quietly run the formula eagerly on whole
+        # tensors (fp32 temporaries the size of the tensor)
+        cfg = torch._dynamo.config
+        cfg.recompile_limit = max(cfg.recompile_limit, RECOMPILE_LIMIT)
+        compiled_fn = _compiled[name] = torch.compile(fn, dynamic=True)
+    with torch.no_grad():  # grad mode is part of dynamo's guards: always the same, one graph
+        return compiled_fn(*args, **kw)
+
+
+@functools.lru_cache(maxsize=64)
+def _keys(seed: int, T: int) -> torch.Tensor:
+    return torch.tensor([_s32(task_key(seed, t)) for t in range(T)], dtype=torch.int32)
+
+
+def available() -> bool:
+    """False once torch.compile has failed in this process (the dispatch then uses the eager reference)."""
+    return _broken is None
+
+
+def _fallback(err: Exception) -> None:
+    global _broken
+    _broken = f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"
+    warnings.warn(
+        f"blockmerge: torch.compile cannot build the CPU kernels ({_broken[:300]}); using the eager torch path "
+        "(slower). Install a C++ compiler, or set BLOCKMERGE_KERNELS=torch to silence this.",
+        RuntimeWarning,
+        stacklevel=4,  # the caller of kernels.combine / project
+    )
+
+
+def _check(base: torch.Tensor, experts: Sequence[torch.Tensor]) -> None:
+    for e in experts:
+        if e.shape != base.shape:
+            raise ValueError(f"expert shape {list(e.shape)} != base shape {list(base.shape)}")
+        if e.device != base.device:
+            raise ValueError(f"expert on {e.device} but base on {base.device}")
+
+
+def combine_compiled(
+    base: torch.Tensor,
+    experts: Sequence[torch.Tensor],
+    weights: Sequence[float] | torch.Tensor,
+    *,
+    base_weight: float = 1.0,
+    scale: float = 1.0,
+    drop_p: Sequence[float] | float | None = None,
+    rescale: bool = True,
+    seed: int = 0,
+    offset: int = 0,
+    thresholds: Sequence[float] | None = None,
+    sign_consensus: bool = False,
+    normalize: bool = False,
+    out_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """Fused combine; see reference.combine_torch for the semantics (identical keyword arguments)."""
+    from .reference import combine_torch
+
+    opts = dict(
+        base_weight=base_weight, scale=scale, drop_p=drop_p, rescale=rescale, seed=seed, offset=offset,
+        thresholds=thresholds, sign_consensus=sign_consensus, normalize=normalize, out_dtype=out_dtype,
+    )  # fmt: skip
+    T, n = len(experts), base.numel()
+    w = _as_list(weights, T, "weights")
+    p = _as_list(drop_p, T, "drop_p")
+    thr = _as_list(thresholds, T, "thresholds") if thresholds is not None else None
+    _check(base, experts)
+    if T == 0 or n == 0 or not available():
+        return combine_torch(base, experts, weights, **opts)
+    simple = not any(p) and thr is None and not sign_consensus and not normalize
+    if simple:  # base_weight*b + scale*sum w (e - b) = (base_weight - scale*sum w)*b + sum scale*w*e
+        head, w = [base_weight - scale * sum(w), 1.0, 1.0], [scale * v for v in w]
+    else:
+        sw = sum(w)
+        head = [base_weight, scale, sw if normalize and abs(sw) >= 1e-8 else 1.0]
+    keep_scale = [1.0 / (1.0 - v) if rescale and v > 0 else 1.0 for v in p]
+    coef = torch.tensor(head + w + p + keep_scale + (thr or [0.0] * T), dtype=torch.float32)
+    keys = _keys(seed, T)
+    out_dtype = out_dtype or base.dtype
+    spec = dict(
+        dare=tuple(v > 0 for v in p), trim=thr is not None, sign=bool(sign_consensus), normalize=bool(normalize),
+        simple=simple, out_dtype=out_dtype,
+    )  # fmt: skip
+    b, es = base.reshape(-1), [e.reshape(-1) for e in experts]
+
+    def run(s: int, stop: int) -> torch.Tensor:
+        off = torch.tensor(_s32(offset + s), dtype=torch.int32)
+        return _call("combine", combine_formula, b[s:stop], [e[s:stop] for e in es], coef, keys, off, **spec)
+
+    try:
+        if n <= CALL_MAX:
+            off = torch.tensor(_s32(offset), dtype=torch.int32)
+            out = _call("combine", combine_formula, b, es, coef, keys, off, **spec)
+        else:  # beyond the int32 counter: one call per CALL_MAX elements
+            out = torch.empty(n, dtype=out_dtype, device=base.device)
+            for s in range(0, n, CALL_MAX):
+                out[s : s + CALL_MAX] = run(s, min(s + CALL_MAX, n))
+    except Exception as err:  # compiler missing or broken (the inputs were checked above)
+        _fallback(err)
+        return combine_torch(base, experts, weights, **opts)
+    return out.view(base.shape)
+
+
+def project_compiled(grad: torch.Tensor, base: torch.Tensor, experts: Sequence[torch.Tensor]) -> torch.Tensor:
+    """g_t = <grad, expert_t - base> for every task, fp32 [T]; see reference.project_torch."""
+    from .reference import project_torch
+
+    if grad.shape != base.shape:
+        raise ValueError(f"grad shape {list(grad.shape)} != base shape {list(base.shape)}")
+    _check(base, experts)
+    T, n = len(experts), grad.numel()
+    if T == 0 or n == 0 or not available():
+        return project_torch(grad, base, experts)
+    g, b = grad.reshape(-1), base.reshape(-1)
+    es = [e.reshape(-1) for e in experts]
+    try:  # fp32 sums of fixed-size chunks added in fp64 in order: accurate and deterministic
+        parts = [
+            _call("project", project_formula, g[s : s + PROJECT_CHUNK], b[s : s + PROJECT_CHUNK],
+                  [e[s : s + PROJECT_CHUNK] for e in es])
+            for s in range(0, n, PROJECT_CHUNK)
+        ]  # fmt: skip
+    except Exception as err:
+        _fallback(err)
+        return project_torch(grad, base, experts)
+    return torch.stack(parts).double().sum(0).float()
