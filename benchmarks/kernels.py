@@ -8,6 +8,8 @@ eager torch reference (chunked, the fallback without a C++ compiler) is timed be
 The unfused expressions are the literal one-liners, computed in the input dtype:
   combine: base + sum(a * (e - base) for a, e in zip(weights, experts))
   project: torch.stack([torch.sum(grad * (e - base), dtype=torch.float32) for e in experts])
+dare / ties: combine with DARE (p = 0.5) / TIES (density 0.5 thresholds, sign election, disjoint mean),
+fused against the eager reference (no one-line unfused form).
 
   python benchmarks/kernels.py                      # device auto (cuda if available), writes CSV + PNG
   python benchmarks/kernels.py --sizes 1M,16M --tasks 4 --dtypes bf16
@@ -27,9 +29,17 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from blockmerge.kernels import backend, combine, combine_torch, project, project_torch  # noqa: E402
+from blockmerge.kernels import (  # noqa: E402
+    backend,
+    combine,
+    combine_torch,
+    magnitude_thresholds,
+    project,
+    project_torch,
+)
 from blockmerge.kernels.reference import _run_chunks  # noqa: E402
 
+OPS = ("combine", "project", "dare", "ties")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 FIELDS = [
     "op",
@@ -114,7 +124,7 @@ def main(argv=None) -> int:
     ap.add_argument("--sizes", default="1M,16M,64M", help="elements per tensor, comma separated (K/M/G suffixes)")
     ap.add_argument("--tasks", default="2,4,8", help="expert counts T")
     ap.add_argument("--dtypes", default="bf16,fp32", help=f"input dtypes among {','.join(DTYPES)}")
-    ap.add_argument("--ops", default="combine,project")
+    ap.add_argument("--ops", default="combine,project,dare,ties", help="dare / ties: combine with those options")
     ap.add_argument("--no-unfused", action="store_true", help="skip the unfused torch expressions")
     ap.add_argument("--rounds", type=int, default=5, help="max timed rounds over all cases of a (dtype, size)")
     ap.add_argument("--budget", type=float, default=3.0, help="stop adding rounds past this many seconds (min 2)")
@@ -180,6 +190,19 @@ def main(argv=None) -> int:
                     cases[("project", "unfused", T)] = lambda es=es: unfused_project(grad, base, es)
                 for impl in ("fused", "eager", "unfused"):
                     nbytes[("project", impl, T)] = (T + 2) * n * esize
+            for op in ("dare", "ties"):  # the option-heavy combines: fused vs the eager reference only
+                if op not in ops:
+                    continue
+                if op == "dare":
+                    kw = {"drop_p": 0.5, "seed": 1}
+                else:  # thresholds are computed once per tensor, outside the kernel (as in a merge)
+                    thr = magnitude_thresholds(base, es, [0.5] * T)
+                    kw = {"thresholds": thr, "sign_consensus": True, "normalize": True}
+                cases[(op, "fused", T)] = lambda es=es, w=w, kw=kw: combine(base, es, w, **kw)
+                if bk == "compiled":
+                    cases[(op, "eager", T)] = lambda es=es, w=w, kw=kw: combine_torch(base, es, w, **kw)
+                for impl in ("fused", "eager"):
+                    nbytes[(op, impl, T)] = (T + 1) * n * esize
         for (_, impl, _), fn in cases.items():
             if impl == "fused":  # compile (torch.compile / Triton) before any timed or warm-up round
                 fn()
@@ -226,7 +249,7 @@ def summarize(rows) -> None:
     """Fused vs copy floor and vs unfused, per dtype and size, T=4 (or the T closest to 4)."""
     print("\nsummary, T=4: best GB/s of inputs read; % of the copy floor = median over rounds of the ratio to the")
     print("same round's copy (best of copy_ and the pooled copy); fused/unfused speed-up from best times")
-    for op in ("combine", "project"):
+    for op in OPS:
         ts = sorted({r["T"] for r in rows if r["op"] == op})
         if not ts:
             continue
@@ -256,7 +279,7 @@ def plot(rows, path: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    ops = [o for o in ("combine", "project") if any(r["op"] == o for r in rows)]
+    ops = [o for o in OPS if any(r["op"] == o for r in rows)]
     dts = list(dict.fromkeys(r["dtype"] for r in rows))
     fig, axes = plt.subplots(len(ops), len(dts), figsize=(5.5 * len(dts), 4 * len(ops)), squeeze=False)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]

@@ -1,8 +1,9 @@
 """Fused task-vector kernels behind one dispatch point: Triton for CUDA tensors; on CPU the torch formulas
-compiled by torch.compile (compiled.py), or the eager torch reference (reference.py) where torch.compile
-cannot build. BLOCKMERGE_KERNELS=auto|compiled|torch|triton forces a path (triton on CPU needs
-TRITON_INTERPRET=1 set before triton is first imported). Inputs are not differentiated through (no
-autograd): project gives the gradient with respect to the coefficients."""
+compiled by torch.compile (compiled.py) for tensors of at least compiled.MIN_NUMEL elements, and the eager
+torch reference (reference.py) for smaller ones or where torch.compile cannot build.
+BLOCKMERGE_KERNELS=auto|compiled|torch|triton forces a path (triton on CPU needs TRITON_INTERPRET=1 set
+before triton is first imported). Inputs are not differentiated through (no autograd): project gives the
+gradient with respect to the coefficients."""
 
 from __future__ import annotations
 
@@ -40,7 +41,7 @@ def backend(t: torch.Tensor) -> str:
         raise ValueError(f"BLOCKMERGE_KERNELS={forced!r}: expected auto, {', '.join(BACKENDS)}")
     if t.is_cuda:
         return "triton"
-    return "compiled" if compiled.available() else "torch"
+    return "compiled" if compiled.available() and t.numel() >= compiled.MIN_NUMEL else "torch"
 
 
 def combine(base: torch.Tensor, experts: Sequence[torch.Tensor], weights, **kw) -> torch.Tensor:

@@ -23,6 +23,10 @@ import torch
 
 from .reference import _M1, _M2, _as_list, _s32, task_key
 
+# The dispatch sends smaller tensors to the eager reference, which is as fast there (per-call overheads
+# dominate both): a process with only small tensors (tests, tiny models) never pays torch.compile's start-up,
+# about 4 s for importing Inductor and loading the cached kernels, plus a few seconds per graph when cold.
+MIN_NUMEL = 1 << 18
 CALL_MAX = 1 << 30  # elements per compiled call: the DARE counter inside is int32
 PROJECT_CHUNK = 1 << 20  # project sums chunks of this size in fp32 and the chunk sums in fp64
 RECOMPILE_LIMIT = 256  # graphs per formula (dynamo's default of 8 would silently fall back to eager)

@@ -58,18 +58,22 @@ def reference_loss_and_grad(base, experts, gamma, batch, objective, level):
 
 
 @pytest.mark.parametrize(
-    "arch,objective,level,full_vocab_max",
+    "arch,objective,level,full_vocab_max,kernels",
     [
-        ("llama", "js", "layer", 4096),
-        ("llama", "js", "task", 4096),
-        ("llama", "kl", "layer", 4096),
-        ("llama", "entropy", "layer", 4096),
-        ("llama", "js", "layer", 16),  # top-k + tail bucket
-        ("gpt2", "js", "layer", 4096),  # tied lm_head: the head's use of wte counts to the embed block
-        ("gpt2", "kl", "task", 16),
+        ("llama", "js", "layer", 4096, "auto"),
+        ("llama", "js", "layer", 4096, "compiled"),  # combine and project compiled (tiny tensors: forced)
+        ("llama", "js", "task", 4096, "auto"),
+        ("llama", "kl", "layer", 4096, "auto"),
+        ("llama", "entropy", "layer", 4096, "auto"),
+        ("llama", "js", "layer", 16, "auto"),  # top-k + tail bucket
+        ("gpt2", "js", "layer", 4096, "auto"),  # tied lm_head: the head's use of wte counts to the embed block
+        ("gpt2", "kl", "task", 16, "compiled"),
     ],
 )
-def test_streamed_gradient_equals_autograd(families, tmp_path, arch, objective, level, full_vocab_max):
+def test_streamed_gradient_equals_autograd(
+    families, tmp_path, arch, objective, level, full_vocab_max, kernels, monkeypatch
+):
+    monkeypatch.setenv("BLOCKMERGE_KERNELS", kernels)
     base, experts = families[arch]
     spec = TeacherSpec(
         max_new_tokens=5, eos_token_id=1, full_vocab_max=full_vocab_max, topk=8, store_dists=objective != "entropy"

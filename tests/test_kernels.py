@@ -308,6 +308,9 @@ def test_dispatch(monkeypatch):
     cpu = torch.zeros(3)
     monkeypatch.delenv("BLOCKMERGE_KERNELS", raising=False)
     monkeypatch.setattr(C, "_broken", None)
+    assert K.backend(cpu) == "torch"  # small: the eager path (no torch.compile start-up)
+    assert K.backend(torch.empty(C.MIN_NUMEL)) == "compiled"
+    monkeypatch.setattr(C, "MIN_NUMEL", 1)
     assert K.backend(cpu) == "compiled"
     assert K.backend(SimpleNamespace(is_cuda=True)) == "triton"
     calls = []
@@ -483,6 +486,7 @@ def test_compiled_falls_back_to_eager_with_a_warning(tmp_path):
         """
         import warnings, torch
         from blockmerge import kernels as K
+        K.compiled.MIN_NUMEL = 1  # small tensors too
         b = torch.randn(1000); es = [b + 1, b + 2]
         assert K.backend(b) == "compiled"
         with warnings.catch_warnings(record=True) as caught:

@@ -237,9 +237,11 @@ def _reference(case, cfg_params, base_dir, expert_dirs):
     return dare
 
 
+@pytest.mark.parametrize("kernels", ["torch", "compiled"])  # tiny tensors would take the eager path: force each
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("case,params", METHOD_CASES, ids=[c for c, _ in METHOD_CASES])
-def test_method_matches_formula(case, params, dtype, fam32, fam16, tmp_path):
+def test_method_matches_formula(case, params, dtype, kernels, fam32, fam16, tmp_path, monkeypatch):
+    monkeypatch.setenv("BLOCKMERGE_KERNELS", kernels)
     base, experts = fam32 if dtype == torch.float32 else fam16
     method = case.split("_nonorm")[0].split("_lambda")[0].split("_norescale")[0]
     p = dict(params)
