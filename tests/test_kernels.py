@@ -300,6 +300,23 @@ def test_magnitude_thresholds_topk():
     assert R.magnitude_thresholds(base, experts[:1], [0.0]) == [float("inf")]
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_magnitude_thresholds_radix_select_is_exact(dtype, monkeypatch):
+    """The two-pass radix select over pool chunks equals a sort, with many ties (bf16), tiny and huge
+    magnitudes, zeros, and any density."""
+    monkeypatch.setenv("BLOCKMERGE_CPU_THREADS", "2")
+    n = 3 * R.CHUNK + 5
+    base, experts, _ = _inputs((n,), dtype, 1, seed=6)
+    e = experts[0].clone()
+    e[:1000] = base[:1000]  # zero deltas
+    e[1000:1010] = (base[1000:1010].float() + 1e30).to(dtype)
+    e[1010:1020] = (base[1010:1020].float() + 1e-30).to(dtype)
+    mag = (e.float() - base.float()).abs().sort(descending=True).values
+    for d in (2e-6, 1e-5, 0.01, 0.3, 0.5, 0.77, 0.999, 1 - 1e-5):
+        k = int(d * n)
+        assert R.magnitude_thresholds(base, [e], [d]) == [mag[k - 1].item()], d
+
+
 def test_dispatch(monkeypatch):
     from types import SimpleNamespace
 
