@@ -2,12 +2,15 @@
 next to the I/O floor (plain sequential reading of the same input files) measured in the same run.
 
     nice -n 10 python benchmarks/merge_throughput.py            # ties (density 0.5) and linear
+    python benchmarks/merge_throughput.py --methods linear,ties,dare_ties --kernels auto,torch
 
 The family is generated on disk tensor by tensor (blockmerge.synth.write_synthetic_llama, no nn.Module) in
 --root, reused when --root/DONE exists (and never deleted here). Every measurement runs in its own
 subprocess so that its peak RSS (VmHWM of the child's own address space) is its own. "cold" runs start
 after dropping the page cache (`echo 1 > /proc/sys/vm/drop_caches`, needs root; reported as not cold
 otherwise), "warm" runs follow immediately so the inputs are (mostly) in the page cache.
+Each method runs with each --kernels value (BLOCKMERGE_KERNELS: auto = torch.compile'd CPU kernels for big
+tensors, torch = the eager reference); "seconds" includes torch.compile's start-up in the merging process.
 GB/s = bytes of all input files read / seconds; cpu_seconds = the child's user + system time (on a shared
 machine the wall time also counts time spent waiting for a core). Writes benchmarks/out/merge_throughput.csv."""
 
@@ -91,9 +94,10 @@ def drop_caches() -> bool:
         return False
 
 
-def child(code: str, *args: str) -> dict:
+def child(code: str, *args: str, kernels: str | None = None) -> dict:
+    env = dict(os.environ, BLOCKMERGE_KERNELS=kernels) if kernels else None
     t0 = time.perf_counter()
-    r = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True)
+    r = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=env)
     wall = time.perf_counter() - t0
     if r.returncode != 0:
         raise RuntimeError(f"child failed ({r.returncode}):\n{r.stderr[-4000:]}")
@@ -133,6 +137,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-warm", action="store_true", help="only cold runs")
     ap.add_argument("--out-dir", default=str(Path(__file__).parent / "out"))
     ap.add_argument("--work", default=None, help="where merged outputs go (deleted after each run)")
+    ap.add_argument(
+        "--kernels", default="auto,torch", help="BLOCKMERGE_KERNELS values to run each method with (auto: compiled)"
+    )
     args = ap.parse_args(argv)
 
     from blockmerge.checkpoint import Checkpoint
@@ -153,9 +160,10 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     temps = ["cold"] + ([] if args.no_warm else ["warm"])
 
-    def record(kind, cache, res, nbytes):
+    def record(kind, cache, res, nbytes, kernels="-"):
         row = {
             "kind": kind,
+            "kernels": kernels,
             "cache": cache,
             "bytes_read": nbytes,
             "seconds": round(res["seconds"], 3),
@@ -166,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
         }
         rows.append(row)
         print(
-            f"{kind:>16} {cache:>5}: {nbytes / 1e9:6.2f} GB read in {row['seconds']:7.2f}s = "
+            f"{kind:>16} {kernels:>5} {cache:>5}: {nbytes / 1e9:6.2f} GB read in {row['seconds']:7.2f}s = "
             f"{row['GB_per_s']:5.2f} GB/s, {row['cpu_seconds']:7.1f} CPU-s, peak RSS {row['peak_rss_GiB']:.2f} GiB",
             flush=True,
         )
@@ -179,12 +187,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for method in [m.strip() for m in args.methods.split(",") if m.strip()]:
             cfg = merge_config(method, base, experts, args.density)
-            for cache in temps:
-                out = work / f"out_{method}"
-                c = "cold" if cache == "cold" and drop_caches() else ("warm" if cache == "warm" else "cold?")
-                res = child(MERGE_CHILD, json.dumps(cfg), str(out))
-                record(f"merge {method}", c, res, in_bytes)
-                shutil.rmtree(out, ignore_errors=True)
+            for kernels in [k.strip() for k in args.kernels.split(",") if k.strip()]:
+                for cache in temps:
+                    out = work / f"out_{method}"
+                    c = "cold" if cache == "cold" and drop_caches() else ("warm" if cache == "warm" else "cold?")
+                    res = child(MERGE_CHILD, json.dumps(cfg), str(out), kernels=kernels)
+                    record(f"merge {method}", c, res, in_bytes, kernels)
+                    shutil.rmtree(out, ignore_errors=True)
     finally:
         if args.work is None:
             shutil.rmtree(work, ignore_errors=True)

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .reference import _M1, _M2, _as_list, _s32, task_key
+from .reference import _M1, _M2, _as_list, _s32, check_experts, task_key
 
 # The dispatch sends smaller tensors to the eager reference, which is as fast there (per-call overheads
 # dominate both): a process with only small tensors (tests, tiny models) never pays torch.compile's start-up,
@@ -141,14 +141,6 @@ def _fallback(err: Exception) -> None:
     )
 
 
-def _check(base: torch.Tensor, experts: Sequence[torch.Tensor]) -> None:
-    for e in experts:
-        if e.shape != base.shape:
-            raise ValueError(f"expert shape {list(e.shape)} != base shape {list(base.shape)}")
-        if e.device != base.device:
-            raise ValueError(f"expert on {e.device} but base on {base.device}")
-
-
 def combine_compiled(
     base: torch.Tensor,
     experts: Sequence[torch.Tensor],
@@ -176,7 +168,7 @@ def combine_compiled(
     w = _as_list(weights, T, "weights")
     p = _as_list(drop_p, T, "drop_p")
     thr = _as_list(thresholds, T, "thresholds") if thresholds is not None else None
-    _check(base, experts)
+    check_experts(base, experts)
     if T == 0 or n == 0 or not available():
         return combine_torch(base, experts, weights, **opts)
     simple = not any(p) and thr is None and not sign_consensus and not normalize
@@ -219,7 +211,7 @@ def project_compiled(grad: torch.Tensor, base: torch.Tensor, experts: Sequence[t
 
     if grad.shape != base.shape:
         raise ValueError(f"grad shape {list(grad.shape)} != base shape {list(base.shape)}")
-    _check(base, experts)
+    check_experts(base, experts)
     T, n = len(experts), grad.numel()
     if T == 0 or n == 0 or not available():
         return project_torch(grad, base, experts)

@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .reference import _as_list, task_key
+from .reference import _as_list, check_experts, task_key
 
 MAX_T = 8  # experts per launch
 BLOCK_COMBINE = 1024
@@ -161,11 +161,7 @@ def _project_kernel(
 
 
 def _check(base: torch.Tensor, experts: Sequence[torch.Tensor]) -> None:
-    for e in experts:
-        if e.shape != base.shape:
-            raise ValueError(f"expert shape {list(e.shape)} != base shape {list(base.shape)}")
-        if e.device != base.device:
-            raise ValueError(f"expert on {e.device} but base on {base.device}")
+    check_experts(base, experts)
     if base.device.type != "cuda" and not INTERPRET:
         raise RuntimeError(
             "Triton kernels need CUDA tensors (or TRITON_INTERPRET=1 set before importing "

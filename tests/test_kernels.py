@@ -136,12 +136,17 @@ def _kwargs(opt, base, experts):
 @interp
 def test_interp_combine_matches_torch(opt, dtype):
     i = list(OPTIONS).index(opt) + DTYPES.index(dtype)
-    for k, T in enumerate((1, 2, 3, 5)):
+    _compare_combine(TK.combine_triton, opt, [(dtype, T) for T in (1, 2, 3, 5)], i)
+
+
+def _compare_combine(fn, opt: str, cases, i: int, seed0: int = 0) -> None:
+    """fn against the eager reference for option set `opt`, one (dtype, T) case per odd shape."""
+    for k, (dtype, T) in enumerate(cases):
         shape = SHAPES[(i + k) % len(SHAPES)]
-        base, experts, w = _inputs(shape, dtype, T, seed=i * 10 + k)
+        base, experts, w = _inputs(shape, dtype, T, seed=seed0 + i * 10 + k)
         kw = _kwargs(opt, base, experts)
         ref = R.combine_torch(base, experts, w, **kw)
-        got = TK.combine_triton(base, experts, w, **kw)
+        got = fn(base, experts, w, **kw)
         assert got.dtype == ref.dtype and got.shape == ref.shape
         _close(got, ref)
 
@@ -426,15 +431,7 @@ def compiled_on(monkeypatch):
 
 @pytest.mark.parametrize("opt", list(OPTIONS))
 def test_compiled_combine_matches_torch(opt, compiled_on):
-    i = list(OPTIONS).index(opt)
-    for k, (dtype, T) in enumerate(COMPILED_CASES):
-        shape = SHAPES[(i + k) % len(SHAPES)]
-        base, experts, w = _inputs(shape, dtype, T, seed=100 + i * 10 + k)
-        kw = _kwargs(opt, base, experts)
-        ref = R.combine_torch(base, experts, w, **kw)
-        got = C.combine_compiled(base, experts, w, **kw)
-        assert got.dtype == ref.dtype and got.shape == ref.shape
-        _close(got, ref)
+    _compare_combine(C.combine_compiled, opt, COMPILED_CASES, list(OPTIONS).index(opt), seed0=100)
     assert C.available()  # compiled for real, no silent fallback
 
 
