@@ -1,8 +1,8 @@
 """Throughput and memory of `blockmerge merge` on a synthetic ~1.1B-parameter Llama (bf16) with 3 experts,
 next to the I/O floor (plain sequential reading of the same input files) measured in the same run.
 
-    nice -n 10 python benchmarks/merge_throughput.py            # ties (density 0.5) and linear
-    python benchmarks/merge_throughput.py --methods linear,ties,dare_ties --kernels auto,torch
+    nice -n 10 python benchmarks/merge_throughput.py     # linear, ties, dare_ties (density 0.5); kernels auto, torch
+    python benchmarks/merge_throughput.py --methods ties --kernels auto
 
 The family is generated on disk tensor by tensor (blockmerge.synth.write_synthetic_llama, no nn.Module) in
 --root, reused when --root/DONE exists (and never deleted here). Every measurement runs in its own
@@ -131,7 +131,7 @@ def merge_config(method: str, base: Path, experts: list[Path], density: float) -
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--root", default="/tmp/synth1b", help="family folder (base, expert0..), reused if DONE exists")
-    ap.add_argument("--methods", default="ties,linear", help="comma-separated merge methods")
+    ap.add_argument("--methods", default="linear,ties,dare_ties", help="comma-separated merge methods")
     ap.add_argument("--density", type=float, default=0.5)
     ap.add_argument("--experts", type=int, default=3)
     ap.add_argument("--no-warm", action="store_true", help="only cold runs")
