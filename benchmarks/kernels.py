@@ -124,7 +124,7 @@ def main(argv=None) -> int:
     ap.add_argument("--sizes", default="1M,16M,64M", help="elements per tensor, comma separated (K/M/G suffixes)")
     ap.add_argument("--tasks", default="2,4,8", help="expert counts T")
     ap.add_argument("--dtypes", default="bf16,fp32", help=f"input dtypes among {','.join(DTYPES)}")
-    ap.add_argument("--ops", default="combine,project,dare,ties", help="dare / ties: combine with those options")
+    ap.add_argument("--ops", default=",".join(OPS), help="dare / ties: combine with those options")
     ap.add_argument("--no-unfused", action="store_true", help="skip the unfused torch expressions")
     ap.add_argument("--rounds", type=int, default=5, help="max timed rounds over all cases of a (dtype, size)")
     ap.add_argument("--budget", type=float, default=3.0, help="stop adding rounds past this many seconds (min 2)")
@@ -138,7 +138,11 @@ def main(argv=None) -> int:
     sizes = [parse_size(s) for s in args.sizes.split(",")]
     tasks = [int(t) for t in args.tasks.split(",")]
     dtypes = [d.strip() for d in args.dtypes.split(",")]
-    ops = [o.strip() for o in args.ops.split(",")]
+    ops = [o.strip() for o in args.ops.split(",") if o.strip()]
+    if not ops or not set(ops) <= set(OPS):
+        ap.error(f"--ops {args.ops!r}: give one or more of {','.join(OPS)}")
+    if not set(dtypes) <= set(DTYPES):
+        ap.error(f"--dtypes {args.dtypes!r}: give one or more of {','.join(DTYPES)}")
     threads = torch.get_num_threads() if dev.type == "cpu" else 0
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu ({os.cpu_count()} cores)"
     print(f"device {dev} [{name}], torch {torch.__version__}, torch threads {torch.get_num_threads()}")
