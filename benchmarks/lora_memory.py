@@ -69,7 +69,10 @@ def write_adapters(base_dir: Path, root: Path, n: int, r: int, alpha: int, seed:
     for i in range(n):
         d = root / f"adapter{i}"
         out.append(d)
-        if (d / "adapter_model.safetensors").exists():
+        if (d / "adapter_model.safetensors").exists():  # reused, but only if it is the adapter asked for
+            have = json.loads((d / "adapter_config.json").read_text())
+            if (have["r"], have["lora_alpha"], have["base_model_name_or_path"]) != (r, alpha, str(base_dir)):
+                raise SystemExit(f"{d}: an adapter of another rank or base is there; pass another --adapters-root")
             continue
         d.mkdir(parents=True, exist_ok=True)
         g = torch.Generator().manual_seed(seed * 100 + i)
@@ -99,6 +102,7 @@ def run_child(args: dict) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--root", default="/tmp/synth1b")
+    ap.add_argument("--shape", default="1b", help="synthetic family: 1b (the benchmark) or tiny (a smoke run)")
     ap.add_argument("--adapters-root", default="/tmp/synth1b_lora")
     ap.add_argument("--n-adapters", type=int, default=4)
     ap.add_argument("--rank", type=int, default=16)
@@ -116,7 +120,7 @@ def main() -> None:
     from blockmerge.checkpoint import Checkpoint
     from blockmerge.synth import ensure_synthetic_llama
 
-    base_dir, _ = ensure_synthetic_llama(a.root)
+    base_dir, _ = ensure_synthetic_llama(a.root, n_experts=0, shape=a.shape)
     base = Checkpoint(base_dir)
     cfg = base.config
     adapters = write_adapters(base_dir, Path(a.adapters_root), a.n_adapters, a.rank, 2 * a.rank)
@@ -154,13 +158,13 @@ def main() -> None:
     gi = lambda x: x / 2**30
     rows = [
         ("base block (largest, fp32 + bf16 + prefetched bf16)", base_block),
-        ("adapters (4 x r=16 factors, fp32)", adapter_bytes),
+        (f"adapters ({T} x r={a.rank} factors, fp32)", adapter_bytes),
         ("activations (kept inputs + layer recompute + head chunk)", activations),
         ("slack", 1 << 30),
         ("bound", bound),
         ("peak RSS teacher pass" + (" (cache reused: not a measurement)" if cached else ""), teacher["peak_rss"]),
         (f"peak RSS learning ({a.steps} steps)", learn["peak_rss"]),
-        ("dense alternative: fp32 base + 4 full-rank deltas", dense),
+        (f"dense alternative: fp32 base + {T} full-rank deltas", dense),
     ]
     print(f"base {base_dir}: {base.nbytes / 1e9:.2f} GB bf16, {L} layers, largest block {largest / 1e6:.1f}M params")
     print(f"{T} adapters r={a.rank}; batch {B} sequences x {S} tokens, {n_targets} target positions; "

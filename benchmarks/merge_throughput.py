@@ -134,31 +134,34 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--methods", default="linear,ties,dare_ties", help="comma-separated merge methods")
     ap.add_argument("--density", type=float, default=0.5)
     ap.add_argument("--experts", type=int, default=3)
-    ap.add_argument("--no-warm", action="store_true", help="only cold runs")
+    ap.add_argument("--shape", default="1b", help="synthetic family: 1b (the benchmark) or tiny (a smoke run)")
+    ap.add_argument("--caches", default="cold,warm", help="page-cache states to run each case in")
     ap.add_argument("--out-dir", default=str(Path(__file__).parent / "out"))
     ap.add_argument("--work", default=None, help="where merged outputs go (deleted after each run)")
     ap.add_argument(
         "--kernels", default="auto,torch", help="BLOCKMERGE_KERNELS values to run each method with (auto: compiled)"
     )
     args = ap.parse_args(argv)
+    temps = [c.strip() for c in args.caches.split(",") if c.strip()]
+    if not temps or not set(temps) <= {"cold", "warm"}:
+        ap.error(f"--caches {args.caches!r}: give cold, warm or both")
 
     from blockmerge.checkpoint import Checkpoint
     from blockmerge.synth import ensure_synthetic_llama
 
     t0 = time.perf_counter()
     existed = (Path(args.root) / "DONE").exists()
-    base, experts = ensure_synthetic_llama(args.root, n_experts=args.experts)
+    base, experts = ensure_synthetic_llama(args.root, n_experts=args.experts, shape=args.shape)
     gen_s = time.perf_counter() - t0
     ck = Checkpoint(base)
     params = ck.nbytes // 2
     print(
-        f"family {args.root}: {params / 1e9:.2f}B params per model, {ck.num_layers} layers, "
+        f"family {args.root}: {params / 1e6:.1f}M params per model, {ck.num_layers} layers, "
         f"{len(experts)} experts, {'reused' if existed else f'generated in {gen_s:.0f}s'}"
     )
     files = input_files([base, *experts])
     in_bytes = sum(os.path.getsize(f) for f in files)
     rows = []
-    temps = ["cold"] + ([] if args.no_warm else ["warm"])
 
     def record(kind, cache, res, nbytes, kernels="-"):
         row = {

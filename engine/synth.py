@@ -83,6 +83,8 @@ def make_family(
 # Large synthetic Llama families for benchmarks, written tensor by tensor (never an nn.Module).
 
 SYNTH1B = dict(hidden=2048, intermediate=5632, layers=22, heads=32, kv_heads=4, vocab=32000)
+# "tiny" runs every benchmark end to end in seconds (tests/test_benchmarks.py): same code, toy sizes
+SHAPES = {"1b": SYNTH1B, "tiny": dict(hidden=64, intermediate=160, layers=2, heads=4, kv_heads=2, vocab=512)}
 
 
 def llama_tensor_specs(
@@ -184,19 +186,34 @@ def write_synthetic_llama(
     return dirs[0], dirs[1:]
 
 
-def ensure_synthetic_llama(root: str | Path = "/tmp/synth1b", n_experts: int = 3, **kw) -> tuple[Path, list[Path]]:
-    """The shared ~1B family: reuse root when root/DONE exists, else write it (under a lock, so concurrent
-    callers wait for one writer) and touch root/DONE. Nothing here ever deletes it."""
+def ensure_synthetic_llama(
+    root: str | Path = "/tmp/synth1b", n_experts: int = 3, shape: str = "1b", **kw
+) -> tuple[Path, list[Path]]:
+    """A shared benchmark family (shape: a key of SHAPES): reuse root when root/DONE exists, else write it
+    (under a lock, so concurrent callers wait for one writer) and record its shape and expert count in
+    root/DONE. A family of another shape, or with fewer experts, is an error, never silently reused.
+    Nothing here ever deletes it."""
     import fcntl
+    import json
 
+    if shape not in SHAPES:
+        raise ValueError(f"synthetic family shape {shape!r}: expected one of {', '.join(SHAPES)}")
     root = Path(root)
     dirs = (root / "base", [root / f"expert{i}" for i in range(n_experts)])
-    if (root / "DONE").exists():
-        return dirs
-    root.mkdir(parents=True, exist_ok=True)
-    with open(root.parent / f".{root.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not (root / "DONE").exists():
-            write_synthetic_llama(root, n_experts=n_experts, force=True, **kw)
-            (root / "DONE").touch()
+    done = root / "DONE"
+    if not done.exists():
+        root.mkdir(parents=True, exist_ok=True)
+        with open(root.parent / f".{root.name}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not done.exists():
+                n = max(n_experts, 3)  # every benchmark can share the family, whoever writes it first
+                write_synthetic_llama(root, n_experts=n, force=True, **SHAPES[shape], **kw)
+                done.write_text(json.dumps({"shape": shape, "n_experts": n}))
+    # an empty DONE predates the record: only the 1b family with 3 experts was written then
+    have = json.loads(done.read_text() or '{"shape": "1b", "n_experts": 3}')
+    if have["shape"] != shape or have["n_experts"] < n_experts:
+        raise ValueError(  # not found at the start: generating 1b takes minutes
+            f"{root}: holds a {have['shape']!r} family with {have['n_experts']} experts, asked for {shape!r} with "
+            f"{n_experts}; pass another root or delete this one"
+        )
     return dirs

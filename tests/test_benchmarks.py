@@ -1,0 +1,104 @@
+"""Every benchmark script runs end to end on toy sizes (`--shape tiny`, tiny tensors) and writes what it
+promises: these catch a script that no longer runs, not its speed (speed is measured by running them)."""
+
+from __future__ import annotations
+
+import csv
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from blockmerge.synth import ensure_synthetic_llama
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def run(script: str, *args: str) -> subprocess.CompletedProcess:
+    r = subprocess.run([sys.executable, str(BENCH / script), *args], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, f"{script} failed:\n{r.stdout[-2000:]}\n{r.stderr[-3000:]}"
+    return r
+
+
+def read_csv(path: Path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture(scope="module")
+def family(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("bench") / "family"
+    ensure_synthetic_llama(root, n_experts=2, shape="tiny")
+    return root
+
+
+def test_family_of_another_shape_is_refused(family):
+    with pytest.raises(ValueError, match=r"holds a 'tiny' family with 3 experts, asked for '1b'"):
+        ensure_synthetic_llama(family, n_experts=2, shape="1b")
+    with pytest.raises(ValueError, match="with 3 experts, asked for 'tiny' with 4"):
+        ensure_synthetic_llama(family, n_experts=4, shape="tiny")
+    with pytest.raises(ValueError, match="shape 'huge'"):
+        ensure_synthetic_llama(family, shape="huge")
+
+
+def test_kernels_benchmark(tmp_path):
+    """A row per op and implementation (tiny tensors take the eager path), positive throughputs, a PNG;
+    a bad --ops is refused by name."""
+    args = ["--device", "cpu", "--sizes", "3K", "--tasks", "2,3", "--dtypes", "fp32", "--rounds", "2"]
+    run("kernels.py", *args, "--budget", "2", "--out", str(tmp_path))
+    rows = read_csv(tmp_path / "kernels.csv")
+    got = {(row["op"], row["impl"], int(row["T"])) for row in rows}
+    want = {("copy", "copy", 1), ("copy", "copy_pool", 1)}
+    want |= {(op, "fused", T) for op in ("combine", "project", "dare", "ties") for T in (2, 3)}
+    want |= {(op, "unfused", T) for op in ("combine", "project") for T in (2, 3)}
+    assert got == want
+    assert all(float(row["GB/s"]) > 0 and int(row["size"]) == 3 * 1024 for row in rows)
+    assert (tmp_path / "kernels.png").stat().st_size > 0
+    bad = subprocess.run(
+        [sys.executable, str(BENCH / "kernels.py"), "--ops", "combine,sort"], capture_output=True, text=True
+    )
+    assert bad.returncode == 2 and "--ops 'combine,sort'" in bad.stderr
+
+
+def test_merge_throughput_benchmark(family, tmp_path):
+    args = ["--root", str(family), "--shape", "tiny", "--experts", "2", "--methods", "linear,dare_ties"]
+    run("merge_throughput.py", *args, "--kernels", "torch", "--caches", "warm", "--out-dir", str(tmp_path))
+    rows = read_csv(tmp_path / "merge_throughput.csv")
+    assert [(r["kind"], r["kernels"], r["cache"]) for r in rows] == [
+        ("read (I/O floor)", "-", "warm"),
+        ("merge linear", "torch", "warm"),
+        ("merge dare_ties", "torch", "warm"),
+    ]
+    in_bytes = sum(f.stat().st_size for d in ("base", "expert0", "expert1") for f in (family / d).glob("*.safetensors"))
+    assert all(int(r["bytes_read"]) == in_bytes for r in rows)
+    assert all(float(r["peak_rss_GiB"]) > 0 and float(r["GB_per_s"]) > 0 for r in rows)
+
+
+def test_divmerge_step_benchmark(family, tmp_path):
+    args = ["--root", str(family), "--shape", "tiny", "--experts", "2", "--steps", "2", "--batch", "2"]
+    args += ["--seq", "16", "--targets", "4", "--teacher-pass", "2", "--out", str(tmp_path / "step.csv")]
+    run("divmerge_step.py", *args)
+    (row,) = read_csv(tmp_path / "step.csv")
+    assert row["within_bound"] == "True" and row["blocks"] == "4"
+    losses = [float(x) for x in row["losses"].split()]
+    assert len(losses) == 2 and all(math.isfinite(x) and x > 0 for x in losses)
+    assert 0 < float(row["grad_norm_last_step"]) < math.inf
+    assert float(row["teacher_pass_s"]) > 0
+
+
+def test_lora_memory_benchmark(family, tmp_path):
+    def args(rank: int, out: str) -> list[str]:
+        a = ["--root", str(family), "--shape", "tiny", "--adapters-root", str(tmp_path / "lora"), "--n-adapters"]
+        a += ["2", "--rank", str(rank), "--prompts-per-task", "1", "--prompt-len", "8", "--max-new-tokens", "2"]
+        return a + ["--steps", "2", "--token-chunk", "16", "--threads", "1", "--out", str(tmp_path / out)]
+
+    run("lora_memory.py", *args(2, "lora.csv"))
+    rows = {r["quantity"]: r for r in read_csv(tmp_path / "lora.csv")}
+    assert int(rows["peak RSS learning (2 steps)"]["bytes"]) < int(rows["bound"]["bytes"])
+    assert int(rows["adapters (2 x r=2 factors, fp32)"]["bytes"]) > 0
+    assert float(rows["seconds per learning step"]["GiB"]) > 0
+    # an adapter folder of another rank is not silently reused
+    cmd = [sys.executable, str(BENCH / "lora_memory.py"), *args(3, "x.csv")]
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert again.returncode != 0 and "adapter of another rank or base" in again.stderr
