@@ -102,3 +102,32 @@ def test_lora_memory_benchmark(family, tmp_path):
     cmd = [sys.executable, str(BENCH / "lora_memory.py"), *args(3, "x.csv")]
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert again.returncode != 0 and "adapter of another rank or base" in again.stderr
+
+
+def test_quality_outputs(tmp_path):
+    """benchmarks/quality.py's table: ANP averaged over subsets per (method, k), the best merge per k in
+    bold, the base never bolded; CSV rows and the plot written. (The sweep itself, Comparison.run, is
+    tested on the micro suite in test_suite.py.)"""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("quality_bench", BENCH / "quality.py")
+    quality = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(quality)
+    rows = [
+        dict(method=m, k=k, subset=i, anp=anp, acc={"a": anp}, norm={"a": anp})
+        for m, k, i, anp in [
+            ("base", 2, 0, 0.9), ("ties", 2, 0, 0.5), ("ties", 2, 1, 0.7), ("divmerge_js_layer", 2, 0, 0.8),
+            ("divmerge_js_layer", 2, 1, 0.8), ("ties", 3, 0, 0.4), ("divmerge_js_layer", 3, 0, 0.3),
+        ]
+    ]  # fmt: skip
+    methods = ["base", "ties", "divmerge_js_layer"]
+    quality.write_outputs(rows, tmp_path, methods, [2, 3], "header")
+    md = (tmp_path / "quality.md").read_text().splitlines()
+    assert md[0] == "header" and md[2] == "| method | k=2 (n=2) | k=3 (n=1) | mean |"
+    assert md[4:] == [
+        "| base | 0.900 |  | 0.900 |",
+        "| ties | 0.600 | **0.400** | 0.500 |",
+        "| divmerge_js_layer | **0.800** | 0.300 | 0.550 |",
+    ]
+    assert len(read_csv(tmp_path / "quality.csv")) == len(rows)
+    assert (tmp_path / "quality.png").stat().st_size > 0
