@@ -96,6 +96,7 @@ def drop_caches() -> bool:
 
 def child(code: str, *args: str, kernels: str | None = None) -> dict:
     env = dict(os.environ, BLOCKMERGE_KERNELS=kernels) if kernels else None
+    os.sync()  # the previous merge's output is written back now, not during this run
     t0 = time.perf_counter()
     r = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=env)
     wall = time.perf_counter() - t0
