@@ -172,7 +172,7 @@ def main() -> None:
         "time_per_step_s": sum(r["times"]) / len(r["times"]),
         "step_times_s": " ".join(f"{t:.1f}" for t in r["times"]),
         "losses": " ".join(f"{x:.7f}" for x in r["losses"]),
-        "grad_norm_last_step": r["grad_norm"],
+        "grad_norm_last_step": f"{r['grad_norm']:.4e}",
         "rss_after_import_GiB": r["rss_after_import"] / G,
         "peak_rss_GiB": r["peak_rss"] / G,
         "bound_GiB (2 blocks x models + acts + 1 GiB)": bound / G,
