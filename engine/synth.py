@@ -212,7 +212,7 @@ def ensure_synthetic_llama(
     # an empty DONE predates the record: only the 1b family with 3 experts was written then
     have = json.loads(done.read_text() or '{"shape": "1b", "n_experts": 3}')
     if have["shape"] != shape or have["n_experts"] < n_experts:
-        raise ValueError(  # not found at the start: generating 1b takes minutes
+        raise ValueError(
             f"{root}: holds a {have['shape']!r} family with {have['n_experts']} experts, asked for {shape!r} with "
             f"{n_experts}; pass another root or delete this one"
         )
