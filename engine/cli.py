@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 COMMANDS = {
@@ -18,11 +19,22 @@ COMMANDS = {
 }
 
 
+KERNELS = ("auto", "compiled", "torch", "triton")  # BLOCKMERGE_KERNELS values (blockmerge.kernels.backend)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(prog="blockmerge", description=__doc__.split(":")[0])
+    parser.add_argument(
+        "--kernels",
+        choices=KERNELS,
+        default=None,
+        help="task-vector kernels (sets BLOCKMERGE_KERNELS): auto = Triton on GPU, on CPU torch.compile'd for "
+        "large tensors (about 4 s of start-up per process) and the eager reference for small ones; torch = "
+        "always the eager reference (quicker for small linear merges)",
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    chosen = argv[0] if argv and argv[0] in COMMANDS else None
+    chosen = next((a for a in argv if a in COMMANDS), None)
     modules = {}
     for name, (module, help_) in COMMANDS.items():
         p = sub.add_parser(name, help=help_, description=help_)
@@ -30,6 +42,8 @@ def main(argv: list[str] | None = None) -> int:
             modules[name] = importlib.import_module(module)
             modules[name].add_arguments(p)
     args = parser.parse_args(argv)
+    if args.kernels:
+        os.environ["BLOCKMERGE_KERNELS"] = args.kernels  # read by the one dispatch point at every call
     try:
         return modules[args.command].run(args) or 0
     except (ValueError, FileExistsError, FileNotFoundError) as e:  # bad input: one clear line, no traceback

@@ -265,3 +265,27 @@ def test_existing_output_and_force(cli_setup, capsys, tmp_path):
     assert rc == 0
     assert left_in(outs) == ["m"] and not (out / "old.txt").exists()
     AutoModelForCausalLM.from_pretrained(out)
+
+
+def test_kernels_option_picks_the_path(cli_setup, capsys, tmp_path, monkeypatch):
+    """`blockmerge --kernels X merge ...` sends every combine through path X (the same result either way)."""
+    import blockmerge.kernels as K
+    from blockmerge.cli import KERNELS
+
+    assert set(KERNELS) == {"auto", *K.BACKENDS}
+    monkeypatch.setenv("BLOCKMERGE_KERNELS", "auto")  # restored after the test: main() sets it
+    used = []
+    for name, fn in (("compiled", K.compiled.combine_compiled), ("torch", K.combine_torch)):
+        wrapped = lambda *a, _fn=fn, _name=name, **kw: (used.append(_name), _fn(*a, **kw))[1]
+        monkeypatch.setattr(K.compiled if name == "compiled" else K, fn.__name__, wrapped)
+    base, experts, outs = cli_setup
+    cfg = str(ties_yaml(tmp_path / "c.yml", base, experts))
+    merged = {}
+    for kernels in ("compiled", "torch"):
+        used.clear()
+        rc, err = run_cli(["--kernels", kernels, "merge", cfg, str(outs / kernels), "--no-progress"], capsys)
+        assert rc == 0, err
+        assert used and set(used) == {kernels} and K.compiled.available()
+        merged[kernels] = load_all(outs / kernels)
+    for name, t in merged["torch"].items():
+        torch.testing.assert_close(merged["compiled"][name].float(), t.float(), rtol=1e-2, atol=1e-2, msg=name)
