@@ -2,7 +2,9 @@
 torch expressions, and against a plain memory copy (the memory-bandwidth floor), in one run.
 
 GB/s = bytes of all inputs read / time (combine: base + T experts; project: grad + base + T experts;
-copy: the source). Output allocation is part of every timed call (fused and unfused alike).
+copy: the source). peak_extra_MiB = memory one call holds at its peak beyond its inputs (output plus
+temporaries; peak_x_tensor: the same in input-tensor sizes), measured once per case after the timing.
+Output allocation is part of every timed call (fused and unfused alike).
 The fused path is what the dispatch picks: Triton on CUDA, the torch.compile'd formulas on CPU; on CPU the
 eager torch reference (chunked, the fallback without a C++ compiler) is timed beside it ("eager").
 The unfused expressions are the literal one-liners, computed in the input dtype:
@@ -56,6 +58,8 @@ FIELDS = [
     "device",
     "backend",
     "threads",
+    "peak_extra_MiB",
+    "peak_x_tensor",
 ]
 
 
@@ -105,6 +109,36 @@ def time_interleaved(cases: dict, device: torch.device, rounds: int, budget_s: f
     return samples
 
 
+def _status_bytes(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field))
+
+
+def peak_extra_bytes(fn, device: torch.device) -> int | None:
+    """Memory one call takes at its peak beyond what was allocated before it: its output plus any
+    temporaries. CUDA: the caching allocator's peak. CPU (Linux): the resident-set high-water mark, reset
+    just before the call by writing 5 to /proc/self/clear_refs; buffers that a path keeps across calls
+    (the eager reference's per-worker chunk buffers, allocated by the warm-up) are not counted. None where
+    it cannot be measured."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        out = fn()
+        torch.cuda.synchronize(device)
+        del out
+        return torch.cuda.max_memory_allocated(device) - before
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        before = _status_bytes("VmRSS:")
+    except OSError:
+        return None
+    out = fn()
+    del out
+    return max(0, _status_bytes("VmHWM:") - before)
+
+
 def pooled_copy(dst: torch.Tensor, src: torch.Tensor) -> None:
     """dst.copy_(src) chunk by chunk on the worker pool of the CPU kernels (same threading as combine)."""
     _run_chunks(src.numel(), src.device, lambda i, s, e: dst[s:e].copy_(src[s:e]))
@@ -149,17 +183,20 @@ def main(argv=None) -> int:
 
     rows: list[dict] = []
 
-    def record(op, impl, n, T, dname, ts, nbytes, bk, pct):
+    def record(op, impl, n, T, dname, ts, nbytes, bk, pct, peak, tensor_bytes):
         sec, med = min(ts), statistics.median(ts)
         row = dict(op=op, impl=impl, size=n, T=T, dtype=dname, ms=round(sec * 1e3, 3), ms_median=round(med * 1e3, 3))
         row.update({"GB/s": round(nbytes / sec / 1e9, 3), "GB/s_median": round(nbytes / med / 1e9, 3)})
         row.update({"pct_of_copy": round(pct, 1), "rounds": len(ts), "device": dev.type, "backend": bk})
         row["threads"] = threads
+        row["peak_extra_MiB"] = "" if peak is None else round(peak / 2**20, 2)
+        row["peak_x_tensor"] = "" if peak is None else round(peak / tensor_bytes, 2)  # in input-tensor sizes
         rows.append(row)
         ms, gbs = row["ms"], row["GB/s"]
+        mem = "" if peak is None else f", peak +{row['peak_extra_MiB']:.1f} MiB = {row['peak_x_tensor']:.2f} tensors"
         print(
             f"{op:8s} {impl:9s} {size_label(n):>5s} T={T:<2d} {dname:5s} {ms:10.3f} ms {gbs:8.2f} GB/s"
-            f"  ({row['pct_of_copy']:6.1f}% of copy, median of {len(ts)} rounds)"
+            f"  ({row['pct_of_copy']:6.1f}% of copy, median of {len(ts)} rounds{mem})"
         )
 
     def bench_case(dname: str, n: int) -> None:
@@ -217,7 +254,8 @@ def main(argv=None) -> int:
             nb = nbytes[(op, impl, T)]
             # per round: this case's GB/s over the round's copy floor GB/s (best of copy and copy_pool)
             pct = statistics.median(100 * (nb / t) / (fbytes / c) for t, c in zip(ts, floor, strict=True))
-            record(op, impl, n, T, dname, ts, nb, bk if impl == "fused" else "torch", pct)
+            peak = peak_extra_bytes(cases[(op, impl, T)], dev)
+            record(op, impl, n, T, dname, ts, nb, bk if impl == "fused" else "torch", pct, peak, fbytes)
 
     g = torch.Generator(device="cpu").manual_seed(0)
     t_start = time.perf_counter()
