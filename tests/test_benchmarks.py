@@ -54,6 +54,7 @@ def test_kernels_benchmark(tmp_path):
     want |= {(op, "unfused", T) for op in ("combine", "project") for T in (2, 3)}
     assert got == want
     assert all(float(row["GB/s"]) > 0 and int(row["size"]) == 3 * 1024 for row in rows)
+    assert all(float(row["peak_extra_MiB"]) >= 0 and float(row["peak_x_tensor"]) >= 0 for row in rows)
     assert (tmp_path / "kernels.png").stat().st_size > 0
     bad = subprocess.run(
         [sys.executable, str(BENCH / "kernels.py"), "--ops", "combine,sort"], capture_output=True, text=True
