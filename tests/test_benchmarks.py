@@ -4,12 +4,14 @@ promises: these catch a script that no longer runs, not its speed (speed is meas
 from __future__ import annotations
 
 import csv
+import importlib.util
 import math
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 from blockmerge.synth import ensure_synthetic_llama
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
@@ -19,6 +21,14 @@ def run(script: str, *args: str) -> subprocess.CompletedProcess:
     r = subprocess.run([sys.executable, str(BENCH / script), *args], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, f"{script} failed:\n{r.stdout[-2000:]}\n{r.stderr[-3000:]}"
     return r
+
+
+def load_script(name: str):
+    """A benchmark script as a module (benchmarks/ is not a package)."""
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def read_csv(path: Path) -> list[dict]:
@@ -109,11 +119,7 @@ def test_quality_outputs(tmp_path):
     """benchmarks/quality.py's table: ANP averaged over subsets per (method, k), the best merge per k in
     bold, the base never bolded; CSV rows and the plot written. (The sweep itself, Comparison.run, is
     tested on the micro suite in test_suite.py.)"""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("quality_bench", BENCH / "quality.py")
-    quality = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(quality)
+    quality = load_script("quality")
     rows = [
         dict(method=m, k=k, subset=i, anp=anp, acc={"a": anp}, norm={"a": anp})
         for m, k, i, anp in [
@@ -132,3 +138,13 @@ def test_quality_outputs(tmp_path):
     ]
     assert len(read_csv(tmp_path / "quality.csv")) == len(rows)
     assert (tmp_path / "quality.png").stat().st_size > 0
+
+
+def test_peak_memory_measure():
+    """The benchmark's per-call peak: a 64 MiB tensor written by the call counts, nothing else does."""
+    bench = load_script("kernels")
+    cpu = torch.device("cpu")
+    big = bench.peak_extra_bytes(lambda: torch.ones(16 << 20), cpu)
+    none = bench.peak_extra_bytes(lambda: None, cpu)
+    assert big is not None and none is not None  # Linux: /proc/self/clear_refs
+    assert 60 << 20 <= big <= 72 << 20 and none < 4 << 20
