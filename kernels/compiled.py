@@ -21,7 +21,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .reference import _M1, _M2, _as_list, _madvise_hugepages, _s32, check_experts, task_key
+from .reference import _M1, _M2, _as_list, _s32, check_experts, new_output, task_key
 
 # The dispatch sends smaller tensors to the eager reference, which is as fast there (per-call overheads
 # dominate both): a process with only small tensors (tests, tiny models) never pays torch.compile's start-up,
@@ -193,16 +193,16 @@ def combine_compiled(
     b, es = base.reshape(-1), [e.reshape(-1) for e in experts]
     # the output is allocated here, not by Inductor, so that it gets huge pages before its first touch
     # (4 KiB page faults doubled the time of a 64M-element fp32 combine); the loop writes into it directly
-    out = torch.empty(n, dtype=out_dtype, device=base.device)
-    _madvise_hugepages(out)
+    out = new_output(base.shape, out_dtype, base.device)
+    flat = out.view(-1)
     try:
         for s in range(0, n, CALL_MAX):  # one call unless the int32 DARE counter would overflow
             stop, off = min(s + CALL_MAX, n), torch.tensor(_s32(offset + s), dtype=torch.int32)
-            _call("combine", combine_into, out[s:stop], b[s:stop], [e[s:stop] for e in es], coef, keys, off, **spec)
+            _call("combine", combine_into, flat[s:stop], b[s:stop], [e[s:stop] for e in es], coef, keys, off, **spec)
     except Exception as err:  # compiler missing or broken (the inputs were checked above)
         _fallback(err)
         return combine_torch(base, experts, weights, **opts)
-    return out.view(base.shape)
+    return out
 
 
 def project_compiled(grad: torch.Tensor, base: torch.Tensor, experts: Sequence[torch.Tensor]) -> torch.Tensor:

@@ -239,6 +239,13 @@ def _madvise_hugepages(t: torch.Tensor) -> None:
         _libc = False
 
 
+def new_output(shape: Sequence[int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """An uninitialised CPU-path output, hinted for huge pages before anything writes it."""
+    out = torch.empty(shape, dtype=dtype, device=device)
+    _madvise_hugepages(out)
+    return out
+
+
 def _run_chunks(numel: int, device: torch.device, fn: Callable[[int, int, int], None]) -> int:
     """Call fn(i, start, stop) for the chunks of range(numel) (pool on CPU); returns the number of chunks."""
     workers = cpu_workers() if device.type == "cpu" else 1
@@ -294,8 +301,7 @@ def combine_torch(
     p = _as_list(drop_p, T, "drop_p")
     thr = _as_list(thresholds, T, "thresholds") if thresholds is not None else None
     check_experts(base, experts)
-    out = torch.empty(base.shape, dtype=out_dtype or base.dtype, device=base.device)
-    _madvise_hugepages(out)
+    out = new_output(base.shape, out_dtype or base.dtype, base.device)
     n = base.numel()
     if n == 0:
         return out
