@@ -148,3 +148,20 @@ def test_peak_memory_measure():
     none = bench.peak_extra_bytes(lambda: None, cpu)
     assert big is not None and none is not None  # Linux: /proc/self/clear_refs
     assert 60 << 20 <= big <= 72 << 20 and none < 4 << 20
+
+
+def test_gpu_check_smoke(tmp_path):
+    """The GPU check's code runs on CPU in --smoke mode: every check has rows and passes; a full run without
+    CUDA is refused with one line."""
+    r = run("gpu_check.py", "--smoke", "--out", str(tmp_path))
+    rows = read_csv(tmp_path / "gpu_check.csv")
+    assert {r["check"] for r in rows} == {"kernel", "merge", "divmerge", "bandwidth"}
+    assert all(r["ok"] == "True" for r in rows)
+    assert {r["case"] for r in rows if r["check"] == "merge"} == {"linear", "task_arithmetic", "ties", "dare_ties"}
+    assert "| divmerge | js/layer step |" in r.stdout
+    if not torch.cuda.is_available():
+        bad = subprocess.run([sys.executable, str(BENCH / "gpu_check.py")], capture_output=True, text=True)
+        assert (
+            bad.returncode == 2
+            and bad.stderr.strip() == "gpu_check: error: no CUDA device (use --smoke to run the script on CPU)"
+        )
