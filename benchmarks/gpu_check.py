@@ -4,7 +4,8 @@
                tensors of odd shapes, fp32/bf16/fp16, 1..9 experts. The reference runs on CPU copies.
   2. merge     `run_merge(..., device="cuda")` against the same merge on CPU, for linear, task_arithmetic,
                ties and dare_ties (largest difference per method; DARE draws the same mask on both).
-  3. divmerge  one DivMerge step (loss and dL/dGamma, layer level, JS) on CUDA against the CPU step.
+  3. divmerge  one DivMerge step (loss and dL/dGamma, layer level, JS) on CUDA against the CPU step, and
+               learn() end to end (teacher pass, 4 Adam steps) on CUDA against CPU: the learned coefficients.
   4. bandwidth the kernels' GB/s (bytes read + written per call over the median time) against a device copy.
 
     python benchmarks/gpu_check.py [--out benchmarks/results] [--smoke]
@@ -130,6 +131,25 @@ def check_divmerge(dev: str, smoke: bool, tmp: Path) -> list[dict]:
     return [row | dict(loss_cpu=l_cpu, loss_dev=l_dev, grad_rel_err=grad_err, ok=loss_err < 1e-4 and grad_err < 1e-3)]
 
 
+def check_learn(dev: str, smoke: bool, tmp: Path) -> list[dict]:
+    """learn() end to end (teacher pass with KV cache, Adam over streamed steps) on CUDA against CPU."""
+    from blockmerge.divmerge import learn
+    from blockmerge.synth import make_family
+
+    base, experts = make_family(tmp / "learn", "llama", n_experts=2, dtype=torch.float32, tau_scale=0.05)
+    g = torch.Generator().manual_seed(3)
+    inputs = [[torch.randint(3, 97, (int(n),), generator=g).tolist() for n in torch.randint(2, 7, (6,), generator=g)]
+              for _ in experts]  # fmt: skip
+    kw = dict(level="layer", objective="js", steps=4, batch_size=4, max_new_tokens=4, progress=False)
+    res = {d: learn(base, experts, inputs, device=d, cache_dir=tmp / f"teacher-{d}", **kw) for d in ("cpu", dev)}
+    diff = float((res[dev].coefficients.cpu() - res["cpu"].coefficients).abs().max())
+    loss_diff = max(abs(a - b) for a, b in zip(res[dev].losses, res["cpu"].losses, strict=True))
+    row = dict(check="learn", case="js/layer 4 steps", dtype="fp32", T=2, max_abs_diff=diff, loss_diff=loss_diff)
+    # Adam divides each gradient component by its own magnitude, so a component near 0 may step either way on
+    # the two devices: coefficients agree to two learning-rate steps, the losses (same data) to fp32 rounding.
+    return [row | dict(ok=diff <= 2 * 1e-2 + 1e-6 and loss_diff < 1e-4 * max(1.0, abs(res["cpu"].losses[0])))]
+
+
 def median_seconds(fn, dev: str, reps: int) -> float:
     fn()
     times = []
@@ -194,6 +214,7 @@ def main(argv: list[str] | None = None) -> int:
             lambda: check_kernels(dev, args.smoke),
             lambda: check_merge(dev, args.smoke, Path(tmp)),
             lambda: check_divmerge(dev, args.smoke, Path(tmp)),
+            lambda: check_learn(dev, args.smoke, Path(tmp)),
             lambda: check_bandwidth(dev, args.smoke),
         ):
             t0 = time.perf_counter()
@@ -221,8 +242,11 @@ def summarize(rows: list[dict], name: str) -> None:
         if check == "bandwidth":
             r = rs[0]
             val = f"{r['GBps']:.1f} GB/s" + (f" ({r['pct_of_copy']:.0f}% of copy)" if "pct_of_copy" in r else "")
-        elif check == "merge":
-            val = f"max |diff| {max(r['max_abs_diff'] for r in rs):.2e}, {rs[0]['identical_tensors']} identical"
+        elif check in ("merge", "learn"):
+            val = f"max |diff| {max(r['max_abs_diff'] for r in rs):.2e}"
+            val += (
+                f", {rs[0]['identical_tensors']} identical" if check == "merge" else f", loss {rs[0]['loss_diff']:.1e}"
+            )
         else:
             val = f"rel err {max(r['rel_err'] for r in rs):.2e}"
         print(f"| {check} | {case} | {dtype} | {val} | {all(r['ok'] for r in rs)} |")

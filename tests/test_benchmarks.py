@@ -155,7 +155,7 @@ def test_gpu_check_smoke(tmp_path):
     CUDA is refused with one line."""
     r = run("gpu_check.py", "--smoke", "--out", str(tmp_path))
     rows = read_csv(tmp_path / "gpu_check.csv")
-    assert {r["check"] for r in rows} == {"kernel", "merge", "divmerge", "bandwidth"}
+    assert {r["check"] for r in rows} == {"kernel", "merge", "divmerge", "learn", "bandwidth"}
     assert all(r["ok"] == "True" for r in rows)
     assert {r["case"] for r in rows if r["check"] == "merge"} == {"linear", "task_arithmetic", "ties", "dare_ties"}
     assert "| divmerge | js/layer step |" in r.stdout
