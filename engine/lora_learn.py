@@ -52,9 +52,9 @@ from .divmerge import (
     resolve_inputs,
 )
 from .lora import Adapter, AdapterError, read_adapters
-from .losses import OBJECTIVES, Targets, chunked_head_loss
+from .losses import OBJECTIVES, chunked_head_loss
 from .modeling import BlockSource, StreamedModel
-from .teacher import ChunkWriter, TeacherData, TeacherSpec, fingerprint, generate, step_targets
+from .teacher import ChunkWriter, TeacherData, TeacherSpec, continuations, fingerprint, step_targets
 
 QUANTIZE = (None, "nf4", "int8")
 
@@ -340,36 +340,26 @@ class StreamedLoraMerge:
             todo.append(t)
         if not todo:
             return folders
-        m = self.model
-        vocab, full, eos, keep = step_targets(m.config, spec)
+        vocab, full, eos, keep = step_targets(self.model.config, spec)
         writers = {t: ChunkWriter(folders[t], spec, full) for t in todo}
-        buckets: dict[int, list[tuple[int, int]]] = {}
-        for t in todo:
-            for i, p in enumerate(prompts[t]):
-                if not p:
-                    raise ValueError(f"prompt {i} of adapter {self.adapter_dirs[t]} is empty")
-                buckets.setdefault(len(p), []).append((t, i))
+        pairs = [(t, i) for t in todo for i in range(len(prompts[t]))]
+        for t, i in pairs:
+            if not prompts[t][i]:
+                raise ValueError(f"prompt {i} of adapter {self.adapter_dirs[t]} is empty")
         eye = torch.eye(self.T, dtype=torch.float64)
+
+        def onehot(rows: list[int]) -> None:  # each row of the batch: coefficients one-hot on its task
+            coef = eye[[pairs[r][0] for r in rows]].to(self.device, self.dtype)  # [batch, T]
+            for b in range(len(self.blocks)):
+                self.state.coef[b] = coef
+
+        flat = [prompts[t][i] for t, i in pairs]
         try:
-            with bar(sum(len(prompts[t]) for t in todo), "teacher", unit="seq", disable=not progress) as pbar:
-                for length in sorted(buckets):
-                    rows = buckets[length]
-                    for s in range(0, len(rows), spec.gen_batch):
-                        part = rows[s : s + spec.gen_batch]
-                        onehot = eye[[t for t, _ in part]]  # [batch, T]
-                        for b in range(len(self.blocks)):
-                            self.state.coef[b] = onehot.to(self.device, self.dtype)
-                        ids = torch.tensor([prompts[t][i] for t, i in part])
-                        new, steps = generate(m, self.source, ids, spec.max_new_tokens, eos, self.dtype, keep)
-                        for r, (t, i) in enumerate(part):
-                            cont = new[r].tolist()
-                            if eos is not None and eos in cont:
-                                cont = cont[: cont.index(eos) + 1]
-                            targets = None
-                            if spec.store_dists:
-                                targets = Targets.cat([steps[j].slice(slice(r, r + 1)) for j in range(len(cont))])
-                            writers[t].add(i, prompts[t][i], cont, targets)
-                        pbar.update(len(part))
+            with bar(len(pairs), "teacher", unit="seq", disable=not progress) as pbar:
+                for r, cont, targets in continuations(self.model, self.source, flat, spec, eos, keep, onehot):
+                    t, i = pairs[r]
+                    writers[t].add(i, prompts[t][i], cont, targets)
+                    pbar.update(1)
         finally:
             self.set_coefficients(None)
         for t in todo:
