@@ -33,7 +33,6 @@ import json
 import math
 import random
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -44,10 +43,11 @@ import torch
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from .cache import teacher_cache
 from .checkpoint import Checkpoint, block_name, check_compatible
 from .kernels import combine, project
 from .losses import OBJECTIVES, Targets, chunked_head_loss
-from .modeling import BlockSource, StreamedModel
+from .modeling import BlockSource, StreamedModel, memory_budget, parse_memory
 from .teacher import TeacherData, TeacherSpec, teacher_pass
 
 LEVELS = ("task", "layer")
@@ -282,6 +282,7 @@ def teacher_folders(
     device="cpu",
     progress=True,
     attn_implementation="sdpa",
+    resident_max_bytes: int = 1 << 29,
 ) -> list[Path]:
     from .report import progress as bar
 
@@ -297,6 +298,7 @@ def teacher_folders(
                     spec,
                     device=device,
                     attn_implementation=attn_implementation,
+                    resident_max_bytes=resident_max_bytes,
                     progress=pbar,
                 )
             )
@@ -326,12 +328,17 @@ def learn(
     token_chunk: int | None = None,
     dtype: str = "float32",
     attn_implementation: str = "sdpa",
-    resident_max_bytes: int = 1 << 29,
+    resident_max_bytes: int | None = None,
     num_threads: int | None = None,
+    memory: int | str | None = None,
 ) -> LearnResult:
     """Learn merge coefficients. `inputs[t]` are task t's prompts (lists of token ids, no padding).
 
     Returns coefficients [T, n_blocks] (task level: the same value in every block of a task).
+    `memory`: bytes (or '8GiB', '512MiB') of base and expert blocks kept resident on `device` while
+    learning (and of the expert's blocks during its teacher pass); blocks beyond it are streamed from disk.
+    Default: half of the device's free memory. `resident_max_bytes`: the same budget in bytes (older name).
+    `cache_dir`: teacher passes, reused across runs; default `<blockmerge cache>/teacher`.
     `num_threads`: torch intra-op threads while learning (restored after); default: 1 for models under
     SMALL_MODEL_BYTES, whose ops are too small to gain from threads (and lose badly on a busy CPU),
     else unchanged."""
@@ -370,6 +377,7 @@ def _learn(
     dtype,
     attn_implementation,
     resident_max_bytes,
+    memory,
 ) -> LearnResult:
     if level not in LEVELS:
         raise ValueError(f"level {level!r}: expected one of {', '.join(LEVELS)}")
@@ -386,6 +394,7 @@ def _learn(
     torch_dtype = getattr(torch, dtype, None)
     if not isinstance(torch_dtype, torch.dtype):
         raise ValueError(f"dtype {dtype!r}: expected float32, float64 or bfloat16")
+    budget = memory_budget(memory if resident_max_bytes is None else resident_max_bytes, device)
     config = dict(
         level=level,
         objective=objective,
@@ -410,7 +419,7 @@ def _learn(
         dtype=torch_dtype,
         attn_implementation=attn_implementation,
         token_chunk=token_chunk,
-        resident_max_bytes=resident_max_bytes,
+        resident_max_bytes=budget,
     )
     spec = TeacherSpec(
         max_new_tokens=max_new_tokens,
@@ -419,28 +428,21 @@ def _learn(
         topk=topk,
         store_dists=objective != "entropy",
     )
-    tmp = None
-    if cache_dir is None:
-        tmp = tempfile.TemporaryDirectory(prefix="blockmerge-teacher-")
-        cache_dir = tmp.name
-    try:
-        folders = teacher_folders(
-            base_dir,
-            expert_dirs,
-            inputs,
-            Path(cache_dir),
-            spec,
-            device=device,
-            progress=progress,
-            attn_implementation=attn_implementation,
-        )
-        data = TeacherData(folders)
-        return optimize(merge, data, level=level, objective=objective, steps=steps, epochs=epochs, lr=lr,
-                        batch_size=batch_size, init=init, seed=seed, progress=progress, config=config,
-                        desc=f"divmerge {objective}/{level}")  # fmt: skip
-    finally:
-        if tmp is not None:
-            tmp.cleanup()
+    folders = teacher_folders(
+        base_dir,
+        expert_dirs,
+        inputs,
+        Path(cache_dir) if cache_dir is not None else teacher_cache(),
+        spec,
+        device=device,
+        progress=progress,
+        attn_implementation=attn_implementation,
+        resident_max_bytes=budget,
+    )
+    data = TeacherData(folders)
+    return optimize(merge, data, level=level, objective=objective, steps=steps, epochs=epochs, lr=lr,
+                    batch_size=batch_size, init=init, seed=seed, progress=progress, config=config,
+                    desc=f"divmerge {objective}/{level}")  # fmt: skip
 
 
 def optimize(merge, data: TeacherData, *, level: str, objective: str, steps: int | None, epochs: float | None,
@@ -562,10 +564,17 @@ class LearnSettings(BaseModel):
     topk: int = Field(default=64, ge=1)
     full_vocab_max: int = Field(default=4096, ge=0)
     token_chunk: int | None = Field(default=None, ge=1)  # default: ~32 MiB of fp32 logits per chunk
-    cache_dir: str | None = None
+    cache_dir: str | None = None  # teacher passes; default <blockmerge cache>/teacher
+    memory: int | str | None = None  # resident blocks budget, e.g. 8GiB; default half the free memory
     dtype: str | None = None  # output dtype (default: the base's)
     compute_dtype: Literal["float32", "float64"] = "float32"
     attn_implementation: Literal["sdpa", "eager"] = "sdpa"
+
+    @field_validator("memory")
+    @classmethod
+    def _memory(cls, v):
+        parse_memory(v, "memory")
+        return v
 
 
 class DivMergeConfig(LearnSettings):
@@ -636,8 +645,10 @@ def resolve_inputs(cfg: LearnSettings, root: Path, key: str, dir_field: str) -> 
     return base_dir, dirs, inputs
 
 
-def learn_kwargs(cfg: LearnSettings, *, steps: int | None, device: str | None, progress: bool) -> dict:
-    """`learn(...)` keyword arguments from the settings; `steps`, `device`: command-line overrides."""
+def learn_kwargs(
+    cfg: LearnSettings, *, steps: int | None, device: str | None, progress: bool, memory: str | None = None
+) -> dict:
+    """`learn(...)` keyword arguments from the settings; `steps`, `device`, `memory`: command-line overrides."""
     n_steps = steps if steps is not None else cfg.steps
     if n_steps is None and cfg.epochs is None:
         n_steps = 100
@@ -660,6 +671,7 @@ def learn_kwargs(cfg: LearnSettings, *, steps: int | None, device: str | None, p
         token_chunk=cfg.token_chunk,
         dtype=cfg.compute_dtype,
         attn_implementation=cfg.attn_implementation,
+        memory=parse_memory(memory, "--memory") if memory is not None else cfg.memory,
     )
 
 
@@ -703,14 +715,17 @@ def read_prompts(file: Path, field_name: str, base_dir: Path, samples: int | Non
     return out
 
 
-def run_divmerge(config, out, *, force=False, steps=None, device=None, progress=True) -> tuple[Path, LearnResult]:
+def run_divmerge(
+    config, out, *, force=False, steps=None, device=None, progress=True, memory=None
+) -> tuple[Path, LearnResult]:
     started = time.perf_counter()
     cfg, root = load_config(config)
     out = Path(out)
     if out.exists() and not force:  # before any work
         raise FileExistsError(f"{out}: output already exists (use --force to overwrite)")
     base_dir, expert_dirs, inputs = resolve_inputs(cfg, root, "models", "model")
-    res = learn(base_dir, expert_dirs, inputs, **learn_kwargs(cfg, steps=steps, device=device, progress=progress))
+    kwargs = learn_kwargs(cfg, steps=steps, device=device, progress=progress, memory=memory)
+    res = learn(base_dir, expert_dirs, inputs, **kwargs)
     info = res.to_json()
     info["base_model"] = str(base_dir)
     info["models"] = [str(d) for d in expert_dirs]
@@ -746,10 +761,23 @@ def add_arguments(p) -> None:
     p.add_argument("--steps", type=int, default=None, help="learning steps (overrides the config)")
     p.add_argument("--device", default=None, help="cpu (default) or cuda (overrides the config)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars or final line")
+    p.add_argument("--memory", default=None, help=MEMORY_HELP)
+
+
+MEMORY_HELP = (
+    "blocks of base and experts kept resident on the device, e.g. 8GiB (overrides the config; default: half "
+    "of the free memory); what does not fit is streamed from disk"
+)
 
 
 def run(args) -> int:
     run_divmerge(
-        args.config, args.out, force=args.force, steps=args.steps, device=args.device, progress=not args.no_progress
+        args.config,
+        args.out,
+        force=args.force,
+        steps=args.steps,
+        device=args.device,
+        progress=not args.no_progress,
+        memory=args.memory,
     )
     return 0

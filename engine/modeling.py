@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import functools
 import inspect
+import os
+import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -163,16 +165,19 @@ class StreamedModel:
             cos, sin = self.rotary(h, position_ids)
         return cos, sin
 
-    def masks(self, h: torch.Tensor, position_ids: torch.Tensor, cache=None) -> dict[str, object]:
-        """The model's own causal masks (None where the attention implementation is causal by itself);
-        no padding mask: batches are right-padded, so real positions never attend to padding."""
+    def masks(self, h: torch.Tensor, position_ids: torch.Tensor, cache=None, attention_mask=None) -> dict[str, object]:
+        """The model's own causal masks (None where the attention implementation is causal by itself).
+        Learning batches are right-padded, so real positions never attend to padding and need no padding
+        mask; generation left-pads and gives `attention_mask` [B, past + new] (1 = real token)."""
         from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
         out = {}
         for t in set(self.layer_types):
             fn = create_sliding_window_causal_mask if t == "sliding_attention" else create_causal_mask
             kw = {cache_kwarg(fn): cache}
-            out[t] = fn(config=self.config, inputs_embeds=h, attention_mask=None, position_ids=position_ids, **kw)
+            out[t] = fn(
+                config=self.config, inputs_embeds=h, attention_mask=attention_mask, position_ids=position_ids, **kw
+            )
         return out
 
     def layer(self, i: int, params, h, *, position_ids, position_embeddings, masks, cache=None) -> torch.Tensor:
@@ -201,8 +206,8 @@ class StreamedModel:
         return functional_call(_get(self.skeleton, self.spec.head), local, (y,))
 
     # ---- whole passes -----------------------------------------------------------------------------
-    def source(self, resident_max_bytes: int = 0) -> BlockSource:
-        return BlockSource([self.ckpt], device=self.device, resident_max_bytes=resident_max_bytes)
+    def source(self, resident_max_bytes: int = 0, dtype: torch.dtype | None = None) -> BlockSource:
+        return BlockSource([self.ckpt], device=self.device, resident_max_bytes=resident_max_bytes, dtype=dtype)
 
     @torch.no_grad()
     def forward(
@@ -214,8 +219,10 @@ class StreamedModel:
         cache=None,
         position_ids: torch.Tensor | None = None,
         last_only: bool = False,
+        attention_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Logits [B, S, V] (or [B, V] with last_only) of the checkpoint's own weights, block by block."""
+        """Logits [B, S, V] (or [B, V] with last_only) of the checkpoint's own weights, block by block.
+        `attention_mask` [B, past + S]: 0 at (left) padding, then `position_ids` must be given."""
         source = source or self.source()
         input_ids = input_ids.to(self.device)
         if position_ids is None:
@@ -228,7 +235,7 @@ class StreamedModel:
                 params = {k: (v[rows] if k == self.tokens_weight_name else v).to(dtype) for k, v in tensors[0].items()}
                 h = self.embed(params, input_ids, position_ids, rows)
                 pe = self.position_embeddings(h, position_ids)
-                masks = self.masks(h, position_ids, cache)
+                masks = self.masks(h, position_ids, cache, attention_mask)
                 continue
             params = {k: v.to(dtype) for k, v in tensors[0].items()}
             if block.layer is not None:
@@ -245,28 +252,95 @@ class StreamedModel:
         raise CheckpointError(f"{self.ckpt.path}: no head block")
 
 
-class BlockSource:
-    """Blocks of several checkpoints, read on demand (streamed with prefetch), or kept in memory after
-    the first read when all checkpoints together are at most `resident_max_bytes` (small models: the
-    teacher's token-by-token generation then does not re-read the checkpoint every step)."""
+def parse_memory(value: int | str | None, field: str = "memory") -> int | None:
+    """Bytes of a memory budget given as an int or as '8GiB', '512MiB', '2GB', '0' (None stays None)."""
+    if value is None or (isinstance(value, int) and not isinstance(value, bool) and value >= 0):
+        return value
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B?|B)?\s*", value) if isinstance(value, str) else None
+    if m is None:
+        raise ValueError(f"{field}: {value!r} is not a memory size (expected bytes or e.g. 8GiB, 512MiB, 2GB)")
+    unit = (m.group(2) or "B").upper().removesuffix("B") or "B"
+    scale = {"B": 1, "K": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "KI": 1 << 10, "MI": 1 << 20, "GI": 1 << 30}
+    scale["TI"] = 1 << 40
+    return int(float(m.group(1)) * scale[unit])
 
-    def __init__(self, ckpts: Sequence[Checkpoint], device="cpu", resident_max_bytes: int = 0, prefetch=True):
+
+def available_memory(device: str | torch.device = "cpu") -> int:
+    """Free bytes on the device: CUDA's free memory, else the host's MemAvailable."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def memory_budget(memory: int | str | None, device: str | torch.device = "cpu", field: str = "memory") -> int:
+    """Bytes of blocks that may stay resident: `memory` as given, by default half of what the device has
+    free (the rest is for activations, the streamed blocks and everything else)."""
+    parsed = parse_memory(memory, field)
+    return available_memory(device) // 2 if parsed is None else parsed
+
+
+class BlockSource:
+    """Blocks of several checkpoints (one {name: tensor} dict per checkpoint per block). Blocks are kept
+    in memory on `device` after their first read while all kept blocks fit in `resident_max_bytes`
+    (optionally converted once to `dtype`); the others are read on demand, streamed with prefetch."""
+
+    def __init__(
+        self,
+        ckpts: Sequence[Checkpoint],
+        device="cpu",
+        resident_max_bytes: int = 0,
+        prefetch=True,
+        dtype: torch.dtype | None = None,
+    ):
         self.ckpts = list(ckpts)
         self.device = device
         self.prefetch = prefetch
-        self.resident = sum(c.nbytes for c in self.ckpts) <= resident_max_bytes
+        self.dtype = dtype
+        self.kept: set[str] = set()
+        self.resident_bytes = 0
+        blocks = self.ckpts[0].blocks()
+        for b in blocks:  # every block that fits (the big embedding may not while the layers do)
+            n = sum(self._stored_bytes(c.tensors[t]) for c in self.ckpts for t in b.tensors)
+            if self.resident_bytes + n <= resident_max_bytes:
+                self.kept.add(b.name)
+                self.resident_bytes += n
+        self.resident = len(self.kept) == len(blocks)
         self._mem: dict[str, BlockTensors] = {}
 
+    def _stored_bytes(self, info) -> int:
+        if self.dtype is None or not info.dtype.is_floating_point:
+            return info.nbytes
+        return info.nbytes // info.dtype.itemsize * self.dtype.itemsize
+
+    def _read(self, block: Block) -> BlockTensors:
+        tensors = read_block(self.ckpts, block, self.device)
+        if self.dtype is None:
+            return tensors
+        return [{k: v.to(self.dtype) if v.is_floating_point() else v for k, v in t.items()} for t in tensors]
+
     def read(self, block: Block) -> BlockTensors:
-        if self.resident:
-            if block.name not in self._mem:
-                self._mem[block.name] = read_block(self.ckpts, block, self.device)
-            return self._mem[block.name]
-        return read_block(self.ckpts, block, self.device)
+        if block.name not in self.kept:
+            return self._read(block)
+        if block.name not in self._mem:
+            self._mem[block.name] = self._read(block)
+        return self._mem[block.name]
 
     def stream(self, blocks: Sequence[Block]) -> Iterator[tuple[Block, BlockTensors]]:
-        if self.resident:
-            for b in blocks:
+        """(block, tensors) in the given order; the blocks that are not kept are read ahead by a thread."""
+        streamed = [b for b in blocks if b.name not in self.kept]
+        ahead = stream_blocks(self.ckpts, streamed, self.device, prefetch=self.prefetch) if streamed else None
+        for b in blocks:
+            if b.name in self.kept:
                 yield b, self.read(b)
-            return
-        yield from stream_blocks(self.ckpts, blocks, self.device, prefetch=self.prefetch)
+                continue
+            _, tensors = next(ahead)
+            if self.dtype is not None:
+                tensors = [{k: v.to(self.dtype) if v.is_floating_point() else v for k, v in t.items()} for t in tensors]
+            yield b, tensors

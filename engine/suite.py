@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 import random
 import shutil
 import sys
@@ -20,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from .cache import default_cache
 from .evaluate import accuracy
 from .tasks import EOS_ID, PAD_ID, TASK_NAMES, VOCAB, CharTokenizer, TrainStream, eval_sets
 
@@ -81,11 +81,6 @@ class Suite:
 
     def eval_sets(self, task: str) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
         return eval_sets(task, self.config.n_test, self.config.n_val, self.config.seed)
-
-
-def default_cache() -> Path:
-    env = os.environ.get("BLOCKMERGE_CACHE")
-    return Path(env) if env else Path.home() / ".cache" / "blockmerge"
 
 
 def suite_dir(config: SuiteConfig, cache: str | Path | None = None) -> Path:

@@ -1,9 +1,10 @@
 """Teacher pass: each expert's greedy continuations of its task's prompts, and the expert's next-token
 distributions at the continuation positions, cached on disk and read back per batch.
 
-Generation streams the expert block by block with a per-layer KV cache (transformers' DynamicCache;
-each layer updates its own entry by layer_idx), so each new token costs one pass over the checkpoint.
-Prompts are bucketed by length, so no padding is ever needed. Generation stops at EOS (kept) or
+Generation runs the expert block by block with a per-layer KV cache (transformers' DynamicCache;
+each layer updates its own entry by layer_idx), `gen_batch` prompts at a time, shortest first, left-padded
+with an attention mask and per-row position ids; blocks that fit in the memory budget stay resident (in
+the compute dtype) for the whole pass, the others are re-read for each token. Generation stops at EOS (kept) or
 `max_new_tokens`. The distribution recorded at step i is the expert's p(. | x, y<i) from that same pass
 (with the KV cache), i.e. exactly what teacher forcing x + y would give, up to rounding.
 
@@ -58,31 +59,78 @@ def cache_key(expert_dir: Path, prompts: list[list[int]], spec: TeacherSpec) -> 
 def generate(
     model: StreamedModel,
     source,
-    prompts: torch.Tensor,
+    prompts: torch.Tensor | list[list[int]],
     max_new_tokens: int,
     eos_token_id: int | None,
     dtype: torch.dtype = torch.float32,
     keep: Callable[[torch.Tensor], object] | None = None,
+    pad_id: int = 0,
 ) -> tuple[torch.Tensor, list]:
-    """Greedy continuation of equal-length prompts [B, P]: new tokens [B, n] and each step's log-probs
-    [B, V], or what `keep(log-probs)` makes of them (so a large vocabulary's rows are not all kept)."""
+    """Greedy continuation of prompts (equal-length [B, P], or token-id lists of any lengths, left-padded
+    with an attention mask and per-row positions): new tokens [B, n] and each step's log-probs [B, V], or
+    what `keep(log-probs)` makes of them (so a large vocabulary's rows are not all kept), on the host."""
     from transformers import DynamicCache
 
+    dev = model.device
+    if isinstance(prompts, torch.Tensor):
+        prompts = prompts.tolist()
+    P = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), P), pad_id, dtype=torch.int64)
+    mask = torch.zeros_like(ids)
+    for b, p in enumerate(prompts):
+        ids[b, P - len(p) :] = torch.as_tensor(p)
+        mask[b, P - len(p) :] = 1
+    ids, mask = ids.to(dev), mask.to(dev)
+    padded = bool((mask == 0).any())
+    pos = (mask.cumsum(1) - 1).clamp(min=0)
     cache = DynamicCache(config=model.config)
-    ids, steps, logps = prompts, [], []
-    done = torch.zeros(prompts.shape[0], dtype=torch.bool)
+    steps, logps = [], []
+    done = torch.zeros(len(prompts), dtype=torch.bool, device=dev)
     for _ in range(max_new_tokens):
-        logits = model.forward(ids, source=source, dtype=dtype, cache=cache, last_only=True).float().cpu()
-        logp = torch.log_softmax(logits, -1)
+        logits = model.forward(
+            ids, source=source, dtype=dtype, cache=cache, position_ids=pos, last_only=True,
+            attention_mask=mask if padded else None,
+        )  # fmt: skip
+        logp = torch.log_softmax(logits.float(), -1)
         nxt = logp.argmax(-1)
         steps.append(nxt)
-        logps.append(logp if keep is None else keep(logp))
+        kept = logp if keep is None else keep(logp)
+        logps.append(kept.to("cpu") if kept is not None else None)
         if eos_token_id is not None:
             done |= nxt == eos_token_id
             if bool(done.all()):
                 break
-        ids = nxt[:, None]
-    return torch.stack(steps, 1), logps
+        ids, pos = nxt[:, None], pos[:, -1:] + 1
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+    return torch.stack(steps, 1).cpu(), logps
+
+
+def continuations(
+    model: StreamedModel,
+    source,
+    prompts: list[list[int]],
+    spec: TeacherSpec,
+    eos: int | None,
+    keep: Callable,
+    before_batch: Callable[[list[int]], None] | None = None,
+):
+    """Yield (prompt index, continuation up to and with EOS, its targets or None) for every prompt, shortest
+    prompts first, `spec.gen_batch` prompts per generation; `before_batch(indices)` runs before each."""
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    for s in range(0, len(order), spec.gen_batch):
+        part = order[s : s + spec.gen_batch]
+        if before_batch is not None:
+            before_batch(part)
+        dtype = getattr(torch, spec.dtype)
+        new, steps = generate(model, source, [prompts[i] for i in part], spec.max_new_tokens, eos, dtype, keep)
+        for r, i in enumerate(part):
+            cont = new[r].tolist()
+            if eos is not None and eos in cont:
+                cont = cont[: cont.index(eos) + 1]
+            targets = None
+            if spec.store_dists:
+                targets = Targets.cat([steps[j].slice(slice(r, r + 1)) for j in range(len(cont))])
+            yield i, cont, targets
 
 
 class ChunkWriter:
@@ -163,33 +211,17 @@ def teacher_pass(
     folder.mkdir(parents=True, exist_ok=True)
     for old in folder.glob("chunk*.pt"):
         old.unlink()
-    model = StreamedModel(expert_dir, attn_implementation=attn_implementation, device=device)
-    source = model.source(resident_max_bytes)
-    vocab, full, eos, keep = step_targets(model.config, spec)
-    dtype = getattr(torch, spec.dtype)
-    writer = ChunkWriter(folder, spec, full)
-    buckets: dict[int, list[int]] = {}
     for i, p in enumerate(prompts):
         if not p:
             raise ValueError(f"prompt {i} of {expert_dir} is empty")
-        buckets.setdefault(len(p), []).append(i)
-    for length in sorted(buckets):
-        idx = buckets[length]
-        for s in range(0, len(idx), spec.gen_batch):
-            part = idx[s : s + spec.gen_batch]
-            new, steps = generate(
-                model, source, torch.tensor([prompts[i] for i in part]), spec.max_new_tokens, eos, dtype, keep
-            )
-            for b, i in enumerate(part):
-                cont = new[b].tolist()
-                if eos is not None and eos in cont:
-                    cont = cont[: cont.index(eos) + 1]
-                targets = None
-                if spec.store_dists:
-                    targets = Targets.cat([steps[j].slice(slice(b, b + 1)) for j in range(len(cont))])
-                writer.add(i, list(prompts[i]), cont, targets)
-            if progress is not None:
-                progress.update(len(part))
+    model = StreamedModel(expert_dir, attn_implementation=attn_implementation, device=device)
+    source = model.source(resident_max_bytes, dtype=getattr(torch, spec.dtype))
+    vocab, full, eos, keep = step_targets(model.config, spec)
+    writer = ChunkWriter(folder, spec, full)
+    for i, cont, targets in continuations(model, source, prompts, spec, eos, keep):
+        writer.add(i, list(prompts[i]), cont, targets)
+        if progress is not None:
+            progress.update(1)
     writer.flush()
     manifest.write_text(
         json.dumps(

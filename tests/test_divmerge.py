@@ -179,6 +179,24 @@ def test_learning_reduces_loss(families, tmp_path, objective, level):
     assert res.losses[-1] < res.losses[0] * 0.98
 
 
+def test_teacher_cache_is_reused_by_default(families, tmp_path, monkeypatch):
+    """Without cache_dir, teacher passes go to $BLOCKMERGE_CACHE/teacher: a second run generates nothing
+    and learns the same coefficients."""
+    import blockmerge.teacher as teacher
+
+    monkeypatch.setenv("BLOCKMERGE_CACHE", str(tmp_path))
+    calls = []
+    real = teacher.continuations
+    monkeypatch.setattr(teacher, "continuations", lambda *a, **k: calls.append(1) or real(*a, **k))
+    base, experts = families["llama"]
+    kw = dict(level="layer", steps=3, batch_size=6, max_new_tokens=3, eos_token_id=1, progress=False)
+    first = learn(base, experts, prompts(4, n=4), **kw)
+    assert len(calls) == T and len(list((tmp_path / "teacher").glob("*/manifest.json"))) == T
+    second = learn(base, experts, prompts(4, n=4), **kw)
+    assert len(calls) == T  # nothing regenerated
+    assert torch.equal(first.coefficients, second.coefficients) and first.losses == second.losses
+
+
 def test_write_merged_matches_formula(families, tmp_path):
     base, experts = families["gpt2"]
     C = torch.rand(T, 5, generator=torch.Generator().manual_seed(0))
@@ -246,6 +264,7 @@ def test_cli_end_to_end(families, tmp_path, capsys):
         (lambda c: c["models"][0].update(data="missing.jsonl"), "models.0.data: data file"),
         (lambda c: c["models"][2].update(model="/nonexistent/x"), "models.2.model"),
         (lambda c: c.update(steps=2, epochs=1), "steps or epochs"),
+        (lambda c: c.update(memory="8 parsecs"), "field memory: Value error, memory: '8 parsecs' is not a memory"),
     ],
 )
 def test_bad_config_errors(families, tmp_path, capsys, change, message):
@@ -258,6 +277,14 @@ def test_bad_config_errors(families, tmp_path, capsys, change, message):
     path.write_text(yaml.safe_dump(cfg))
     assert main(["divmerge", str(path), str(tmp_path / "out"), "--no-progress"]) == 2
     assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_bad_memory_option(families, tmp_path, capsys):
+    base, experts = families["llama"]
+    path = _write_config(tmp_path, base, experts)
+    assert main(["divmerge", str(path), str(tmp_path / "out"), "--no-progress", "--memory", "lots"]) == 2
+    assert "error: --memory: 'lots' is not a memory size" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 
 

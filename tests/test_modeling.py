@@ -97,3 +97,60 @@ def test_teacher_cache_round_trip(families, tmp_path, full_vocab_max):
             torch.testing.assert_close(targets.tail, 1 - top.values.sum(-1), rtol=1e-3, atol=1e-5)
             assert isinstance(targets, Targets)
     assert seen == {tuple(p) for p in prompts}
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_batched_teacher_equals_one_prompt_at_a_time(families, tmp_path, arch):
+    """Prompts of different lengths in one left-padded batch, rows stopping at EOS while others go on:
+    the same continuations and distributions as generating each prompt alone, fully streamed."""
+    _, (expert,) = families[arch]
+    g = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(2, 97, (int(n),), generator=g).tolist() for n in torch.randint(1, 9, (7,), generator=g)]
+    sm = StreamedModel(expert)
+    free, _ = generate(sm, sm.source(), [prompts[0]], max_new_tokens=6, eos_token_id=None)
+    eos = int(free[0, 2])  # a token prompt 0 produces mid-continuation: its row stops early in the batch
+    alone = TeacherSpec(max_new_tokens=6, eos_token_id=eos, gen_batch=1)
+    batched = TeacherSpec(max_new_tokens=6, eos_token_id=eos, gen_batch=64)
+    ref = TeacherData([teacher_pass(expert, prompts, tmp_path / "alone", alone, resident_max_bytes=0)])
+    got = TeacherData([teacher_pass(expert, prompts, tmp_path / "batched", batched, resident_max_bytes=1 << 30)])
+    lengths = set()
+    for j in range(len(prompts)):
+        (t0, p0, d0), (t1, p1, d1) = ref.get(0, j), got.get(0, j)
+        assert p0 == p1 and torch.equal(t0, t1)
+        torch.testing.assert_close(d1.probs, d0.probs, rtol=1e-5, atol=1e-6)
+        lengths.add(len(t0) - p0)
+    assert len(lengths) > 1 and len({len(p) for p in prompts}) > 1  # the test covers what it claims
+
+
+def test_block_source_keeps_blocks_within_budget(families):
+    base, _ = families["llama"]
+    sm = StreamedModel(base)
+    sizes = {b.name: sum(sm.ckpt.tensors[t].nbytes for t in b.tensors) for b in sm.blocks}
+    assert sizes["layers.1"] > sizes["head"]
+    budget = sizes["embed"] + sizes["layers.0"] + sizes["head"]  # layers 1 and 2 do not fit, the head does
+    src = sm.source(budget)
+    assert src.kept == {"embed", "layers.0", "head"} and not src.resident
+    ids = torch.randint(0, 97, (2, 6), generator=torch.Generator().manual_seed(6))
+    torch.testing.assert_close(sm.forward(ids, source=src), sm.forward(ids), rtol=0, atol=0)
+    assert set(src._mem) == {"embed", "layers.0", "head"}
+    assert sm.source(10**9).resident and sm.source(0).kept == set()
+    wide = sm.source(budget, dtype=torch.float64)  # kept in the compute dtype: twice the bytes
+    assert wide.kept == {"embed", "head"} and wide.resident_bytes == 2 * (sizes["embed"] + sizes["head"])
+
+
+@pytest.mark.parametrize(
+    "value, expected",
+    [(123, 123), ("8GiB", 8 << 30), ("512MiB", 512 << 20), ("2GB", 2 * 10**9), ("1.5 GiB", 3 << 29), ("0", 0)],
+)
+def test_parse_memory(value, expected):
+    from blockmerge.modeling import parse_memory
+
+    assert parse_memory(value) == expected
+
+
+@pytest.mark.parametrize("value", ["8 parsecs", "-1GiB", -5, "GiB", 1.5])
+def test_parse_memory_rejects(value):
+    from blockmerge.modeling import parse_memory
+
+    with pytest.raises(ValueError, match="^memory: "):
+        parse_memory(value)
