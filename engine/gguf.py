@@ -187,10 +187,11 @@ def import_gguf(
         raise ValueError(f"dtype {dtype!r}: expected one of {', '.join(OUT_DTYPES)}")
     if out.exists() and not force:
         raise FileExistsError(f"{out}: output already exists (use --force to overwrite)")
-    if out.resolve() == path.resolve():
-        raise ValueError(f"{out}: the output would overwrite the input GGUF file")
+    if path.resolve().is_relative_to(out.resolve()):
+        raise ValueError(f"{out}: the output would replace the input GGUF file {path}")
     reader = open_gguf(path)
     architecture = _architecture(reader)
+    reader.fields.clear()  # a Python object per token; transformers reads the metadata again for the config
     config = gguf_config(path, architecture)
     check_dequantizable(reader, path)
     _, names, processor, planned = tensor_plan(config, architecture, path)

@@ -131,6 +131,8 @@ def test_existing_output_needs_force(tmp_path, capsys):
     assert [p.name for p in out.iterdir()] == ["keep.txt"] and len(list(tmp_path.iterdir())) == 2
     assert main(["import-gguf", str(src), str(out), "--force", "--no-progress"]) == 0
     assert (out / "config.json").exists() and not (out / "keep.txt").exists()
+    assert main(["import-gguf", str(src), str(tmp_path), "--force", "--no-progress"]) == 2  # OUT holds the input
+    assert "would replace the input GGUF file" in capsys.readouterr().err and src.exists()
 
 
 def test_find_packaged_gguf_does_not_import_the_package(tmp_path, monkeypatch):
