@@ -99,7 +99,8 @@ def gguf_config(path: Path, architecture: str):
 
 
 def tensor_plan(config, architecture: str, path: Path):
-    """(meta model, {GGUF name: HF name}, tensor processor, [(HF name, shape)] in the model's order)."""
+    """({GGUF name: HF name}, tensor processor, [(HF name, shape)] in the model's order), from the model
+    built on the meta device; tied tensors (lm_head when the GGUF has no output.weight) are not planned."""
     from transformers import AutoModelForCausalLM
     from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor, get_gguf_hf_weights_map
 
@@ -124,7 +125,7 @@ def tensor_plan(config, architecture: str, path: Path):
         raise ValueError(f"{path}: architecture {architecture!r}: {e}") from None
     tied = set(getattr(model, "all_tied_weights_keys", None) or {}) if config.tie_word_embeddings else set()
     planned = [(n, tuple(t.shape)) for n, t in model.state_dict().items() if n not in tied]
-    return model, names, processor, planned
+    return names, processor, planned
 
 
 def _gguf_tensors(reader, names: dict[str, str], processor):
@@ -147,7 +148,8 @@ def _gguf_tensors(reader, names: dict[str, str], processor):
             parsed_parameters=parsed,
         )
         if res.name is not None and res.name in names:
-            yield names[res.name], torch.from_numpy(np.array(res.weights, dtype=np.float32))
+            w = np.asarray(res.weights, dtype=np.float32)
+            yield names[res.name], torch.from_numpy(w if w.flags.writeable else w.copy())  # F32: a memmap view
     yield from _drain(parsed)
 
 
@@ -194,7 +196,7 @@ def import_gguf(
     reader.fields.clear()  # a Python object per token; transformers reads the metadata again for the config
     config = gguf_config(path, architecture)
     check_dequantizable(reader, path)
-    _, names, processor, planned = tensor_plan(config, architecture, path)
+    names, processor, planned = tensor_plan(config, architecture, path)
     config.dtype = out_dtype
     plan = [(n, shape, out_dtype) for n, shape in planned]
     bar = progress_bar(len(reader.tensors), "import-gguf", unit="tensor", disable=not progress)
