@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 import random
 import sys
 import tempfile
@@ -740,6 +741,13 @@ def vocab_size(model_dir: Path) -> int | None:
     return v if type(v) is int and v > 0 else None
 
 
+def _is_token_id(i) -> bool:
+    """An integer (Python, numpy or a 0-d integer tensor), never a bool or a float."""
+    if isinstance(i, torch.Tensor):
+        return i.dim() == 0 and not i.is_floating_point() and not i.is_complex() and i.dtype != torch.bool
+    return isinstance(i, numbers.Integral) and not isinstance(i, bool) and type(i).__name__ != "bool_"
+
+
 def check_prompts(inputs: Sequence[Sequence[Sequence[int]]], vocab: int, names: Sequence) -> None:
     """Every prompt a non-empty list of ints in [0, vocab) (a negative id would wrap to the vocabulary's end)."""
     for t, prompts in enumerate(inputs):
@@ -747,7 +755,7 @@ def check_prompts(inputs: Sequence[Sequence[Sequence[int]]], vocab: int, names: 
             if len(p) == 0:
                 raise ValueError(f"inputs[{t}] ({names[t]}): prompt {j} is empty")
             for i in p:
-                if type(i) is not int and not (isinstance(i, torch.Tensor) and not i.is_floating_point()):
+                if not _is_token_id(i):
                     raise ValueError(f"inputs[{t}] ({names[t]}): prompt {j} has token id {i!r}, not an int")
                 if not 0 <= int(i) < vocab:
                     raise ValueError(

@@ -12,6 +12,7 @@ import glob
 import json
 import math
 import os
+import re
 import shutil
 import sys
 import threading
@@ -165,11 +166,13 @@ class OutputClaim:
             self._fd = None
 
     def _leftovers(self, kind: str) -> list[tuple[Path, int]]:
+        """Entries .OUT.{kind}-PID (or -PID.N) beside OUT that this claim did not make, with their PID."""
+        pattern = re.compile(rf"\.{re.escape(self.out.name)}\.{kind}-(\d+)(\.\d+)?")
         found = []
         for p in self.out.parent.glob(f".{glob.escape(self.out.name)}.{kind}-*"):
-            pid = p.name.rpartition("-")[2]
-            if pid.isdigit() and p not in self.staged:
-                found.append((p, int(pid)))
+            m = pattern.fullmatch(p.name)
+            if m and p not in self.staged:
+                found.append((p, int(m[1])))
         return found
 
     def _recover(self) -> None:

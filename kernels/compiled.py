@@ -118,9 +118,24 @@ def project_formula(g: torch.Tensor, b: torch.Tensor, experts: Sequence[torch.Te
     return torch.stack([(g32 * (e.float() - b32)).sum() for e in experts])
 
 
+def _writable_cache() -> None:
+    """Before the first compile: a cache directory that cannot be written (a file in its place, no
+    permission) breaks the compiler while it imports, past any retry; point Inductor at a fresh one."""
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    d = os.environ.get("TORCHINDUCTOR_CACHE_DIR") or default_cache_dir()
+    try:
+        os.makedirs(d, exist_ok=True)
+        tempfile.TemporaryFile(dir=d).close()
+    except OSError:
+        _fresh_cache()
+
+
 def _call(name: str, fn, *args, **kw):
     compiled_fn = _compiled.get(name)
     if compiled_fn is None:
+        if not _compiled and _fresh_cache_dir is None:
+            _writable_cache()
         # raised once, never lowered: past the limit dynamo would quietly run the formula eagerly on whole
         # tensors (fp32 temporaries the size of the tensor)
         cfg = torch._dynamo.config
@@ -154,7 +169,10 @@ def _fresh_cache() -> bool:
         return False
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = _fresh_cache_dir
     _compiled.clear()
-    torch._dynamo.reset()
+    try:
+        torch._dynamo.reset()
+    except Exception:  # a compiler that failed while importing cannot be reset: the retry will tell
+        pass
     return True
 
 

@@ -529,27 +529,34 @@ def test_crash_between_the_two_renames_is_recovered(work, capsys):
     unchanged(ins, before)
 
 
-@pytest.mark.parametrize("fail_times,warned", [(1, 0), (2, 1)], ids=["rebuilt", "eager"])
-def test_poisoned_compiler_cache_rebuilds_then_falls_back(monkeypatch, fail_times, warned):
+@pytest.mark.parametrize(
+    "cache,fail_times,warned",
+    [("poisoned", 1, 0), ("poisoned", 2, 1), ("unwritable", 0, 0)],
+    ids=["rebuilt", "eager", "unwritable"],
+)
+def test_compiler_cache_poisoned_or_unwritable(tmp_path, monkeypatch, cache, fail_times, warned):
     """A compile that fails (as with a 0-byte .so in Inductor's cache) is retried once with a fresh cache
-    directory; only if that fails too does the process fall back to eager, with one warning. (torch.compile
-    is replaced by a stand-in that fails `fail_times` times, then returns the formula itself.)"""
+    directory; only if that fails too does the process fall back to eager, with one warning. A cache
+    directory that cannot be written (here a regular file in its place) is replaced before the first compile.
+    (torch.compile is replaced by a stand-in that fails `fail_times` times, then returns the formula.)"""
     import blockmerge.kernels.compiled as C
     from blockmerge.kernels import combine_torch
 
     b, es = torch.randn(64), [torch.randn(64), torch.randn(64)]
     ref = combine_torch(b, es, [0.3, 0.6])
+    bad = tmp_path / "inductor"
+    bad.mkdir() if cache == "poisoned" else bad.write_text("not a folder")
     monkeypatch.setattr(C, "_compiled", {})
     monkeypatch.setattr(C, "_broken", None)
     monkeypatch.setattr(C, "_fresh_cache_dir", None)
-    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "/nonexistent/poisoned")
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(bad))
     calls = []
 
     def fake_compile(fn, **kw):
         def run(*a, **k):
             calls.append(os.environ["TORCHINDUCTOR_CACHE_DIR"])
             if len(calls) <= fail_times:
-                raise OSError(errno.ENOEXEC, "file too short", "/nonexistent/poisoned/x.so")
+                raise OSError(errno.ENOEXEC, "file too short", str(bad / "x.so"))
             return fn(*a, **k)
 
         return run
@@ -561,8 +568,9 @@ def test_poisoned_compiler_cache_rebuilds_then_falls_back(monkeypatch, fail_time
         again = C.combine_compiled(b, es, [0.3, 0.6])
     torch.testing.assert_close(out, ref)
     torch.testing.assert_close(again, ref)
-    assert calls[0] == "/nonexistent/poisoned" and calls[1] != calls[0]
-    assert Path(calls[1]).is_dir() and Path(calls[1]).name.startswith("blockmerge-inductor-")
+    fresh = Path(C._fresh_cache_dir)
+    assert fresh.is_dir() and fresh.name.startswith("blockmerge-inductor-")
+    assert calls[0] == (str(bad) if cache == "poisoned" else str(fresh)) and calls[-1] == str(fresh)
     assert len([x for x in w if "torch.compile cannot build" in str(x.message)]) == warned
     assert C.available() == (warned == 0)
-    shutil.rmtree(calls[1], ignore_errors=True)
+    shutil.rmtree(fresh, ignore_errors=True)
