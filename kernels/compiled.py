@@ -18,6 +18,7 @@ a graph or two once and reuses them for every tensor. Inductor caches compiled c
 from __future__ import annotations
 
 import functools
+import getpass
 import os
 import tempfile
 import warnings
@@ -121,9 +122,13 @@ def project_formula(g: torch.Tensor, b: torch.Tensor, experts: Sequence[torch.Te
 def _writable_cache() -> None:
     """Before the first compile: a cache directory that cannot be written (a file in its place, no
     permission) breaks the compiler while it imports, past any retry; point Inductor at a fresh one."""
-    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
-
-    d = os.environ.get("TORCHINDUCTOR_CACHE_DIR") or default_cache_dir()
+    # Inductor's default (torch/_inductor/runtime/cache_dir_utils.py), not imported: importing the compiler
+    # is what fails on such a directory
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):
+        user = f"uid_{os.getuid()}"
+    d = os.environ.get("TORCHINDUCTOR_CACHE_DIR") or os.path.join(tempfile.gettempdir(), f"torchinductor_{user}")
     try:
         os.makedirs(d, exist_ok=True)
         tempfile.TemporaryFile(dir=d).close()
