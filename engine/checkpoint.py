@@ -4,6 +4,7 @@ grouped into blocks: the embeddings, each transformer layer, and the head (final
 from __future__ import annotations
 
 import json
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -82,8 +83,10 @@ def shard_files(path: Path) -> list[Path]:
     if index.exists():
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as e:
-            raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from e
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{index}: not a valid safetensors index ({type(e).__name__}: {e})") from None
+        if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+            raise CheckpointError(f"{index}: weight_map must map tensor names to shard file names")
         files = [path / f for f in dict.fromkeys(weight_map.values())]
         for f in files:
             if not f.exists():
@@ -98,11 +101,26 @@ def shard_files(path: Path) -> list[Path]:
     return found
 
 
+def allow_nonfinite() -> bool:
+    """Whether NaN/Inf in input tensors is accepted (`blockmerge --allow-nonfinite` sets
+    BLOCKMERGE_ALLOW_NONFINITE=1); by default it is an error naming the model and the tensor."""
+    return os.environ.get("BLOCKMERGE_ALLOW_NONFINITE", "") not in ("", "0")
+
+
+def check_finite(t: torch.Tensor, where: str, name: str) -> None:
+    """NaN/Inf in a floating tensor is an error naming its file/folder and the tensor, unless allowed."""
+    if t.is_floating_point() and not allow_nonfinite() and not bool(torch.isfinite(t).all()):
+        bad = "NaN" if bool(torch.isnan(t).any()) else "Inf"
+        raise CheckpointError(f"{where}: tensor {name} contains {bad} values (pass --allow-nonfinite to use it anyway)")
+
+
 class Checkpoint:
-    """Tensor metadata of a checkpoint, and tensors read on demand from the memory-mapped shards."""
+    """Tensor metadata of a checkpoint, and tensors read on demand from the memory-mapped shards.
+    Each floating tensor is checked for NaN/Inf the first time it is read (see `check_finite`)."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
+        self._checked: set[str] = set()
         if not self.path.is_dir():
             raise CheckpointError(f"{self.path}: not a checkpoint folder")
         cfg = self.path / "config.json"
@@ -140,9 +158,13 @@ class Checkpoint:
         if h is None:
             h = self._handles[info.file] = self._open(info.file)
         try:
-            return h.get_tensor(name)
+            t = h.get_tensor(name)
         except Exception as e:
             raise CheckpointError(f"{info.file}: cannot read tensor {name} ({e})") from e
+        if name not in self._checked:  # once per tensor: learning re-reads blocks every step
+            check_finite(t, str(self.path), name)
+            self._checked.add(name)
+        return t
 
     def release(self) -> None:
         """Unmap the shards so that pages already read stop counting against this process."""

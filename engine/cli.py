@@ -21,6 +21,41 @@ COMMANDS = {
 
 
 KERNELS = ("auto", "compiled", "torch", "triton")  # BLOCKMERGE_KERNELS values (blockmerge.kernels.backend)
+# every command also takes these (before or after its own arguments)
+COMMON = {
+    "--debug": "show the traceback of an error (default: one line `blockmerge COMMAND: error: ...`)",
+    "--allow-nonfinite": "accept NaN/Inf in input tensors (default: an error naming the model and tensor)",
+}
+
+
+def _leaves(p: argparse.ArgumentParser):
+    """The parsers that take a command's final arguments (`lora merge`, not `lora`)."""
+    subs = [a for a in p._actions if isinstance(a, argparse._SubParsersAction)]
+    if not subs:
+        yield p
+    for a in subs:
+        for child in a.choices.values():
+            yield from _leaves(child)
+
+
+def _message(e: BaseException) -> str:
+    """One line: an OS error as 'FILE: reason', a bad input as its message; anything else keeps its type."""
+    import torch
+
+    if isinstance(e, OSError) and e.strerror:
+        text = e.strerror if e.filename is None else f"{e.filename}: {e.strerror}"
+    else:
+        text = str(e).strip() or type(e).__name__
+        if not isinstance(e, (ValueError, OSError, torch.linalg.LinAlgError)):  # not an expected failure
+            text = f"{type(e).__name__}: {text} (--debug shows the traceback)"
+    return " ".join(text.split())
+
+
+def _exit_code(e: BaseException) -> int:
+    """2: the input is wrong (fix the command or its files); 1: the run failed (disk, permissions, numerics)."""
+    if isinstance(e, (ValueError, FileExistsError, FileNotFoundError, NotADirectoryError, IsADirectoryError)):
+        return 2
+    return 1
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -34,6 +69,8 @@ def main(argv: list[str] | None = None) -> int:
         "large tensors (about 4 s of start-up per process) and the eager reference for small ones; torch = "
         "always the eager reference (quicker for small linear merges)",
     )
+    for flag, help_ in COMMON.items():
+        parser.add_argument(flag, action="store_true", help=help_)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     chosen = next((a for a in argv if a in COMMANDS), None)
     modules = {}
@@ -42,14 +79,31 @@ def main(argv: list[str] | None = None) -> int:
         if name == chosen:
             modules[name] = importlib.import_module(module)
             modules[name].add_arguments(p)
+            for leaf in _leaves(p):
+                for flag, h in COMMON.items():
+                    leaf.add_argument(flag, action="store_true", default=argparse.SUPPRESS, help=h)
     args = parser.parse_args(argv)
     if args.kernels:
         os.environ["BLOCKMERGE_KERNELS"] = args.kernels  # read by the one dispatch point at every call
+    debug = args.debug or os.environ.get("BLOCKMERGE_DEBUG", "") not in ("", "0")
+    allow = os.environ.get("BLOCKMERGE_ALLOW_NONFINITE")
+    if args.allow_nonfinite:
+        os.environ["BLOCKMERGE_ALLOW_NONFINITE"] = "1"  # read where tensors are read (checkpoint.check_finite)
     try:
         return modules[args.command].run(args) or 0
-    except (ValueError, FileExistsError, FileNotFoundError) as e:  # bad input: one clear line, no traceback
-        print(f"blockmerge {args.command}: error: {e}", file=sys.stderr)
-        return 2
+    except KeyboardInterrupt:
+        print(f"blockmerge {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # every failure: one line and an exit code; the traceback only with --debug
+        if debug:
+            raise
+        print(f"blockmerge {args.command}: error: {_message(e)}", file=sys.stderr)
+        return _exit_code(e)
+    finally:
+        if allow is None:
+            os.environ.pop("BLOCKMERGE_ALLOW_NONFINITE", None)
+        else:
+            os.environ["BLOCKMERGE_ALLOW_NONFINITE"] = allow
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ Model paths are local folders: absolute, relative to the working directory, or r
 from __future__ import annotations
 
 import fnmatch
+import math
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -68,6 +69,25 @@ def parse_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
     d = DTYPES.get(str(name).lower().removeprefix("torch."))
     if d is None:
         raise ConfigError(f"dtype {name!r}: expected one of {', '.join(sorted(DTYPES))}")
+    return d
+
+
+def parse_device(device: str | torch.device | None) -> torch.device:
+    """cpu (default), cuda or cuda:N, checked against what this machine has."""
+    if device is None:
+        return torch.device("cpu")
+    try:
+        d = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ConfigError(f"device {device!r}: not a device (expected cpu, cuda or cuda:N)") from None
+    if d.type == "cpu":
+        return d
+    if d.type != "cuda":
+        raise ConfigError(f"device {device!r}: not supported (expected cpu, cuda or cuda:N)")
+    if not torch.cuda.is_available():
+        raise ConfigError(f"device {device!r}: CUDA is not available on this machine (use cpu)")
+    if d.index is not None and d.index >= torch.cuda.device_count():
+        raise ConfigError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     return d
 
 
@@ -382,4 +402,6 @@ class ParameterResolver:
 def _number(v: Any, where: str, tensor: str) -> float:
     if isinstance(v, bool) or not isinstance(v, (int, float)):
         raise ConfigError(f"{where}: expected a number for tensor {tensor}, got {v!r}")
+    if not math.isfinite(v):
+        raise ConfigError(f"{where}: {v} for tensor {tensor}, expected a finite number")
     return float(v)

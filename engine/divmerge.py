@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 import random
 import sys
 import time
@@ -49,6 +50,7 @@ from .kernels import combine, project
 from .losses import OBJECTIVES, Targets, chunked_head_loss
 from .modeling import BlockSource, StreamedModel, memory_budget, parse_memory
 from .teacher import TeacherData, TeacherSpec, teacher_pass
+from .writer import claim_output
 
 LEVELS = ("task", "layer")
 SMALL_MODEL_BYTES = 64 << 20
@@ -391,6 +393,7 @@ def _learn(
             raise ValueError(f"inputs[{t}]: no prompts for expert {expert_dirs[t]}")
     if max_new_tokens < 1:
         raise ValueError("max_new_tokens must be >= 1")
+    check_learning(steps, epochs, lr, init)
     torch_dtype = getattr(torch, dtype, None)
     if not isinstance(torch_dtype, torch.dtype):
         raise ValueError(f"dtype {dtype!r}: expected float32, float64 or bfloat16")
@@ -421,6 +424,7 @@ def _learn(
         token_chunk=token_chunk,
         resident_max_bytes=budget,
     )
+    check_prompts(inputs, merge.model.config.get_text_config().vocab_size, expert_dirs)
     spec = TeacherSpec(
         max_new_tokens=max_new_tokens,
         eos_token_id=eos_token_id,
@@ -445,6 +449,18 @@ def _learn(
                     desc=f"divmerge {objective}/{level}")  # fmt: skip
 
 
+def check_learning(steps: int | None, epochs: float | None, lr: float, init: float | None) -> None:
+    """The optimiser's numbers, before any work: steps >= 1 (or epochs > 0), lr > 0, all finite."""
+    if steps is not None and (type(steps) is not int or steps < 1):
+        raise ValueError(f"steps: {steps!r}, expected an integer >= 1")
+    if epochs is not None and not (math.isfinite(epochs) and epochs > 0):
+        raise ValueError(f"epochs: {epochs!r}, expected a finite number > 0")
+    if not (math.isfinite(lr) and lr > 0):
+        raise ValueError(f"lr: {lr!r}, expected a finite number > 0")
+    if init is not None and not math.isfinite(init):
+        raise ValueError(f"init: {init!r}, expected a finite number")
+
+
 def optimize(merge, data: TeacherData, *, level: str, objective: str, steps: int | None, epochs: float | None,
              lr: float, batch_size: int, init: float | None, seed: int, progress: bool, config: dict,
              desc: str) -> LearnResult:  # fmt: skip
@@ -452,6 +468,7 @@ def optimize(merge, data: TeacherData, *, level: str, objective: str, steps: int
     the loss and its streamed gradient (full models or LoRA adapters alike)."""
     from .report import progress as bar
 
+    check_learning(steps, epochs, lr, init)
     T, nb = merge.T, len(merge.blocks)
     counts = [data.n_seqs(t) for t in range(T)]
     if steps is None:
@@ -547,7 +564,7 @@ class ModelEntry(BaseModel):
 class LearnSettings(BaseModel):
     """Learning settings shared by `blockmerge divmerge` and `blockmerge lora divmerge` YAMLs."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, strict=True)
     base_model: str
     level: Literal["task", "layer"] = "layer"
     objective: Literal["js", "kl", "entropy"] = "js"
@@ -648,7 +665,13 @@ def resolve_inputs(cfg: LearnSettings, root: Path, key: str, dir_field: str) -> 
 def learn_kwargs(
     cfg: LearnSettings, *, steps: int | None, device: str | None, progress: bool, memory: str | None = None
 ) -> dict:
-    """`learn(...)` keyword arguments from the settings; `steps`, `device`, `memory`: command-line overrides."""
+    """`learn(...)` keyword arguments from the settings; `steps`, `device`, `memory`: command-line overrides
+    (checked here, before any work: steps >= 1, a device this machine has)."""
+    from .config import parse_device
+
+    if steps is not None and (type(steps) is not int or steps < 1):
+        raise ValueError(f"--steps: {steps!r}, expected an integer >= 1")
+    parse_device(device or cfg.device)
     n_steps = steps if steps is not None else cfg.steps
     if n_steps is None and cfg.epochs is None:
         n_steps = 100
@@ -679,7 +702,7 @@ def read_prompts(file: Path, field_name: str, base_dir: Path, samples: int | Non
     """Prompts of one .jsonl data file as token-id lists."""
     if not file.is_file():
         raise FileNotFoundError(f"{field_name}: data file {file} not found")
-    out, tokenizer = [], None
+    out, tokenizer, vocab = [], None, vocab_size(base_dir)
     with file.open() as f:
         for lineno, line in enumerate(f, 1):
             if samples is not None and len(out) >= samples:
@@ -692,7 +715,7 @@ def read_prompts(file: Path, field_name: str, base_dir: Path, samples: int | Non
                 raise ValueError(f"{field_name}: {file}:{lineno}: invalid JSON ({e})") from None
             if isinstance(row, dict) and "input_ids" in row:
                 ids = row["input_ids"]
-                if not isinstance(ids, list) or not ids or not all(isinstance(i, int) for i in ids):
+                if not isinstance(ids, list) or not ids or not all(type(i) is int for i in ids):
                     raise ValueError(f"{field_name}: {file}:{lineno}: input_ids must be a non-empty list of ints")
             elif isinstance(row, dict) and isinstance(row.get("text"), str):
                 if tokenizer is None:
@@ -709,22 +732,75 @@ def read_prompts(file: Path, field_name: str, base_dir: Path, samples: int | Non
                     raise ValueError(f"{field_name}: {file}:{lineno}: text tokenizes to nothing")
             else:
                 raise ValueError(f'{field_name}: {file}:{lineno}: expected {{"text": ...}} or {{"input_ids": [...]}}')
+            bad = next((i for i in ids if not 0 <= i < vocab), None) if vocab else None
+            if bad is not None:
+                raise ValueError(f"{field_name}: {file}:{lineno}: token id {bad} outside the vocabulary [0, {vocab})")
             out.append(list(ids))
     if not out:
         raise ValueError(f"{field_name}: {file} has no prompts")
+    if samples is not None and len(out) < samples:
+        raise ValueError(f"{field_name}: samples is {samples} but {file} has only {len(out)} prompts")
     return out
+
+
+def vocab_size(model_dir: Path) -> int | None:
+    """The vocabulary size in a checkpoint's config.json (its text config's for multimodal ones)."""
+    try:
+        cfg = json.loads((Path(model_dir) / "config.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    v = cfg.get("vocab_size") or (cfg.get("text_config") or {}).get("vocab_size")
+    return v if type(v) is int and v > 0 else None
+
+
+def _is_token_id(i) -> bool:
+    """An integer (Python, numpy or a 0-d integer tensor), never a bool or a float."""
+    if isinstance(i, torch.Tensor):
+        return i.dim() == 0 and not i.is_floating_point() and not i.is_complex() and i.dtype != torch.bool
+    return isinstance(i, numbers.Integral) and not isinstance(i, bool) and type(i).__name__ != "bool_"
+
+
+def check_prompts(inputs: Sequence[Sequence[Sequence[int]]], vocab: int, names: Sequence) -> None:
+    """Every prompt a non-empty list of ints in [0, vocab) (a negative id would wrap to the vocabulary's end)."""
+    for t, prompts in enumerate(inputs):
+        for j, p in enumerate(prompts):
+            if len(p) == 0:
+                raise ValueError(f"inputs[{t}] ({names[t]}): prompt {j} is empty")
+            for i in p:
+                if not _is_token_id(i):
+                    raise ValueError(f"inputs[{t}] ({names[t]}): prompt {j} has token id {i!r}, not an int")
+                if not 0 <= int(i) < vocab:
+                    raise ValueError(
+                        f"inputs[{t}] ({names[t]}): prompt {j}: token id {int(i)} outside the vocabulary [0, {vocab})"
+                    )
 
 
 def run_divmerge(
     config, out, *, force=False, steps=None, device=None, progress=True, memory=None
 ) -> tuple[Path, LearnResult]:
-    started = time.perf_counter()
+    """Learn and write: every setting, path and prompt is checked first; OUT is claimed (writer.OutputClaim)
+    for the whole run, learning included."""
     cfg, root = load_config(config)
-    out = Path(out)
-    if out.exists() and not force:  # before any work
-        raise FileExistsError(f"{out}: output already exists (use --force to overwrite)")
-    base_dir, expert_dirs, inputs = resolve_inputs(cfg, root, "models", "model")
     kwargs = learn_kwargs(cfg, steps=steps, device=device, progress=progress, memory=memory)
+    base_dir, expert_dirs, inputs = resolve_inputs(cfg, root, "models", "model")
+    used = [
+        base_dir,
+        *expert_dirs,
+        *input_files(cfg, root, "models"),
+        *([config] if not isinstance(config, dict) else []),
+    ]
+    with claim_output(out, force=force, inputs=used):
+        return _run_divmerge(cfg, base_dir, expert_dirs, inputs, kwargs, Path(out), force, device, progress)
+
+
+def input_files(cfg: LearnSettings, root: Path, key: str) -> list[Path]:
+    """The data files (and the cache folder) a run reads: OUT may not be one of them."""
+    files = [resolve(e.data, root) for e in getattr(cfg, key)]
+    return files + ([Path(cfg.cache_dir)] if cfg.cache_dir else [])
+
+
+def _run_divmerge(cfg, base_dir, expert_dirs, inputs, kwargs, out, force, device, progress) -> tuple[Path, LearnResult]:
+    started = time.perf_counter()
     res = learn(base_dir, expert_dirs, inputs, **kwargs)
     info = res.to_json()
     info["base_model"] = str(base_dir)

@@ -27,8 +27,8 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import Checkpoint
-from .writer import commit_output, prepare_output
+from .checkpoint import Checkpoint, check_finite
+from .writer import claim_output
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -185,6 +185,8 @@ def read_adapter(path: str | Path) -> Adapter:
             missing = "lora_B" if "A" in h else "lora_A"
             raise AdapterError(f"{path / WEIGHTS_NAME}: module {module} has no {missing}")
         A, B = h["A"], h["B"]
+        for which, t in (("lora_A", A), ("lora_B", B)):
+            check_finite(t, str(path / WEIGHTS_NAME), f"{module}.{which}")
         if A.dim() != 2 or B.dim() != 2 or A.shape[0] != B.shape[1]:
             raise AdapterError(
                 f"{path / WEIGHTS_NAME}: module {module}: lora_A {list(A.shape)} and lora_B {list(B.shape)} "
@@ -392,11 +394,17 @@ def merge_adapters(
         raise AdapterError(f"--rank applies to the svd methods only, not to {method}")
     if T == 1:
         method, rank = "linear", None  # PEFT: a single adapter is always merged linearly
+    if any(not math.isfinite(w) for w in weights):
+        raise AdapterError(f"--weights: {weights} must be finite numbers")
     if method in DENSITY_METHODS:
         if density is None:
             raise AdapterError(f"method {method} needs --density")
+        if method.startswith("dare") and not 0 < density <= 1:  # DARE rescales the kept values by 1/density
+            raise AdapterError(f"--density must be in (0, 1] for {method}, got {density}")
         if not 0 <= density <= 1:
             raise AdapterError(f"--density must be in [0, 1], got {density}")
+    if svd_clamp is not None and not 0 <= svd_clamp <= 1:
+        raise AdapterError(f"--svd-clamp must be a quantile in [0, 1], got {svd_clamp}")
     mask_fn = mask_fn or dare_mask
     ranks = [a.r for a in adapters]
     svd = method.endswith("svd")
@@ -445,7 +453,14 @@ def merge_adapters(
                 masks=masks,
             )
             del deltas
-            A, B = truncated_svd(delta, new_rank, clamp=svd_clamp, full_matrices=svd_full_matrices, driver=svd_driver)
+            if not bool(torch.isfinite(delta).all()):
+                raise AdapterError(f"module {mod}: the combined update has NaN/Inf values; cannot take its SVD")
+            try:
+                A, B = truncated_svd(
+                    delta, new_rank, clamp=svd_clamp, full_matrices=svd_full_matrices, driver=svd_driver
+                )
+            except torch.linalg.LinAlgError as e:
+                raise AdapterError(f"module {mod}: SVD failed ({' '.join(str(e).split())})") from None
             del delta
         else:
             shapes = {tuple(m.A.shape) for _, m, _ in present}
@@ -489,23 +504,25 @@ def merge_adapters(
     return MergedAdapter(config, tensors)
 
 
-def write_adapter(merged: MergedAdapter, out: str | Path, *, force: bool = False, info: dict | None = None) -> Path:
-    """Write adapter_config.json + adapter_model.safetensors to a temporary folder renamed into OUT."""
+def write_adapter(
+    merged: MergedAdapter,
+    out: str | Path,
+    *,
+    force: bool = False,
+    info: dict | None = None,
+    inputs: Sequence[str | Path] = (),
+) -> Path:
+    """Write adapter_config.json + adapter_model.safetensors to a staging folder renamed into OUT
+    (writer.OutputClaim: OUT may not be, lie in or contain one of `inputs`)."""
     from safetensors.torch import save_file
 
-    out, tmp = prepare_output(out, force)
-    try:
+    with claim_output(out, force=force, inputs=inputs) as claim:
+        tmp = claim.staging()
         save_file(merged.tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
         (tmp / CONFIG_NAME).write_text(json.dumps(merged.config, indent=2, sort_keys=True))
         if info is not None:
             (tmp / "blockmerge_lora.json").write_text(json.dumps(info, indent=2))
-        commit_output(tmp, out)
-    except BaseException:
-        import shutil
-
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+        return claim.commit(tmp)
 
 
 # ------------------------------------------------------------------------------------- merge into base
@@ -537,6 +554,8 @@ def merge_into_base(
     weights = [1.0] * T if weights is None else [float(w) for w in weights]
     if len(weights) != T:
         raise AdapterError(f"--weights: expected {T} values (one per adapter), got {len(weights)}")
+    if any(not math.isfinite(w) for w in weights):
+        raise AdapterError(f"--weights: {weights} must be finite numbers")
     block_index = {b.name: i for i, b in enumerate(base.blocks())}
     if coefficients is not None:
         coefficients = torch.as_tensor(coefficients, dtype=torch.float64).detach().cpu()
@@ -545,6 +564,8 @@ def merge_into_base(
                 f"coefficients: shape {list(coefficients.shape)}, expected [{T}, {len(block_index)}] "
                 "(adapters x blocks)"
             )
+        if not bool(torch.isfinite(coefficients).all()):
+            raise AdapterError("coefficients: NaN or Inf values")
     by_tensor: dict[str, list[tuple[LoraModule, float]]] = {}
     for t, (a, w) in enumerate(zip(adapters, weights, strict=True)):
         for mod, m in a.modules.items():
@@ -587,6 +608,7 @@ def merge_into_base(
         progress=progress,
         extra_json={"blockmerge_lora.json": info, **(extra_json or {})},
         desc="lora merge-into-base",
+        inputs=adapter_paths,
     )
 
 
@@ -610,17 +632,33 @@ def _dtype(name: str | None) -> torch.dtype | None:
     return _DTYPES[name]
 
 
+def finite_float(x: str) -> float:
+    """argparse type: a finite number."""
+    try:
+        v = float(x)
+    except ValueError:
+        v = math.nan
+    if not math.isfinite(v):
+        raise argparse.ArgumentTypeError(f"{x!r} is not a finite number (OUT goes first, or after --out)")
+    return v
+
+
+def _out_arguments(p: argparse.ArgumentParser, what: str) -> None:
+    """OUT is never guessed: the first positional argument, or --out (a list option takes every value after it)."""
+    p.add_argument("out", metavar="OUT", nargs="?", help=f"{what} (or --out OUT)")
+    p.add_argument("--out", "-o", dest="out_opt", metavar="OUT", default=None, help=f"{what}")
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     sub = p.add_subparsers(dest="lora_command", metavar="SUBCOMMAND", required=True)
     m = sub.add_parser("merge", help="merge adapters into one adapter (PEFT add_weighted_adapter semantics)")
-    m.add_argument("out", metavar="OUT", nargs="?", help="output adapter folder (or --out)")
-    m.add_argument("--out", "-o", dest="out_opt", default=None, help=argparse.SUPPRESS)
+    _out_arguments(m, "output adapter folder")
     m.add_argument("--adapters", nargs="+", required=True, metavar="DIR")
     m.add_argument("--method", default="svd", choices=ADAPTER_METHODS)
-    m.add_argument("--weights", nargs="+", default=None, help="one per adapter (default 1)")
-    m.add_argument("--density", type=float, default=None, help="ties/dare/magnitude_prune: fraction kept")
+    m.add_argument("--weights", nargs="+", type=finite_float, default=None, help="one per adapter (default 1)")
+    m.add_argument("--density", type=finite_float, default=None, help="ties/dare/magnitude_prune: fraction kept")
     m.add_argument("--rank", type=int, default=None, help="svd methods: output rank (default: largest input r)")
-    m.add_argument("--svd-clamp", type=float, default=None, help="PEFT's svd_clamp quantile")
+    m.add_argument("--svd-clamp", type=finite_float, default=None, help="PEFT's svd_clamp quantile")
     m.add_argument("--svd-full-matrices", action="store_true", help="full SVD as PEFT's default (same result)")
     m.add_argument("--svd-driver", default=None)
     m.add_argument("--majority-sign-method", default="total", choices=("total", "frequency"))
@@ -630,11 +668,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     m.add_argument("--force", action="store_true", help="overwrite OUT")
 
     b = sub.add_parser("merge-into-base", help="W0 + sum_t w_t s_t B_t A_t as a full checkpoint, streamed")
-    b.add_argument("out", metavar="OUT", nargs="?", help="output checkpoint folder (or --out)")
-    b.add_argument("--out", "-o", dest="out_opt", default=None, help=argparse.SUPPRESS)
+    _out_arguments(b, "output checkpoint folder")
     b.add_argument("--base", required=True, metavar="DIR")
     b.add_argument("--adapters", nargs="+", required=True, metavar="DIR")
-    b.add_argument("--weights", nargs="+", default=None, help="one per adapter (default 1)")
+    b.add_argument("--weights", nargs="+", type=finite_float, default=None, help="one per adapter (default 1)")
     b.add_argument("--dtype", default=None)
     b.add_argument("--shard-size", default="5GB")
     b.add_argument("--device", default=None)
@@ -658,83 +695,75 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "the config; default: half of the free memory); what does not fit is streamed")  # fmt: skip
 
 
-def _is_float(x: str) -> bool:
-    try:
-        float(x)
-        return True
-    except ValueError:
-        return False
-
-
 def _resolve_out(args: argparse.Namespace) -> None:
-    """OUT given last (`--weights 1 2 OUT`) is swallowed by the list option before it: take it back."""
+    if args.out is not None and args.out_opt is not None and args.out != args.out_opt:
+        raise ValueError(f"OUT given twice ({args.out} and --out {args.out_opt})")
+    args.out = args.out or args.out_opt
     if args.out is None:
-        args.out = args.out_opt
-    if args.out is None and args.weights and not _is_float(args.weights[-1]):
-        args.out = args.weights.pop()
-    elif args.out is None and args.weights and len(args.adapters) == len(args.weights) + 1:
-        args.out = args.adapters.pop()
-    elif args.out is None and len(args.adapters) > 1 and not (Path(args.adapters[-1]) / CONFIG_NAME).exists():
-        args.out = args.adapters.pop()  # `--adapters A B OUT`: OUT is not an adapter (yet)
-    if args.out is None:
-        raise ValueError("OUT is missing: give it before --adapters, after a single-valued option, or as --out OUT")
-    if args.weights is not None:
-        bad = [w for w in args.weights if not _is_float(w)]
-        if bad:
-            raise ValueError(f"--weights: {bad[0]!r} is not a number")
-        args.weights = [float(w) for w in args.weights]
+        raise ValueError(
+            "OUT is missing: give it first (before --adapters) or as --out OUT; --adapters and --weights take "
+            "every value that follows them"
+        )
 
 
 def run(args: argparse.Namespace) -> int:
-    from .report import final_line
-
     started = time.perf_counter()
     if args.lora_command in ("merge", "merge-into-base"):
         _resolve_out(args)
     if args.lora_command == "merge":
-        base = Checkpoint(args.base) if args.base else None
-        adapters, _ = read_adapters(args.adapters, base, base_given=args.base is not None)
-        merged = merge_adapters(
-            adapters,
-            args.weights,
-            args.method,
-            density=args.density,
-            rank=args.rank,
-            svd_clamp=args.svd_clamp,
-            svd_full_matrices=args.svd_full_matrices,
-            svd_driver=args.svd_driver,
-            majority_sign_method=args.majority_sign_method,
-            seed=args.seed,
-            dtype=_dtype(args.dtype),
-        )
-        info = {
-            "adapters": list(map(str, args.adapters)),
-            "weights": args.weights,
-            "method": args.method,
-            "density": args.density,
-            "rank": merged.config["r"],
-            "seed": args.seed,
-        }
-        out = write_adapter(merged, args.out, force=args.force, info=info)
-        print(
-            final_line(f"merged {len(adapters)} adapters ({args.method}, r={merged.config['r']}) into {out}", started)
-        )
-        return 0
+        inputs = [*args.adapters, *([args.base] if args.base else [])]
+        with claim_output(args.out, force=args.force, inputs=inputs):
+            return _merge_cli(args, inputs, started)
     if args.lora_command == "merge-into-base":
-        out = merge_into_base(
-            args.base,
-            args.adapters,
-            args.weights,
-            args.out,
-            force=args.force,
-            shard_size=args.shard_size,
-            dtype=_dtype(args.dtype),
-            device=args.device,
-            progress=not args.no_progress,
-        )
+        from .config import parse_device
+
+        parse_device(args.device)
+        with claim_output(args.out, force=args.force, inputs=[args.base, *args.adapters]):
+            merge_into_base(
+                args.base,
+                args.adapters,
+                args.weights,
+                args.out,
+                force=args.force,
+                shard_size=args.shard_size,
+                dtype=_dtype(args.dtype),
+                device=args.device,
+                progress=not args.no_progress,
+            )
         return 0
     if args.lora_command == "divmerge":
         from .lora_learn import run_divmerge_cli
 
         return run_divmerge_cli(args)
     raise ValueError(f"unknown lora subcommand {args.lora_command!r}")
+
+
+def _merge_cli(args: argparse.Namespace, inputs: list[str], started: float) -> int:
+    from .report import final_line
+
+    base = Checkpoint(args.base) if args.base else None
+    adapters, _ = read_adapters(args.adapters, base, base_given=args.base is not None)
+    merged = merge_adapters(
+        adapters,
+        args.weights,
+        args.method,
+        density=args.density,
+        rank=args.rank,
+        svd_clamp=args.svd_clamp,
+        svd_full_matrices=args.svd_full_matrices,
+        svd_driver=args.svd_driver,
+        majority_sign_method=args.majority_sign_method,
+        seed=args.seed,
+        dtype=_dtype(args.dtype),
+    )
+    info = {
+        "adapters": list(map(str, args.adapters)),
+        "weights": args.weights,
+        "method": args.method,
+        "density": args.density,
+        "rank": merged.config["r"],
+        "seed": args.seed,
+    }
+    out = write_adapter(merged, args.out, force=args.force, info=info, inputs=inputs)
+    print(final_line(f"merged {len(adapters)} adapters ({args.method}, r={merged.config['r']}) into {out}", started))
+    return 0

@@ -46,6 +46,9 @@ from .divmerge import (
     Batch,
     LearnResult,
     LearnSettings,
+    check_learning,
+    check_prompts,
+    input_files,
     learn_kwargs,
     load_yaml_config,
     optimize,
@@ -55,6 +58,7 @@ from .lora import Adapter, AdapterError, read_adapters
 from .losses import OBJECTIVES, chunked_head_loss
 from .modeling import BlockSource, StreamedModel, memory_budget
 from .teacher import ChunkWriter, TeacherData, TeacherSpec, continuations, fingerprint, step_targets
+from .writer import claim_output
 
 QUANTIZE = (None, "nf4", "int8")
 
@@ -428,6 +432,7 @@ def _learn(base_dir, adapter_dirs, inputs, *, level, objective, steps, epochs, l
     for t, x in enumerate(inputs):
         if not x:
             raise ValueError(f"inputs[{t}]: no prompts for adapter {adapter_dirs[t]}")
+    check_learning(steps, epochs, lr, init)
     torch_dtype = getattr(torch, dtype, None)
     if not isinstance(torch_dtype, torch.dtype):
         raise ValueError(f"dtype {dtype!r}: expected float32 or float64")
@@ -446,6 +451,7 @@ def _learn(base_dir, adapter_dirs, inputs, *, level, objective, steps, epochs, l
         resident_max_bytes=budget,
         quantize=quantize,
     )
+    check_prompts(inputs, merge.model.config.get_text_config().vocab_size, adapter_dirs)
     spec = TeacherSpec(max_new_tokens=max_new_tokens, eos_token_id=eos_token_id, full_vocab_max=full_vocab_max,
                        topk=topk, store_dists=objective != "entropy")  # fmt: skip
     data = TeacherData(merge.teacher_folders(inputs, cache_dir or teacher_cache(), spec, progress))
@@ -503,6 +509,7 @@ def write_learned(
     exact cat adapter whose module blocks carry Gamma[t, block(module)] (output='adapter')."""
     from .lora import PREFIX, MergedAdapter, _dtype, merge_into_base, write_adapter
 
+    inputs = [base_dir, *adapter_dirs]
     if output == "base":
         return merge_into_base(
             base_dir,
@@ -537,17 +544,23 @@ def write_learned(
     config = dict(adapters[0].config)
     config.update(r=rank, lora_alpha=rank, target_modules=_target_modules(adapters), alpha_pattern={},
                   rank_pattern={}, use_rslora=False)  # fmt: skip
-    return write_adapter(MergedAdapter(config, tensors), out, force=force, info=info)
+    return write_adapter(MergedAdapter(config, tensors), out, force=force, info=info, inputs=inputs)
 
 
 def run_divmerge(config, out, *, force=False, steps=None, device=None, output=None, progress=True, memory=None):
-    started = time.perf_counter()
+    """Learn and write: every setting, path and prompt is checked first; OUT is claimed (writer.OutputClaim)
+    for the whole run, learning included."""
     cfg, root = load_config(config)
-    out = Path(out)
-    if out.exists() and not force:
-        raise FileExistsError(f"{out}: output already exists (use --force to overwrite)")
-    base_dir, adapter_dirs, inputs = resolve_inputs(cfg, root, "adapters", "adapter")
     kwargs = learn_kwargs(cfg, steps=steps, device=device, progress=progress, memory=memory)
+    base_dir, adapter_dirs, inputs = resolve_inputs(cfg, root, "adapters", "adapter")
+    used = [base_dir, *adapter_dirs, *input_files(cfg, root, "adapters")]
+    used += [config] if not isinstance(config, dict) else []
+    with claim_output(out, force=force, inputs=used):
+        return _run_divmerge(cfg, base_dir, adapter_dirs, inputs, kwargs, Path(out), force, device, output, progress)
+
+
+def _run_divmerge(cfg, base_dir, adapter_dirs, inputs, kwargs, out, force, device, output, progress):
+    started = time.perf_counter()
     res = learn(base_dir, adapter_dirs, inputs, **kwargs, quantize=cfg.quantize)
     info = res.to_json()
     info.update(base_model=str(base_dir), adapters=[str(d) for d in adapter_dirs], config=cfg.model_dump())

@@ -9,19 +9,28 @@ blocks of every model plus one tensor's temporaries, whatever the number of laye
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
 from .checkpoint import Checkpoint, check_compatible
-from .config import ConfigError, MergeConfig, ParameterResolver, load_config, parse_dtype, resolve_plan
+from .config import (
+    ConfigError,
+    MergeConfig,
+    ParameterResolver,
+    load_config,
+    parse_device,
+    parse_dtype,
+    resolve_plan,
+)
 from .report import final_line
 from .stream import stream_blocks
-from .writer import CheckpointWriter
+from .writer import CheckpointWriter, OutputExistsError, check_not_input, claim_output, parse_size
 
 DTYPE_NAMES_CLI = ("float32", "float16", "bfloat16", "fp32", "fp16", "bf16")
 MergeTensorFn = Callable[[str, torch.Tensor, list[torch.Tensor]], torch.Tensor]
@@ -56,17 +65,24 @@ def stream_merge(
     progress: bool = True,
     extra_json: dict[str, dict] | None = None,
     desc: str = "merge",
+    inputs: Sequence[str | Path] = (),
 ) -> Path:
     """Write OUT = merge_tensor(name, base[name], [e[name] for e in experts]) for every tensor of the base.
 
     Floating-point outputs are written in `dtype` (default: the base's dtype); other dtypes unchanged.
     config.json and tokenizer files are copied from the base (config's dtype updated when it changes);
     `extra_json` files ({filename: object}) are written last, so they may replace config.json.
-    Everything goes to a temporary folder beside OUT, renamed into place when complete."""
+    Everything goes to a staging folder beside OUT, renamed into place when complete (writer.OutputClaim);
+    OUT may not be, lie in or contain the base, an expert or one of `inputs`. Input tensors with NaN/Inf are
+    an error naming the model and tensor (checkpoint.check_finite)."""
     started = time.perf_counter()
     out = Path(out)
-    if out.exists() and not force:  # before any work (the writer checks again)
-        raise FileExistsError(f"{out}: output already exists (use --force to overwrite)")
+    parse_size(shard_size)
+    dev = parse_device(device)
+    inputs = [base.path, *(e.path for e in experts), *inputs]
+    check_not_input(out, inputs)
+    if os.path.lexists(out) and not force:  # before any work (checked again under the lock and at commit)
+        raise OutputExistsError(f"{out}: output already exists (use --force to overwrite)")
     check_compatible(base, experts)
     out_dtype = parse_dtype(dtype)
     models = [base, *experts]
@@ -85,9 +101,8 @@ def stream_merge(
             extra["config.json"] = cfg
     extra.update(extra_json or {})
     total = sum(m.nbytes for m in models)
-    dev = torch.device(device) if device is not None else torch.device("cpu")
     done = 0
-    with CheckpointWriter(out, plan, shard_size=shard_size, force=force) as writer:
+    with CheckpointWriter(out, plan, shard_size=shard_size, force=force, inputs=inputs) as writer:
         bar = tqdm(
             total=total,
             desc=desc,
@@ -128,10 +143,11 @@ def stream_merge(
 
 
 def plan_merge(
-    config: str | Path | dict | MergeConfig, *, seed: int | None = None, dtype=None
+    config: str | Path | dict | MergeConfig, *, seed: int | None = None, dtype=None, extrapolate: bool = False
 ) -> tuple[Checkpoint, list[Checkpoint], MergeTensorFn, torch.dtype | None, MergeConfig]:
     """Parse and check a mergekit-style config, open the checkpoints and build the per-tensor function.
-    Every tensor's parameters are resolved here, before any tensor is read, so config errors come first."""
+    Every tensor's parameters are resolved here, before any tensor is read, so config errors come first:
+    numbers finite, density in (0, 1] where it is used, slerp's t in [0, 1] unless `extrapolate`."""
     from . import methods
 
     cfg = load_config(config)
@@ -155,6 +171,10 @@ def plan_merge(
         params[name] = (resolver.tensor_params(name), g)
         if method == "ties" and g.get("rescale"):
             raise ConfigError("parameters.rescale: rescale=true is not supported for ties")
+        if method == "slerp" and not extrapolate and not 0.0 <= g["t"] <= 1.0:
+            raise ConfigError(
+                f"parameters.t: {g['t']} for tensor {name}, expected 0 <= t <= 1 (--extrapolate to go beyond)"
+            )
         for i, tp in enumerate(params[name][0]):
             d = tp.get("density", 1.0)
             if not 0.0 < d <= 1.0 and method != "task_arithmetic":
@@ -196,26 +216,33 @@ def run_merge(
     device: str | torch.device | None = None,
     progress: bool = True,
     seed: int | None = None,
+    extrapolate: bool = False,
 ) -> Path:
     """Merge as a mergekit-style config says (YAML path, YAML text, dict or MergeConfig) into OUT."""
     out = Path(out)
-    if out.exists() and not force:
-        raise FileExistsError(f"{out}: output already exists (use --force to overwrite)")
-    base, experts, fn, out_dtype, cfg = plan_merge(config, seed=seed, dtype=dtype)
+    parse_size(shard_size)
+    parse_device(device)
+    if os.path.lexists(out) and not force:  # before any work (checked again under the lock and at commit)
+        raise OutputExistsError(f"{out}: output already exists (use --force to overwrite)")
+    base, experts, fn, out_dtype, cfg = plan_merge(config, seed=seed, dtype=dtype, extrapolate=extrapolate)
     record = cfg.model_dump(exclude_none=True, exclude={"source_dir"})
-    return stream_merge(
-        base,
-        experts,
-        out,
-        fn,
-        force=force,
-        shard_size=shard_size,
-        dtype=out_dtype,
-        device=device,
-        progress=progress,
-        extra_json={"blockmerge_config.json": record},
-        desc=cfg.merge_method,
-    )
+    config_file = [config] if isinstance(config, Path) or (isinstance(config, str) and os.path.isfile(config)) else []
+    inputs = [base.path, *(e.path for e in experts), *config_file]
+    with claim_output(out, force=force, inputs=inputs):
+        return stream_merge(
+            base,
+            experts,
+            out,
+            fn,
+            force=force,
+            shard_size=shard_size,
+            dtype=out_dtype,
+            device=device,
+            progress=progress,
+            extra_json={"blockmerge_config.json": record},
+            desc=cfg.merge_method,
+            inputs=config_file,
+        )
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -226,6 +253,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default=None, choices=DTYPE_NAMES_CLI, help="output dtype (default: config's or base's)")
     p.add_argument("--device", default=None, help="where tensors are combined: cpu (default) or cuda")
     p.add_argument("--seed", type=int, default=None, help="DARE seed (overrides parameters.seed; default 0)")
+    p.add_argument("--extrapolate", action="store_true", help="allow slerp's t outside [0, 1]")
     p.add_argument("--no-progress", action="store_true", help="no progress bar or final line")
 
 
@@ -239,5 +267,6 @@ def run(args: argparse.Namespace) -> int:
         device=args.device,
         progress=not args.no_progress,
         seed=args.seed,
+        extrapolate=args.extrapolate,
     )
     return 0

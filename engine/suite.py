@@ -22,6 +22,7 @@ import torch
 from .cache import default_cache
 from .evaluate import accuracy
 from .tasks import EOS_ID, PAD_ID, TASK_NAMES, VOCAB, CharTokenizer, TrainStream, eval_sets
+from .writer import claim_output
 
 SUITE_VERSION = "suite-v2"
 
@@ -199,17 +200,31 @@ def build_suite(
     """Return the cached suite for `config`, building it first if it is missing, stale or `rebuild`."""
     log = log or (lambda s: print(s, file=sys.stderr, flush=True))
     root = suite_dir(config, cache)
-    manifest_path = root / "manifest.json"
-    if manifest_path.exists() and not rebuild:
-        try:
-            manifest = json.loads(manifest_path.read_text())
-        except json.JSONDecodeError:
-            manifest = {}
-        if manifest.get("config") == dataclasses.asdict(config) | {"tasks": list(config.tasks)} and all(
-            (root / "experts" / t / "model.safetensors").exists() for t in config.tasks
-        ):
-            return Suite(root, config, manifest)
-        log(f"suite at {root} does not match the requested configuration: rebuilding")
+    if not rebuild and (suite := _cached(root, config)) is not None:
+        return suite
+    # one builder at a time (writer.OutputClaim): a second process waits, then finds the suite built
+    with claim_output(root, force=True, wait=True) as claim:
+        if not rebuild and (suite := _cached(root, config)) is not None:
+            return suite
+        if (root / "manifest.json").exists():
+            log(f"suite at {root} does not match the requested configuration: rebuilding")
+        return _build(root, config, rebuild, log, threads_arg, claim)
+
+
+def _cached(root: Path, config: SuiteConfig) -> Suite | None:
+    """The suite in `root` if it is complete and was built for `config`."""
+    try:
+        manifest = json.loads((root / "manifest.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    if manifest.get("config") == dataclasses.asdict(config) | {"tasks": list(config.tasks)} and all(
+        (root / "experts" / t / "model.safetensors").exists() for t in config.tasks
+    ):
+        return Suite(root, config, manifest)
+    return None
+
+
+def _build(root: Path, config: SuiteConfig, rebuild: bool, log, threads_arg: int, claim) -> Suite:
     started = time.perf_counter()
     from transformers import AutoModelForCausalLM
 
@@ -217,11 +232,12 @@ def build_suite(
     torch.set_num_threads(threads_arg)  # tiny matmuls: 1 thread is fastest, and robust on shared cores
     # Models are written into a partial folder named after the configuration, each with a marker once
     # complete, so an interrupted build resumes where it stopped; the folder is renamed when all is done.
-    root.parent.mkdir(parents=True, exist_ok=True)
     part = root.parent / f".{root.name}.partial-{config.key()}"
     if rebuild and part.exists():
         shutil.rmtree(part)
     part.mkdir(exist_ok=True)
+    for tmp in [*part.glob(".tmp-*"), *part.glob("experts/.tmp-*")]:  # models a killed build was saving
+        shutil.rmtree(tmp, ignore_errors=True)
     try:
         tok = CharTokenizer()
         sets = {t: eval_sets(t, config.n_test, config.n_val, config.seed) for t in config.tasks}
@@ -292,9 +308,7 @@ def build_suite(
             "torch": torch.__version__,
         }
         (part / "manifest.json").write_text(json.dumps(manifest, indent=2))
-        if root.exists():
-            shutil.rmtree(root)
-        part.rename(root)
+        claim.commit(part)
     finally:
         torch.set_num_threads(threads)
     log(f"suite ready in {time.perf_counter() - started:.0f}s")

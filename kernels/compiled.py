@@ -4,7 +4,9 @@ is read once, converted to fp32 in registers and never stored as a temporary: th
 speed, where the eager reference pays one pass over an fp32 buffer per torch op (see benchmarks/kernels.py).
 
 Same signatures and semantics as reference.combine_torch / project_torch (the eager reference, which stays
-the fallback when torch.compile cannot build: no C++ compiler, unsupported platform). Rounding may differ
+the fallback when torch.compile cannot build: no C++ compiler, unsupported platform). A failed build is
+retried once in a fresh cache directory first (a poisoned or unwritable Inductor cache), then the process
+falls back to the eager path with one warning. Rounding may differ
 from the eager path by an ulp (operation order, fused multiply-adds): tests hold them to per-dtype tolerances.
 
 One compiled graph per structure (number of experts, dtypes, which options are on); the numbers (weights,
@@ -16,6 +18,9 @@ a graph or two once and reuses them for every tensor. Inductor caches compiled c
 from __future__ import annotations
 
 import functools
+import getpass
+import os
+import tempfile
 import warnings
 from collections.abc import Sequence
 
@@ -33,6 +38,7 @@ RECOMPILE_LIMIT = 256  # graphs per formula (dynamo's default of 8 would silentl
 
 _compiled: dict[str, object] = {}
 _broken: str | None = None  # why torch.compile failed in this process (the eager path is used from then on)
+_fresh_cache_dir: str | None = None  # the new Inductor cache this process switched to after a failure
 
 
 def hash_uniform32(key: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -113,9 +119,28 @@ def project_formula(g: torch.Tensor, b: torch.Tensor, experts: Sequence[torch.Te
     return torch.stack([(g32 * (e.float() - b32)).sum() for e in experts])
 
 
+def _writable_cache() -> None:
+    """Before the first compile: a cache directory that cannot be written (a file in its place, no
+    permission) breaks the compiler while it imports, past any retry; point Inductor at a fresh one."""
+    # Inductor's default (torch/_inductor/runtime/cache_dir_utils.py), not imported: importing the compiler
+    # is what fails on such a directory
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):
+        user = f"uid_{os.getuid()}"
+    d = os.environ.get("TORCHINDUCTOR_CACHE_DIR") or os.path.join(tempfile.gettempdir(), f"torchinductor_{user}")
+    try:
+        os.makedirs(d, exist_ok=True)
+        tempfile.TemporaryFile(dir=d).close()
+    except OSError:
+        _fresh_cache()
+
+
 def _call(name: str, fn, *args, **kw):
     compiled_fn = _compiled.get(name)
     if compiled_fn is None:
+        if not _compiled and _fresh_cache_dir is None:
+            _writable_cache()
         # raised once, never lowered: past the limit dynamo would quietly run the formula eagerly on whole
         # tensors (fp32 temporaries the size of the tensor)
         cfg = torch._dynamo.config
@@ -135,14 +160,52 @@ def available() -> bool:
     return _broken is None
 
 
+def _fresh_cache() -> bool:
+    """Point Inductor at a new empty cache directory and forget the compiled functions: a compile that fails
+    is most often a poisoned cache (a 0-byte .so left by a process killed while compiling) or an unwritable
+    one. False when this process already did so (then the eager path takes over)."""
+    global _fresh_cache_dir
+    if _fresh_cache_dir is not None:
+        return False
+    try:
+        _fresh_cache_dir = tempfile.mkdtemp(prefix="blockmerge-inductor-")
+    except OSError:
+        _fresh_cache_dir = ""
+        return False
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = _fresh_cache_dir
+    _compiled.clear()
+    try:
+        torch._dynamo.reset()
+    except Exception:  # a compiler that failed while importing cannot be reset: the retry will tell
+        pass
+    return True
+
+
+def _run(run):
+    """run() on the compiled path; after a failure once more with a fresh cache (`_fresh_cache`); None when
+    that fails too: `_fallback` has then switched this process to the eager path, with one warning."""
+    try:
+        return run()
+    except Exception as err:
+        first = err
+    if _fresh_cache():
+        try:
+            return run()
+        except Exception as err:
+            first = err
+    _fallback(first)
+    return None
+
+
 def _fallback(err: Exception) -> None:
     global _broken
     _broken = f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"
+    retried = f" (also with a fresh cache {_fresh_cache_dir})" if _fresh_cache_dir else ""
     warnings.warn(
-        f"blockmerge: torch.compile cannot build the CPU kernels ({_broken[:300]}); using the eager torch path "
-        "(slower). Install a C++ compiler, or set BLOCKMERGE_KERNELS=torch to silence this.",
+        f"blockmerge: torch.compile cannot build the CPU kernels{retried}: {_broken[:300]}; using the eager "
+        "torch path (slower). Install a C++ compiler, or set BLOCKMERGE_KERNELS=torch to silence this.",
         RuntimeWarning,
-        stacklevel=4,  # the caller of kernels.combine / project
+        stacklevel=5,  # the caller of kernels.combine / project
     )
 
 
@@ -195,14 +258,15 @@ def combine_compiled(
     # (4 KiB page faults doubled the time of a 64M-element fp32 combine); the loop writes into it directly
     out = new_output(base.shape, out_dtype, base.device)
     flat = out.view(-1)
-    try:
+
+    def run():
         for s in range(0, n, CALL_MAX):  # one call unless the int32 DARE counter would overflow
             stop, off = min(s + CALL_MAX, n), torch.tensor(_s32(offset + s), dtype=torch.int32)
             _call("combine", combine_into, flat[s:stop], b[s:stop], [e[s:stop] for e in es], coef, keys, off, **spec)
-    except Exception as err:  # compiler missing or broken (the inputs were checked above)
-        _fallback(err)
-        return combine_torch(base, experts, weights, **opts)
-    return out
+        return out
+
+    res = _run(run)  # None: compiler missing or broken (the inputs were checked above)
+    return combine_torch(base, experts, weights, **opts) if res is None else res
 
 
 def project_compiled(grad: torch.Tensor, base: torch.Tensor, experts: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -217,13 +281,12 @@ def project_compiled(grad: torch.Tensor, base: torch.Tensor, experts: Sequence[t
         return project_torch(grad, base, experts)
     g, b = grad.reshape(-1), base.reshape(-1)
     es = [e.reshape(-1) for e in experts]
-    try:  # fp32 sums of fixed-size chunks added in fp64 in order: accurate and deterministic
-        parts = [
-            _call("project", project_formula, g[s : s + PROJECT_CHUNK], b[s : s + PROJECT_CHUNK],
-                  [e[s : s + PROJECT_CHUNK] for e in es])
-            for s in range(0, n, PROJECT_CHUNK)
-        ]  # fmt: skip
-    except Exception as err:
-        _fallback(err)
+    # fp32 sums of fixed-size chunks added in fp64 in order: accurate and deterministic
+    parts = _run(lambda: [
+        _call("project", project_formula, g[s : s + PROJECT_CHUNK], b[s : s + PROJECT_CHUNK],
+              [e[s : s + PROJECT_CHUNK] for e in es])
+        for s in range(0, n, PROJECT_CHUNK)
+    ])  # fmt: skip
+    if parts is None:
         return project_torch(grad, base, experts)
     return torch.stack(parts).double().sum(0).float()

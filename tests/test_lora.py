@@ -196,6 +196,7 @@ def test_merged_adapter_loads_with_peft_same_logits(fam, tmp_path, method):
                 method,
                 "--weights",
                 *map(str, WEIGHTS),
+                "--out",
                 str(out),
             ]
         )
@@ -386,7 +387,7 @@ def test_bad_inputs(fam, tmp_path, capsys):
     cfg = json.loads((first / "adapter_config.json").read_text())
     (first / "adapter_config.json").write_text(json.dumps(dict(cfg, base_model_name_or_path="org/base")))
     assert "base_model_name_or_path 'org/other' differs" in err(
-        ["lora", "merge", "--adapters", str(first), str(other), out]
+        ["lora", "merge", out, "--adapters", str(first), str(other)]
     )
     wide = tmp_path / "wide"  # adapter for a model with another hidden size
     torch.manual_seed(0)
@@ -395,20 +396,22 @@ def test_bad_inputs(fam, tmp_path, capsys):
         LoraConfig(r=4, target_modules=TARGETS, init_lora_weights=False),
     )
     m.save_pretrained(wide)
-    assert "not the same base" in err(["lora", "merge", "--adapters", str(ads[0]), str(wide), out])
+    assert "not the same base" in err(["lora", "merge", out, "--adapters", str(ads[0]), str(wide)])
     e = err(["lora", "merge-into-base", "--base", str(root / "base"), "--adapters", str(wide), "--no-progress", out])
     assert "model.safetensors" in e or "has shape" in e
     assert "needs --density" in err(["lora", "merge", "--adapters", *map(str, ads), "--method", "ties", out])
     assert "same rank" in err(["lora", "merge", "--adapters", str(ads[0]), str(fam[2]), "--method", "linear", out])
-    assert "expected 3 values" in err(["lora", "merge", "--adapters", *map(str, ads), "--weights", "1", out])
+    assert "expected 3 values" in err(["lora", "merge", "--adapters", *map(str, ads), "--weights", "1", "--out", out])
+    # OUT is never guessed from the end of a list option: an adapter can never become the output
+    assert "OUT is missing" in err(["lora", "merge", "--adapters", *map(str, ads), out])
     with pytest.raises(SystemExit):
         cli_main(["lora", "merge", "--adapters", str(ads[0]), "--method", "nope", out])
     capsys.readouterr()
     assert not (tmp_path / "o").exists() and not list(tmp_path.glob(".o.tmp*"))
     # existing output: refused, then --force replaces it
     (tmp_path / "o").mkdir()
-    assert "already exists" in err(["lora", "merge", "--adapters", *map(str, ads), out])
-    assert cli_main(["lora", "merge", "--adapters", *map(str, ads), out, "--force"]) == 0
+    assert "already exists" in err(["lora", "merge", out, "--adapters", *map(str, ads)])
+    assert cli_main(["lora", "merge", out, "--adapters", *map(str, ads), "--force"]) == 0
     assert (tmp_path / "o" / "adapter_model.safetensors").exists()
 
 
