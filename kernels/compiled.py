@@ -17,9 +17,11 @@ a graph or two once and reuses them for every tensor. Inductor caches compiled c
 
 from __future__ import annotations
 
+import atexit
 import functools
 import getpass
 import os
+import shutil
 import tempfile
 import warnings
 from collections.abc import Sequence
@@ -172,6 +174,7 @@ def _fresh_cache() -> bool:
     except OSError:
         _fresh_cache_dir = ""
         return False
+    atexit.register(shutil.rmtree, _fresh_cache_dir, True)  # this process's own: no leftover in /tmp
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = _fresh_cache_dir
     _compiled.clear()
     try:
