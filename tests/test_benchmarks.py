@@ -148,3 +148,12 @@ def test_peak_memory_measure():
     none = bench.peak_extra_bytes(lambda: None, cpu)
     assert big is not None and none is not None  # Linux: /proc/self/clear_refs
     assert 60 << 20 <= big <= 72 << 20 and none < 4 << 20
+
+
+def test_learn_speed_smoke(tmp_path):
+    run("learn_speed.py", "--smoke", "--threads", "1", "--out-dir", str(tmp_path))
+    rows = read_csv(tmp_path / "learn_speed.csv")
+    assert [r["mode"] for r in rows] == ["resident", "streamed"]
+    assert int(rows[1]["memory_budget"]) == 0 < int(rows[0]["memory_budget"])
+    for r in rows:
+        assert float(r["teacher_seq_per_s"]) > 0 and float(r["task_step_s"]) > 0 and float(r["layer_step_s"]) > 0
