@@ -13,8 +13,11 @@ blocks = the embedding block, each decoder layer, and the head block = final nor
 embeddings the output projection is the embedding's tensor, so the head's use of it counts towards the
 embed block's coefficient).
 
-Everything is streamed: one block of the base and of every expert is in memory at a time (two while the
-next one is prefetched). A learning step is
+Blocks of the base and the experts stay resident on the device while they fit in the memory budget
+(`memory`, default half of the device's free memory); the others are streamed, one block of every model at
+a time (two while the next one is prefetched). When everything is resident and the step's graph fits too,
+the step keeps its autograd graph: each block's merged weights are built once and nothing is recomputed
+(`StreamedMerge.graph_fits`). Otherwise a learning step is
 
   forward   for each block: W = combine(base, experts, Gamma[:, b]) per tensor; run the block without
             grad; keep the block's input activation on the host.
