@@ -191,7 +191,8 @@ class StreamedMerge:
             return False
         cfg = self.model.config.get_text_config()
         inter = getattr(cfg, "intermediate_size", None) or 4 * cfg.hidden_size
-        per_token = self.model.num_layers * (16 * cfg.hidden_size + 4 * inter) + 4 * batch.input_ids.shape[1]
+        heads = getattr(cfg, "num_attention_heads", 1)
+        per_token = self.model.num_layers * (16 * cfg.hidden_size + 4 * inter + 2 * heads * batch.input_ids.shape[1])
         acts = batch.input_ids.numel() * per_token * self.dtype.itemsize
         merged = sum(t.nbytes // t.dtype.itemsize for t in self.base.tensors.values()) * self.dtype.itemsize
         return self.source.resident_bytes + merged + acts <= self.budget
@@ -213,7 +214,7 @@ class StreamedMerge:
         m, dev = self.model, self.device
         ids = batch.input_ids.to(dev)
         pos = torch.arange(ids.shape[1], device=dev)[None]
-        grad = torch.zeros(self.T, len(self.blocks), dtype=torch.float64)
+        grad = torch.zeros(self.T, len(self.blocks), dtype=torch.float64, device=dev)  # no sync per tensor
         rows = m.token_rows(ids)
         acts: list[torch.Tensor] = []  # acts[l] = input of decoder layer l; acts[L] = input of the head
         h = pe = masks = None
@@ -281,7 +282,7 @@ class StreamedMerge:
                 acts[block.layer + 1] = None
             self._project(W, tensors, grad[:, b])  # leaves the hooks did not see (none in practice)
             del W, out, tensors
-        return loss, grad.float()
+        return loss, grad.float().cpu()
 
     def _loss_and_grad_in_memory(self, gamma, batch: Batch, objective: str, backward: bool):
         """The step with every block resident and the whole graph kept: each block's merged weights are built
@@ -289,7 +290,7 @@ class StreamedMerge:
         m, dev = self.model, self.device
         ids = batch.input_ids.to(dev)
         pos = torch.arange(ids.shape[1], device=dev)[None]
-        grad = torch.zeros(self.T, len(self.blocks), dtype=torch.float64)
+        grad = torch.zeros(self.T, len(self.blocks), dtype=torch.float64, device=dev)  # no sync per tensor
         rows = m.token_rows(ids)
         h = pe = masks = None
         with torch.set_grad_enabled(backward):
@@ -331,7 +332,7 @@ class StreamedMerge:
         dh = torch.zeros_like(h)
         dh.index_put_((batch.rows.to(dev), batch.cols.to(dev)), hsel.grad, accumulate=True)
         h.backward(dh)  # the hooks project each block's weight gradients as autograd produces them
-        return loss, grad.float()
+        return loss, grad.float().cpu()
 
 
 def batches(counts: Sequence[int], batch_size: int, seed: int):

@@ -358,7 +358,9 @@ class StreamedLoraMerge:
         flat = [prompts[t][i] for t, i in pairs]
         try:
             with bar(len(pairs), "teacher", unit="seq", disable=not progress) as pbar:
-                for r, cont, targets in continuations(self.model, self.source, flat, spec, eos, keep, onehot):
+                for r, cont, targets in continuations(
+                    self.model, self.source, flat, spec, eos, keep, onehot, self.dtype
+                ):
                     t, i = pairs[r]
                     writers[t].add(i, prompts[t][i], cont, targets)
                     pbar.update(1)
