@@ -13,8 +13,11 @@ blocks = the embedding block, each decoder layer, and the head block = final nor
 embeddings the output projection is the embedding's tensor, so the head's use of it counts towards the
 embed block's coefficient).
 
-Everything is streamed: one block of the base and of every expert is in memory at a time (two while the
-next one is prefetched). A learning step is
+Blocks of the base and the experts stay resident on the device while they fit in the memory budget
+(`memory`, default half of the device's free memory); the others are streamed, one block of every model at
+a time (two while the next one is prefetched). When everything is resident and the step's graph fits too,
+the step keeps its autograd graph: each block's merged weights are built once and nothing is recomputed
+(`StreamedMerge.graph_fits`). Otherwise a learning step is
 
   forward   for each block: W = combine(base, experts, Gamma[:, b]) per tensor; run the block without
             grad; keep the block's input activation on the host.
@@ -137,6 +140,7 @@ class StreamedMerge:
         self.dtype = dtype
         self.model = StreamedModel(self.base, attn_implementation=attn_implementation, device=self.device)
         self.source = BlockSource([self.base, *self.experts], device=self.device, resident_max_bytes=resident_max_bytes)
+        self.budget = resident_max_bytes
         vocab = self.model.config.get_text_config().vocab_size
         # positions per head chunk: default so that one chunk's fp32 logits take ~LOGITS_CHUNK_BYTES
         self.token_chunk = token_chunk or max(16, LOGITS_CHUNK_BYTES // (4 * vocab))
@@ -181,19 +185,38 @@ class StreamedMerge:
         name = self.model.tokens_weight_name
         return [dict(t, **{name: t[name][rows]}) for t in tensors]
 
+    def graph_fits(self, batch: Batch) -> bool:
+        """Whether one step can keep its whole autograd graph: every block resident, and the merged weights
+        (one model in the compute dtype) plus a generous estimate of the saved activations fit in what the
+        memory budget leaves."""
+        if not self.source.resident:
+            return False
+        cfg = self.model.config.get_text_config()
+        inter = getattr(cfg, "intermediate_size", None) or 4 * cfg.hidden_size
+        heads = getattr(cfg, "num_attention_heads", 1)
+        per_token = self.model.num_layers * (16 * cfg.hidden_size + 4 * inter + 2 * heads * batch.input_ids.shape[1])
+        acts = batch.input_ids.numel() * per_token * self.dtype.itemsize
+        merged = sum(t.nbytes // t.dtype.itemsize for t in self.base.tensors.values()) * self.dtype.itemsize
+        return self.source.resident_bytes + merged + acts <= self.budget
+
     def loss_and_grad(
         self, gamma: torch.Tensor, batch: Batch, objective: str = "js", backward: bool = True
     ) -> tuple[float, torch.Tensor | None]:
-        """Loss of `batch` at coefficients gamma [T, n_blocks] and, with `backward`, dL/dGamma [T, n_blocks]."""
+        """Loss of `batch` at coefficients gamma [T, n_blocks] and, with `backward`, dL/dGamma [T, n_blocks].
+        When the models and the step's graph fit in the memory budget (`graph_fits`), the forward keeps its
+        graph and the backward runs once through it; otherwise blocks are streamed and each block is
+        recomputed in the backward pass."""
         if objective not in OBJECTIVES:
             raise ValueError(f"objective {objective!r}: expected one of {', '.join(OBJECTIVES)}")
         if objective != "entropy" and batch.targets is None:
             raise ValueError(f"objective {objective!r} needs teacher distributions")
         gamma = gamma.detach().float().cpu()
+        if self.graph_fits(batch):
+            return self._loss_and_grad_in_memory(gamma, batch, objective, backward)
         m, dev = self.model, self.device
         ids = batch.input_ids.to(dev)
         pos = torch.arange(ids.shape[1], device=dev)[None]
-        grad = torch.zeros(self.T, len(self.blocks), dtype=torch.float64)
+        grad = torch.zeros(self.T, len(self.blocks), dtype=torch.float64, device=dev)  # no sync per tensor
         rows = m.token_rows(ids)
         acts: list[torch.Tensor] = []  # acts[l] = input of decoder layer l; acts[L] = input of the head
         h = pe = masks = None
@@ -261,7 +284,57 @@ class StreamedMerge:
                 acts[block.layer + 1] = None
             self._project(W, tensors, grad[:, b])  # leaves the hooks did not see (none in practice)
             del W, out, tensors
-        return loss, grad.float()
+        return loss, grad.float().cpu()
+
+    def _loss_and_grad_in_memory(self, gamma, batch: Batch, objective: str, backward: bool):
+        """The step with every block resident and the whole graph kept: each block's merged weights are built
+        once (leaves projected onto the task vectors by their hooks), no block is recomputed."""
+        m, dev = self.model, self.device
+        ids = batch.input_ids.to(dev)
+        pos = torch.arange(ids.shape[1], device=dev)[None]
+        grad = torch.zeros(self.T, len(self.blocks), dtype=torch.float64, device=dev)  # no sync per tensor
+        rows = m.token_rows(ids)
+        h = pe = masks = None
+        with torch.set_grad_enabled(backward):
+            for block, tensors in self.source.stream(self.blocks[:-1]):
+                b = m.block_index[block.name]
+                if block.name == "embed":
+                    tensors = self._embed_rows(tensors, rows)
+                coeffs = gamma[:, b].tolist()
+                W = self._merged_projecting(tensors, coeffs, grad[:, b]) if backward else self.merged(tensors, coeffs)
+                if block.name == "embed":
+                    h = m.embed(W, ids, pos, rows)
+                    pe = m.position_embeddings(h, pos)
+                    masks = m.masks(h, pos)
+                else:
+                    h = m.layer(block.layer, W, h, position_ids=pos, position_embeddings=pe, masks=masks)
+                del W
+        head = m.head_block()
+        tensors = self.source.read(head)
+        b = m.block_index["head"]
+        W = self.merged(tensors, gamma[:, b].tolist(), grad=backward)
+        emb_tensors, E = None, None
+        if m.tied:
+            emb_tensors = self.source.read(m.embed_block())
+            E = self.merged(
+                emb_tensors, gamma[:, m.block_index["embed"]].tolist(), names=[m.tokens_weight_name], grad=backward
+            )
+        hsel = h[batch.rows.to(dev), batch.cols.to(dev)].detach().requires_grad_(backward)
+        head_w = E[m.tokens_weight_name] if m.tied else W[m.head_weight_name]
+        norm = lambda x, W=W: m.final_norm(W, x)
+        loss = chunked_head_loss(
+            hsel, batch.weights, batch.targets, objective, norm, head_w, W.get(m.head_bias_name), self.token_chunk,
+            backward,
+        )  # fmt: skip
+        if not backward:
+            return loss, None
+        self._project(W, tensors, grad[:, b])
+        if m.tied:
+            self._project(E, emb_tensors, grad[:, m.block_index["embed"]])
+        dh = torch.zeros_like(h)
+        dh.index_put_((batch.rows.to(dev), batch.cols.to(dev)), hsel.grad, accumulate=True)
+        h.backward(dh)  # the hooks project each block's weight gradients as autograd produces them
+        return loss, grad.float().cpu()
 
 
 def batches(counts: Sequence[int], batch_size: int, seed: int):

@@ -175,3 +175,12 @@ def test_gguf_import_benchmark(tmp_path):
     assert float(row["import_s"]) > 0 and float(row["import_peak_rss_gib"]) > 0 and float(row["output_mb"]) > 0
     assert row["answers_equal"] == "yes" and row["answer"] == row["hf_answer"]
     assert float(row["max_abs_logit_diff"]) == 0.0  # fp32: the same dequantised weights
+
+
+def test_learn_speed_smoke(tmp_path):
+    run("learn_speed.py", "--smoke", "--threads", "1", "--out-dir", str(tmp_path))
+    rows = read_csv(tmp_path / "learn_speed.csv")
+    assert [r["mode"] for r in rows] == ["resident", "streamed"]
+    assert int(rows[1]["memory_budget"]) == 0 < int(rows[0]["memory_budget"])
+    for r in rows:
+        assert float(r["teacher_seq_per_s"]) > 0 and float(r["task_step_s"]) > 0 and float(r["layer_step_s"]) > 0

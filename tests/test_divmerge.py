@@ -58,20 +58,24 @@ def reference_loss_and_grad(base, experts, gamma, batch, objective, level):
 
 
 @pytest.mark.parametrize(
-    "arch,objective,level,full_vocab_max,kernels",
+    "arch,objective,level,full_vocab_max,kernels,memory",
     [
-        ("llama", "js", "layer", 4096, "auto"),
-        ("llama", "js", "layer", 4096, "compiled"),  # combine and project compiled (tiny tensors: forced)
-        ("llama", "js", "task", 4096, "auto"),
-        ("llama", "kl", "layer", 4096, "auto"),
-        ("llama", "entropy", "layer", 4096, "auto"),
-        ("llama", "js", "layer", 16, "auto"),  # top-k + tail bucket
-        ("gpt2", "js", "layer", 4096, "auto"),  # tied lm_head: the head's use of wte counts to the embed block
-        ("gpt2", "kl", "task", 16, "compiled"),
+        ("llama", "js", "layer", 4096, "auto", 0),
+        ("llama", "js", "layer", 4096, "compiled", 0),  # combine and project compiled (tiny tensors: forced)
+        ("llama", "js", "task", 4096, "auto", 0),
+        ("llama", "kl", "layer", 4096, "auto", 0),
+        ("llama", "entropy", "layer", 4096, "auto", 0),
+        ("llama", "js", "layer", 16, "auto", 0),  # top-k + tail bucket
+        ("gpt2", "js", "layer", 4096, "auto", 0),  # tied lm_head: the head's use of wte counts to the embed block
+        ("gpt2", "kl", "task", 16, "compiled", 0),
+        # resident models, the whole graph kept (one backward pass instead of block-by-block recomputation)
+        ("llama", "js", "layer", 4096, "auto", 1 << 30),
+        ("llama", "entropy", "layer", 16, "auto", 1 << 30),
+        ("gpt2", "js", "layer", 16, "auto", 1 << 30),
     ],
 )
 def test_streamed_gradient_equals_autograd(
-    families, tmp_path, arch, objective, level, full_vocab_max, kernels, monkeypatch
+    families, tmp_path, arch, objective, level, full_vocab_max, kernels, memory, monkeypatch
 ):
     monkeypatch.setenv("BLOCKMERGE_KERNELS", kernels)
     base, experts = families[arch]
@@ -80,7 +84,8 @@ def test_streamed_gradient_equals_autograd(
     )
     data = TeacherData(teacher_folders(base, experts, prompts(1), tmp_path, spec, progress=False))
     batch = make_batch([(0, 0), (1, 2), (2, 1), (0, 3), (1, 1)], data)
-    sm = StreamedMerge(base, experts, token_chunk=7, attn_implementation="sdpa")
+    sm = StreamedMerge(base, experts, token_chunk=7, attn_implementation="sdpa", resident_max_bytes=memory)
+    assert sm.graph_fits(batch) == (memory > 0)
     nb = len(sm.blocks)
     g = torch.Generator().manual_seed(5)
     gamma = torch.rand((T, nb) if level == "layer" else (T,), generator=g) * 0.8
@@ -245,6 +250,12 @@ def test_cli_end_to_end(families, tmp_path, capsys):
     assert list(info["coefficients"][0]) == ["embed", "layers.0", "layers.1", "layers.2", "head"]
     model = AutoModelForCausalLM.from_pretrained(out)
     assert torch.isfinite(model(torch.tensor([[3, 4, 5]])).logits).all()
+    # fully streamed (--memory 0: block-by-block recomputation) learns what the resident default learns
+    assert main(["divmerge", str(cfg), str(tmp_path / "out0"), "--steps", "2", "--memory", "0", "--no-progress"]) == 0
+    streamed = json.loads((tmp_path / "out0" / "divmerge.json").read_text())
+    assert streamed["losses"] == pytest.approx(info["losses"], rel=1e-5)
+    for a, b in zip(streamed["coefficients"], info["coefficients"], strict=True):
+        assert list(a.values()) == pytest.approx(list(b.values()), rel=1e-5)
     # existing output: refused without --force, replaced with it
     assert main(["divmerge", str(cfg), str(out), "--steps", "1", "--no-progress"]) == 2
     assert "already exists" in capsys.readouterr().err
