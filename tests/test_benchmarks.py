@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import importlib.util
+import json
 import math
 import subprocess
 import sys
@@ -148,3 +149,32 @@ def test_peak_memory_measure():
     none = bench.peak_extra_bytes(lambda: None, cpu)
     assert big is not None and none is not None  # Linux: /proc/self/clear_refs
     assert 60 << 20 <= big <= 72 << 20 and none < 4 << 20
+
+
+def test_quality_llm_smoke(tmp_path):
+    """benchmarks/quality_llm.py end to end on the tiny random Llama: a row per method on the k=2 subset
+    (the LoRA DivMerge included), the table, plot, model statistics and the pair's diagnosis written; a rerun resumes from the
+    cache without merging again; --report-only rewrites the same table from the CSV; --time-limit 0 stops
+    before any expert and exits cleanly."""
+    quality_llm = load_script("quality_llm")
+    args = ["--smoke", "--cache", str(tmp_path / "cache"), "--out", str(tmp_path / "out")]
+    run("quality_llm.py", *args)
+    rows = read_csv(tmp_path / "out" / "quality_llm.csv")
+    assert [r["method"] for r in rows] == ["base", *quality_llm.METHODS, quality_llm.LORA_METHOD]
+    assert all(r["k"] == "2" and 0.0 <= float(r["anp"]) <= 1.0 for r in rows)
+    learned = [r for r in rows if r["method"] in quality_llm.LEARNED or r["method"] == quality_llm.LORA_METHOD]
+    assert all(int(r["steps"]) == 1 and math.isfinite(float(r["loss_first"])) for r in learned)
+    md = (tmp_path / "out" / "quality_llm.md").read_text()
+    assert "| divmerge_js_layer | " in md and "0.9918" in md
+    assert (tmp_path / "out" / "quality_llm.png").stat().st_size > 0
+    diagnosis = json.loads((tmp_path / "out" / "quality_llm_diagnosis.json").read_text())
+    assert set(diagnosis["learned"]) == set(quality_llm.LEARNED) and len(diagnosis["search_top"]) == 5
+    assert "Best task-level coefficients by grid search" in md
+    again = run("quality_llm.py", *args)
+    assert "ANP" not in again.stderr and read_csv(tmp_path / "out" / "quality_llm.csv") == rows
+    (tmp_path / "out" / "quality_llm.md").unlink()
+    run("quality_llm.py", "--report-only", "--out", str(tmp_path / "out"))
+    assert (tmp_path / "out" / "quality_llm.md").read_text() == md
+    stopped = run("quality_llm.py", "--smoke", "--cache", str(tmp_path / "c2"), "--out", str(tmp_path / "o2"),
+                  "--time-limit", "0")  # fmt: skip
+    assert "time limit: stopping before expert" in stopped.stderr and not (tmp_path / "o2").exists()
