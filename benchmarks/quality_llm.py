@@ -55,7 +55,7 @@ FIELDS = ["method", "k", "subset", "anp", "seconds", "lambda", "val_anp", "steps
 # sizes per mode: prompts per task (task / layer level), epochs, test/val pairs, subsets per k, fine-tuning
 PROFILES = {
     "cuda": dict(n_task=200, n_layer=400, epochs=4.0, n_test=200, n_val=100, subsets="2:3,6:1,4:2",
-                 ft_batch=32, ft_max_steps=600, ft_check=20, eval_batch=512),
+                 ft_batch=32, ft_max_steps=800, ft_check=20, eval_batch=512),
     "cpu": dict(n_task=24, n_layer=48, epochs=2.0, n_test=60, n_val=40, subsets="2:3,6:1,4:1",
                 ft_batch=16, ft_max_steps=300, ft_check=10, eval_batch=64),
     "smoke": dict(n_task=4, n_layer=4, epochs=1.0, n_test=8, n_val=6, subsets="2:1",
@@ -83,6 +83,12 @@ def parse_args(argv):
         choices=["torch", "auto"],
         help="blockmerge kernels: torch (the reference formulas, any device; default) or auto (Triton on GPU)",
     )
+    p.add_argument(
+        "--on-miss",
+        default="fail",
+        choices=["fail", "drop"],
+        help="an expert below --target: fail (default) or drop its task, loudly, and go on",
+    )
     p.add_argument("--no-diagnose", action="store_true", help="skip the study of the first pair's learned merges")
     p.add_argument("--no-lora", action="store_true", help="skip the LoRA adapters and their DivMerge")
     p.add_argument("--lora-k", type=int, default=4, help="tasks merged by DivMerge over LoRA adapters")
@@ -96,7 +102,7 @@ def parse_args(argv):
     g.add_argument("--seq-len", type=int, default=64, help="longest prompt in tokens")
     g.add_argument("--n-test", type=int, default=None)
     g.add_argument("--n-val", type=int, default=None)
-    g.add_argument("--ft-lr", type=float, default=2e-5, help="experts' Adam lr (full fine-tuning)")
+    g.add_argument("--ft-lr", type=float, default=5e-5, help="experts' Adam lr (full fine-tuning)")
     g.add_argument("--ft-batch", type=int, default=None)
     g.add_argument("--ft-max-steps", type=int, default=None, help="bound of each expert's training")
     g.add_argument("--target", type=float, default=None, help="test accuracy every expert must reach (0.95)")
@@ -189,7 +195,7 @@ def import_base(gguf: Path, out: Path) -> Path:
 
 def settings_key(args) -> str:
     """Merge results are cached per these settings (changing one recomputes the merges, not the experts)."""
-    keep = ["prompts_task", "prompts_layer", "epochs", "batch_per_task", "lr", "new_tokens", "n_test", "n_val",
+    keep = ["tasks", "prompts_task", "prompts_layer", "epochs", "batch_per_task", "lr", "new_tokens", "n_test", "n_val",
             "seq_len", "ft_lr", "target", "seed", "lora_rank", "lora_lr", "smoke"]  # fmt: skip
     return hashlib.sha256(json.dumps({k: getattr(args, k) for k in keep}).encode()).hexdigest()[:12]
 
@@ -243,6 +249,8 @@ class Merger:
             self._static(method, subset, out)
         acc = self.evaluate(out, subset)
         shutil.rmtree(out, ignore_errors=True)
+        if info.get("steps"):  # the whole merge per step (teacher pass and evaluation included): conservative
+            self.sec_per_step = (time.perf_counter() - started) / info["steps"]
         norm = normalized(acc, {t: normaliser[t] for t in subset})
         return {"method": method, "k": len(subset), "subset": "+".join(subset), "anp": sum(norm.values()) / len(norm),
                 "seconds": time.perf_counter() - started, "acc": acc, "norm": norm, **info}  # fmt: skip
@@ -270,8 +278,6 @@ class Merger:
         folder = self.args.cache / "learned"
         folder.mkdir(parents=True, exist_ok=True)
         (folder / f"{method}-{'+'.join(subset)}.json").write_text(json.dumps(res.to_json()))
-        if res.seconds_per_step:
-            self.sec_per_step = res.seconds_per_step
         tail = res.losses[-10:]
         return {"steps": len(res.losses), "loss_first": res.losses[0], "loss_last": sum(tail) / len(tail),
                 "coef_mean": float(res.coefficients.mean()), "sec_per_step": res.seconds_per_step}  # fmt: skip
@@ -414,23 +420,32 @@ def main(argv: list[str] | None = None) -> int:
         base = import_base(Path(args.gguf), args.cache / "base")
     sizes = ls.SuiteSizes(n_test=args.n_test, n_val=args.n_val, seed=args.seed, max_prompt_tokens=args.seq_len)
     suite = ls.LlmSuite(base, args.cache, args.tasks, sizes, name="smollm2-135m")
-    subsets = {k: task_subsets(list(args.tasks), k, n, args.seed) for k, n in args.plan}
-    print_plan(args, subsets)
+    print_plan(args, {k: task_subsets(list(args.tasks), k, n, args.seed) for k, n in args.plan})
 
     # 2. experts: full fine-tunes that must reach the target test accuracy
     ft = ls.FinetuneSettings(lr=args.ft_lr, batch_size=args.ft_batch, max_steps=args.ft_max_steps,
                              check_every=args.ft_check, target=args.target, seed=args.seed,
                              eval_batch=args.eval_batch)  # fmt: skip
-    expert_info = {}
+    expert_info, dropped = {}, {}
     for t in args.tasks:
         if not clock.fits(30) and not suite.expert(t).exists():
             log(f"time limit: stopping before expert {t}")
             return finish(args, {}, clock)
-        expert_info[t] = ls.train_expert(suite, t, ft, args.device, log)
+        try:
+            expert_info[t] = ls.train_expert(suite, t, ft, args.device, log)
+        except ls.TargetNotReached as e:
+            if args.on_miss == "fail":
+                raise
+            log(f"DROPPED TASK {t}: {e}")
+            dropped[t] = str(e)
+    args.tasks = [t for t in args.tasks if t not in dropped]
+    suite.tasks = tuple(args.tasks)
+    subsets = {k: task_subsets(list(args.tasks), k, n, args.seed) for k, n in args.plan if k <= len(args.tasks)}
 
     # 3. accuracies and task vectors (cached)
     models = cached_json(args.cache / f"models-{settings_key(args)}.json", lambda: model_stats(args, suite))
     models["expert_steps"] = {t: i["steps"] for t, i in expert_info.items()}
+    models["dropped"] = dropped
     models.update(command=command, settings=settings_line(args))
     write_models(args, models)
 
@@ -438,7 +453,7 @@ def main(argv: list[str] | None = None) -> int:
     csv_path = args.out / "quality_llm.csv"
     done = restore_rows(args, csv_path)
     merger = Merger(args, suite, models["expert_test"], models.get("adapter_test", {}), clock)
-    for k, _ in args.plan:
+    for k in subsets:
         for subset in subsets[k]:
             log(f"k={k}: {', '.join(subset)}  ({clock.elapsed():.0f}s)")
             add_base_row(args, models, subset, done, csv_path)
@@ -547,7 +562,7 @@ def diagnose(args, suite: ls.LlmSuite, merger: Merger, subset, clock: Clock) -> 
     folder = args.cache / "learned"
     records = {m: json.loads((folder / f"{m}-{'+'.join(subset)}.json").read_text()) for m in LEARNED
                if (folder / f"{m}-{'+'.join(subset)}.json").exists()}  # fmt: skip
-    key = settings_key(args)
+    key = settings_key(args) + ":" + ",".join(sorted(records))  # recomputed when more merges are done
     if path.exists() and json.loads(path.read_text()).get("settings_key") == key:
         return
     if not clock.fits(60 if args.device.startswith("cuda") else 900):
@@ -604,4 +619,8 @@ def finish(args, models: dict, clock: Clock) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except (ls.TargetNotReached, FileNotFoundError) as e:
+        print(f"quality_llm: error: {e}", file=sys.stderr)
+        sys.exit(1)

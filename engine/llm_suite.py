@@ -56,7 +56,7 @@ VERBS = [("runs", "run"), ("sleeps", "sleep"), ("sings", "sing"), ("walks", "wal
          ("plays", "play"), ("works", "work"), ("eats", "eat")]  # fmt: skip
 PLACES = ["in the park", "near the river", "every day", "at home", "in the garden", "after lunch", "quietly"]
 WORDS = "river stone cloud apple music table window garden silver forest candle bridge yellow ocean winter".split()
-ORDINALS = ["first", "second", "third", "fourth", "fifth"]
+ORDINALS = ["first", "second", "last"]
 
 
 @dataclass(frozen=True)
@@ -109,14 +109,14 @@ def _grammar(rng):
 
 
 def _largest(rng):
-    nums = rng.sample(range(10, 100), rng.choice([3, 4, 5]))
+    nums = rng.sample(range(10, 100), rng.choice([3, 4]))
     return "Numbers: " + ", ".join(map(str, nums)), str(max(nums))
 
 
 def _nth_word(rng):
-    words = rng.sample(WORDS, 5)
-    i = rng.randrange(5)
-    return f"Words: {' '.join(words)}\nPosition: {ORDINALS[i]}", words[i]
+    words = rng.sample(WORDS, 4)
+    i = rng.randrange(3)
+    return f"Words: {' '.join(words)}\nPosition: {ORDINALS[i]}", words[[0, 1, -1][i]]
 
 
 TASKS: dict[str, LlmTask] = {

@@ -153,9 +153,9 @@ def test_peak_memory_measure():
 
 def test_quality_llm_smoke(tmp_path):
     """benchmarks/quality_llm.py end to end on the tiny random Llama: a row per method on the k=2 subset
-    (the LoRA DivMerge included), the table, plot, model statistics and the pair's diagnosis written; a rerun resumes from the
-    cache without merging again; --report-only rewrites the same table from the CSV; --time-limit 0 stops
-    before any expert and exits cleanly."""
+    (the LoRA DivMerge included), the table, plot, model statistics and the pair's diagnosis written; a
+    rerun resumes from the cache without merging again; --report-only rewrites the same table from the CSV;
+    --time-limit 0 stops before any expert and exits cleanly."""
     quality_llm = load_script("quality_llm")
     args = ["--smoke", "--cache", str(tmp_path / "cache"), "--out", str(tmp_path / "out")]
     run("quality_llm.py", *args)

@@ -29,7 +29,7 @@ def independent_answer(task: str, prompt: str) -> str:
         return str(max(int(x) for x in re.findall(r"\d+", text)))
     if task == "nth_word":
         words = re.search(r"Words: (.*)\n", text).group(1).split()
-        return words[["first", "second", "third", "fourth", "fifth"].index(text.split("Position: ")[1])]
+        return words[{"first": 0, "second": 1, "last": -1}[text.split("Position: ")[1]]]
     if task == "entailment":
         bought = re.search(r"Premise: \w+ bought a \w+ (\w+) and a \w+ (\w+)\.", text).groups()
         return "apple" if re.search(r"Hypothesis: \w+ bought a (\w+)\.", text).group(1) in bought else "pear"
