@@ -33,7 +33,6 @@ import json
 import math
 import random
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -44,10 +43,11 @@ import torch
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from .cache import teacher_cache
 from .checkpoint import Checkpoint, block_name, check_compatible
 from .kernels import combine, project
 from .losses import OBJECTIVES, Targets, chunked_head_loss
-from .modeling import BlockSource, StreamedModel
+from .modeling import BlockSource, StreamedModel, memory_budget, parse_memory
 from .teacher import TeacherData, TeacherSpec, teacher_pass
 
 LEVELS = ("task", "layer")
@@ -135,6 +135,7 @@ class StreamedMerge:
         self.dtype = dtype
         self.model = StreamedModel(self.base, attn_implementation=attn_implementation, device=self.device)
         self.source = BlockSource([self.base, *self.experts], device=self.device, resident_max_bytes=resident_max_bytes)
+        self.budget = resident_max_bytes
         vocab = self.model.config.get_text_config().vocab_size
         # positions per head chunk: default so that one chunk's fp32 logits take ~LOGITS_CHUNK_BYTES
         self.token_chunk = token_chunk or max(16, LOGITS_CHUNK_BYTES // (4 * vocab))
@@ -179,15 +180,33 @@ class StreamedMerge:
         name = self.model.tokens_weight_name
         return [dict(t, **{name: t[name][rows]}) for t in tensors]
 
+    def graph_fits(self, batch: Batch) -> bool:
+        """Whether one step can keep its whole autograd graph: every block resident, and the merged weights
+        (one model in the compute dtype) plus a generous estimate of the saved activations fit in what the
+        memory budget leaves."""
+        if not self.source.resident:
+            return False
+        cfg = self.model.config.get_text_config()
+        inter = getattr(cfg, "intermediate_size", None) or 4 * cfg.hidden_size
+        per_token = self.model.num_layers * (16 * cfg.hidden_size + 4 * inter) + 4 * batch.input_ids.shape[1]
+        acts = batch.input_ids.numel() * per_token * self.dtype.itemsize
+        merged = sum(t.nbytes // t.dtype.itemsize for t in self.base.tensors.values()) * self.dtype.itemsize
+        return self.source.resident_bytes + merged + acts <= self.budget
+
     def loss_and_grad(
         self, gamma: torch.Tensor, batch: Batch, objective: str = "js", backward: bool = True
     ) -> tuple[float, torch.Tensor | None]:
-        """Loss of `batch` at coefficients gamma [T, n_blocks] and, with `backward`, dL/dGamma [T, n_blocks]."""
+        """Loss of `batch` at coefficients gamma [T, n_blocks] and, with `backward`, dL/dGamma [T, n_blocks].
+        When the models and the step's graph fit in the memory budget (`graph_fits`), the forward keeps its
+        graph and the backward runs once through it; otherwise blocks are streamed and each block is
+        recomputed in the backward pass."""
         if objective not in OBJECTIVES:
             raise ValueError(f"objective {objective!r}: expected one of {', '.join(OBJECTIVES)}")
         if objective != "entropy" and batch.targets is None:
             raise ValueError(f"objective {objective!r} needs teacher distributions")
         gamma = gamma.detach().float().cpu()
+        if self.graph_fits(batch):
+            return self._loss_and_grad_in_memory(gamma, batch, objective, backward)
         m, dev = self.model, self.device
         ids = batch.input_ids.to(dev)
         pos = torch.arange(ids.shape[1], device=dev)[None]
@@ -261,6 +280,56 @@ class StreamedMerge:
             del W, out, tensors
         return loss, grad.float()
 
+    def _loss_and_grad_in_memory(self, gamma, batch: Batch, objective: str, backward: bool):
+        """The step with every block resident and the whole graph kept: each block's merged weights are built
+        once (leaves projected onto the task vectors by their hooks), no block is recomputed."""
+        m, dev = self.model, self.device
+        ids = batch.input_ids.to(dev)
+        pos = torch.arange(ids.shape[1], device=dev)[None]
+        grad = torch.zeros(self.T, len(self.blocks), dtype=torch.float64)
+        rows = m.token_rows(ids)
+        h = pe = masks = None
+        with torch.set_grad_enabled(backward):
+            for block, tensors in self.source.stream(self.blocks[:-1]):
+                b = m.block_index[block.name]
+                if block.name == "embed":
+                    tensors = self._embed_rows(tensors, rows)
+                coeffs = gamma[:, b].tolist()
+                W = self._merged_projecting(tensors, coeffs, grad[:, b]) if backward else self.merged(tensors, coeffs)
+                if block.name == "embed":
+                    h = m.embed(W, ids, pos, rows)
+                    pe = m.position_embeddings(h, pos)
+                    masks = m.masks(h, pos)
+                else:
+                    h = m.layer(block.layer, W, h, position_ids=pos, position_embeddings=pe, masks=masks)
+                del W
+        head = m.head_block()
+        tensors = self.source.read(head)
+        b = m.block_index["head"]
+        W = self.merged(tensors, gamma[:, b].tolist(), grad=backward)
+        emb_tensors, E = None, None
+        if m.tied:
+            emb_tensors = self.source.read(m.embed_block())
+            E = self.merged(
+                emb_tensors, gamma[:, m.block_index["embed"]].tolist(), names=[m.tokens_weight_name], grad=backward
+            )
+        hsel = h[batch.rows.to(dev), batch.cols.to(dev)].detach().requires_grad_(backward)
+        head_w = E[m.tokens_weight_name] if m.tied else W[m.head_weight_name]
+        norm = lambda x, W=W: m.final_norm(W, x)
+        loss = chunked_head_loss(
+            hsel, batch.weights, batch.targets, objective, norm, head_w, W.get(m.head_bias_name), self.token_chunk,
+            backward,
+        )  # fmt: skip
+        if not backward:
+            return loss, None
+        self._project(W, tensors, grad[:, b])
+        if m.tied:
+            self._project(E, emb_tensors, grad[:, m.block_index["embed"]])
+        dh = torch.zeros_like(h)
+        dh.index_put_((batch.rows.to(dev), batch.cols.to(dev)), hsel.grad, accumulate=True)
+        h.backward(dh)  # the hooks project each block's weight gradients as autograd produces them
+        return loss, grad.float()
+
 
 def batches(counts: Sequence[int], batch_size: int, seed: int):
     """Endless batches of (task, sequence) pairs mixing tasks, reshuffled each epoch from `seed`."""
@@ -282,6 +351,7 @@ def teacher_folders(
     device="cpu",
     progress=True,
     attn_implementation="sdpa",
+    resident_max_bytes: int = 1 << 29,
 ) -> list[Path]:
     from .report import progress as bar
 
@@ -297,6 +367,7 @@ def teacher_folders(
                     spec,
                     device=device,
                     attn_implementation=attn_implementation,
+                    resident_max_bytes=resident_max_bytes,
                     progress=pbar,
                 )
             )
@@ -326,12 +397,17 @@ def learn(
     token_chunk: int | None = None,
     dtype: str = "float32",
     attn_implementation: str = "sdpa",
-    resident_max_bytes: int = 1 << 29,
+    resident_max_bytes: int | None = None,
     num_threads: int | None = None,
+    memory: int | str | None = None,
 ) -> LearnResult:
     """Learn merge coefficients. `inputs[t]` are task t's prompts (lists of token ids, no padding).
 
     Returns coefficients [T, n_blocks] (task level: the same value in every block of a task).
+    `memory`: bytes (or '8GiB', '512MiB') of base and expert blocks kept resident on `device` while
+    learning (and of the expert's blocks during its teacher pass); blocks beyond it are streamed from disk.
+    Default: half of the device's free memory. `resident_max_bytes`: the same budget in bytes (older name).
+    `cache_dir`: teacher passes, reused across runs; default `<blockmerge cache>/teacher`.
     `num_threads`: torch intra-op threads while learning (restored after); default: 1 for models under
     SMALL_MODEL_BYTES, whose ops are too small to gain from threads (and lose badly on a busy CPU),
     else unchanged."""
@@ -370,6 +446,7 @@ def _learn(
     dtype,
     attn_implementation,
     resident_max_bytes,
+    memory,
 ) -> LearnResult:
     if level not in LEVELS:
         raise ValueError(f"level {level!r}: expected one of {', '.join(LEVELS)}")
@@ -386,6 +463,7 @@ def _learn(
     torch_dtype = getattr(torch, dtype, None)
     if not isinstance(torch_dtype, torch.dtype):
         raise ValueError(f"dtype {dtype!r}: expected float32, float64 or bfloat16")
+    budget = memory_budget(memory if resident_max_bytes is None else resident_max_bytes, device)
     config = dict(
         level=level,
         objective=objective,
@@ -410,7 +488,7 @@ def _learn(
         dtype=torch_dtype,
         attn_implementation=attn_implementation,
         token_chunk=token_chunk,
-        resident_max_bytes=resident_max_bytes,
+        resident_max_bytes=budget,
     )
     spec = TeacherSpec(
         max_new_tokens=max_new_tokens,
@@ -419,28 +497,21 @@ def _learn(
         topk=topk,
         store_dists=objective != "entropy",
     )
-    tmp = None
-    if cache_dir is None:
-        tmp = tempfile.TemporaryDirectory(prefix="blockmerge-teacher-")
-        cache_dir = tmp.name
-    try:
-        folders = teacher_folders(
-            base_dir,
-            expert_dirs,
-            inputs,
-            Path(cache_dir),
-            spec,
-            device=device,
-            progress=progress,
-            attn_implementation=attn_implementation,
-        )
-        data = TeacherData(folders)
-        return optimize(merge, data, level=level, objective=objective, steps=steps, epochs=epochs, lr=lr,
-                        batch_size=batch_size, init=init, seed=seed, progress=progress, config=config,
-                        desc=f"divmerge {objective}/{level}")  # fmt: skip
-    finally:
-        if tmp is not None:
-            tmp.cleanup()
+    folders = teacher_folders(
+        base_dir,
+        expert_dirs,
+        inputs,
+        Path(cache_dir) if cache_dir is not None else teacher_cache(),
+        spec,
+        device=device,
+        progress=progress,
+        attn_implementation=attn_implementation,
+        resident_max_bytes=budget,
+    )
+    data = TeacherData(folders)
+    return optimize(merge, data, level=level, objective=objective, steps=steps, epochs=epochs, lr=lr,
+                    batch_size=batch_size, init=init, seed=seed, progress=progress, config=config,
+                    desc=f"divmerge {objective}/{level}")  # fmt: skip
 
 
 def optimize(merge, data: TeacherData, *, level: str, objective: str, steps: int | None, epochs: float | None,
@@ -562,10 +633,17 @@ class LearnSettings(BaseModel):
     topk: int = Field(default=64, ge=1)
     full_vocab_max: int = Field(default=4096, ge=0)
     token_chunk: int | None = Field(default=None, ge=1)  # default: ~32 MiB of fp32 logits per chunk
-    cache_dir: str | None = None
+    cache_dir: str | None = None  # teacher passes; default <blockmerge cache>/teacher
+    memory: int | str | None = None  # resident blocks budget, e.g. 8GiB; default half the free memory
     dtype: str | None = None  # output dtype (default: the base's)
     compute_dtype: Literal["float32", "float64"] = "float32"
     attn_implementation: Literal["sdpa", "eager"] = "sdpa"
+
+    @field_validator("memory")
+    @classmethod
+    def _memory(cls, v):
+        parse_memory(v, "memory")
+        return v
 
 
 class DivMergeConfig(LearnSettings):
@@ -636,8 +714,10 @@ def resolve_inputs(cfg: LearnSettings, root: Path, key: str, dir_field: str) -> 
     return base_dir, dirs, inputs
 
 
-def learn_kwargs(cfg: LearnSettings, *, steps: int | None, device: str | None, progress: bool) -> dict:
-    """`learn(...)` keyword arguments from the settings; `steps`, `device`: command-line overrides."""
+def learn_kwargs(
+    cfg: LearnSettings, *, steps: int | None, device: str | None, progress: bool, memory: str | None = None
+) -> dict:
+    """`learn(...)` keyword arguments from the settings; `steps`, `device`, `memory`: command-line overrides."""
     n_steps = steps if steps is not None else cfg.steps
     if n_steps is None and cfg.epochs is None:
         n_steps = 100
@@ -660,6 +740,7 @@ def learn_kwargs(cfg: LearnSettings, *, steps: int | None, device: str | None, p
         token_chunk=cfg.token_chunk,
         dtype=cfg.compute_dtype,
         attn_implementation=cfg.attn_implementation,
+        memory=parse_memory(memory, "--memory") if memory is not None else cfg.memory,
     )
 
 
@@ -703,14 +784,17 @@ def read_prompts(file: Path, field_name: str, base_dir: Path, samples: int | Non
     return out
 
 
-def run_divmerge(config, out, *, force=False, steps=None, device=None, progress=True) -> tuple[Path, LearnResult]:
+def run_divmerge(
+    config, out, *, force=False, steps=None, device=None, progress=True, memory=None
+) -> tuple[Path, LearnResult]:
     started = time.perf_counter()
     cfg, root = load_config(config)
     out = Path(out)
     if out.exists() and not force:  # before any work
         raise FileExistsError(f"{out}: output already exists (use --force to overwrite)")
     base_dir, expert_dirs, inputs = resolve_inputs(cfg, root, "models", "model")
-    res = learn(base_dir, expert_dirs, inputs, **learn_kwargs(cfg, steps=steps, device=device, progress=progress))
+    kwargs = learn_kwargs(cfg, steps=steps, device=device, progress=progress, memory=memory)
+    res = learn(base_dir, expert_dirs, inputs, **kwargs)
     info = res.to_json()
     info["base_model"] = str(base_dir)
     info["models"] = [str(d) for d in expert_dirs]
@@ -746,10 +830,23 @@ def add_arguments(p) -> None:
     p.add_argument("--steps", type=int, default=None, help="learning steps (overrides the config)")
     p.add_argument("--device", default=None, help="cpu (default) or cuda (overrides the config)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars or final line")
+    p.add_argument("--memory", default=None, help=MEMORY_HELP)
+
+
+MEMORY_HELP = (
+    "blocks of base and experts kept resident on the device, e.g. 8GiB (overrides the config; default: half "
+    "of the free memory); what does not fit is streamed from disk"
+)
 
 
 def run(args) -> int:
     run_divmerge(
-        args.config, args.out, force=args.force, steps=args.steps, device=args.device, progress=not args.no_progress
+        args.config,
+        args.out,
+        force=args.force,
+        steps=args.steps,
+        device=args.device,
+        progress=not args.no_progress,
+        memory=args.memory,
     )
     return 0

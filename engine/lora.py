@@ -654,6 +654,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     d.add_argument("--force", action="store_true")
     d.add_argument("--no-progress", action="store_true")
+    d.add_argument("--memory", default=None, help="base blocks kept resident on the device, e.g. 8GiB (overrides "
+                   "the config; default: half of the free memory); what does not fit is streamed")  # fmt: skip
 
 
 def _is_float(x: str) -> bool:

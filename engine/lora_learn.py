@@ -28,7 +28,6 @@ from __future__ import annotations
 import hashlib
 import json
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import asdict
@@ -39,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from .cache import teacher_cache
 from .checkpoint import Checkpoint, block_name
 from .divmerge import (
     LEVELS,
@@ -53,7 +53,7 @@ from .divmerge import (
 )
 from .lora import Adapter, AdapterError, read_adapters
 from .losses import OBJECTIVES, chunked_head_loss
-from .modeling import BlockSource, StreamedModel
+from .modeling import BlockSource, StreamedModel, memory_budget
 from .teacher import ChunkWriter, TeacherData, TeacherSpec, continuations, fingerprint, step_targets
 
 QUANTIZE = (None, "nf4", "int8")
@@ -172,7 +172,7 @@ class StreamedLoraMerge:
         self.device = torch.device(device)
         self.dtype = dtype
         self.model = StreamedModel(self.base, attn_implementation=attn_implementation, device=self.device)
-        self.source = BlockSource([self.base], device=self.device, resident_max_bytes=resident_max_bytes)
+        self.source = BlockSource([self.base], device=self.device, resident_max_bytes=resident_max_bytes, dtype=dtype)
         self.token_chunk = token_chunk
         self.blocks = self.model.blocks
         self.block_names = self.model.block_names
@@ -314,7 +314,8 @@ class StreamedLoraMerge:
 
     def teacher_folders(self, inputs, cache_dir: str | Path, spec: TeacherSpec, progress=True) -> list[Path]:
         """Greedy continuations and distributions of each teacher base + adapter t on task t's prompts,
-        cached in cache_dir/task{t} in blockmerge.teacher's format (read back by TeacherData).
+        cached in cache_dir/lora-{adapter folder name}-{key} in blockmerge.teacher's format (read back by
+        TeacherData; the key hashes base, adapter, prompts and settings, so one cache_dir serves any run).
 
         The teachers share the base, so prompts of all tasks go through the same streamed passes: each row
         of a batch carries its own coefficients (one-hot on its task), and one pass over the base serves
@@ -323,8 +324,8 @@ class StreamedLoraMerge:
 
         cache_dir = Path(cache_dir)
         prompts = [[list(map(int, p)) for p in x] for x in inputs]
-        folders = [cache_dir / f"task{t}" for t in range(len(prompts))]
         keys = [self._teacher_key(t, p, spec) for t, p in enumerate(prompts)]
+        folders = [cache_dir / f"lora-{self.adapter_dirs[t].name}-{k}" for t, k in enumerate(keys)]
         todo = []
         for t, (folder, key) in enumerate(zip(folders, keys, strict=True)):
             manifest = folder / "manifest.json"
@@ -393,11 +394,14 @@ def learn(
     token_chunk: int = 1024,
     dtype: str = "float32",
     attn_implementation: str = "sdpa",
-    resident_max_bytes: int = 1 << 29,
+    resident_max_bytes: int | None = None,
     quantize: str | None = None,
     num_threads: int | None = None,
+    memory: int | str | None = None,
 ) -> LearnResult:
     """Learn adapter coefficients. `inputs[t]` are adapter t's task prompts (token id lists).
+    `memory`, `resident_max_bytes`, `cache_dir`: as blockmerge.divmerge.learn (base blocks kept resident
+    within the budget; teacher passes under `<blockmerge cache>/teacher` by default).
     Returns coefficients [T, n_blocks] (blocks without adapted modules keep their initial value).
     `num_threads`: torch intra-op threads while learning (restored after); default as blockmerge.divmerge
     (1 for models under SMALL_MODEL_BYTES, else unchanged)."""
@@ -414,7 +418,7 @@ def learn(
 
 def _learn(base_dir, adapter_dirs, inputs, *, level, objective, steps, epochs, lr, batch_size, max_new_tokens,
            eos_token_id, init, seed, device, cache_dir, progress, topk, full_vocab_max, token_chunk, dtype,
-           attn_implementation, resident_max_bytes, quantize) -> LearnResult:  # fmt: skip
+           attn_implementation, resident_max_bytes, quantize, memory) -> LearnResult:  # fmt: skip
     if level not in LEVELS:
         raise ValueError(f"level {level!r}: expected one of {', '.join(LEVELS)}")
     if objective not in OBJECTIVES:
@@ -427,6 +431,7 @@ def _learn(base_dir, adapter_dirs, inputs, *, level, objective, steps, epochs, l
     torch_dtype = getattr(torch, dtype, None)
     if not isinstance(torch_dtype, torch.dtype):
         raise ValueError(f"dtype {dtype!r}: expected float32 or float64")
+    budget = memory_budget(memory if resident_max_bytes is None else resident_max_bytes, device)
     config = dict(level=level, objective=objective, steps=steps, epochs=epochs, lr=lr, batch_size=batch_size,
                   max_new_tokens=max_new_tokens, eos_token_id=eos_token_id, init=init, seed=seed, device=device,
                   topk=topk, full_vocab_max=full_vocab_max, token_chunk=token_chunk, dtype=dtype,
@@ -438,23 +443,15 @@ def _learn(base_dir, adapter_dirs, inputs, *, level, objective, steps, epochs, l
         dtype=torch_dtype,
         attn_implementation=attn_implementation,
         token_chunk=token_chunk,
-        resident_max_bytes=resident_max_bytes,
+        resident_max_bytes=budget,
         quantize=quantize,
     )
     spec = TeacherSpec(max_new_tokens=max_new_tokens, eos_token_id=eos_token_id, full_vocab_max=full_vocab_max,
                        topk=topk, store_dists=objective != "entropy")  # fmt: skip
-    tmp = None
-    if cache_dir is None:
-        tmp = tempfile.TemporaryDirectory(prefix="blockmerge-lora-teacher-")
-        cache_dir = tmp.name
-    try:
-        data = TeacherData(merge.teacher_folders(inputs, cache_dir, spec, progress))
-        return optimize(merge, data, level=level, objective=objective, steps=steps, epochs=epochs, lr=lr,
-                        batch_size=batch_size, init=init, seed=seed, progress=progress, config=config,
-                        desc=f"lora divmerge {objective}/{level}")  # fmt: skip
-    finally:
-        if tmp is not None:
-            tmp.cleanup()
+    data = TeacherData(merge.teacher_folders(inputs, cache_dir or teacher_cache(), spec, progress))
+    return optimize(merge, data, level=level, objective=objective, steps=steps, epochs=epochs, lr=lr,
+                    batch_size=batch_size, init=init, seed=seed, progress=progress, config=config,
+                    desc=f"lora divmerge {objective}/{level}")  # fmt: skip
 
 
 # ---- configuration file and CLI -------------------------------------------------------------------------
@@ -543,14 +540,14 @@ def write_learned(
     return write_adapter(MergedAdapter(config, tensors), out, force=force, info=info)
 
 
-def run_divmerge(config, out, *, force=False, steps=None, device=None, output=None, progress=True):
+def run_divmerge(config, out, *, force=False, steps=None, device=None, output=None, progress=True, memory=None):
     started = time.perf_counter()
     cfg, root = load_config(config)
     out = Path(out)
     if out.exists() and not force:
         raise FileExistsError(f"{out}: output already exists (use --force to overwrite)")
     base_dir, adapter_dirs, inputs = resolve_inputs(cfg, root, "adapters", "adapter")
-    kwargs = learn_kwargs(cfg, steps=steps, device=device, progress=progress)
+    kwargs = learn_kwargs(cfg, steps=steps, device=device, progress=progress, memory=memory)
     res = learn(base_dir, adapter_dirs, inputs, **kwargs, quantize=cfg.quantize)
     info = res.to_json()
     info.update(base_model=str(base_dir), adapters=[str(d) for d in adapter_dirs], config=cfg.model_dump())
@@ -589,6 +586,7 @@ def run_divmerge_cli(args) -> int:
         device=args.device,
         output=args.output,
         progress=not getattr(args, "no_progress", False),
+        memory=getattr(args, "memory", None),
     )
     return 0
 

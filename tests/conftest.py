@@ -26,3 +26,15 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def private_blockmerge_cache(tmp_path_factory):
+    """Learners cache teacher passes under $BLOCKMERGE_CACHE by default: never the user's cache in tests."""
+    previous = os.environ.get("BLOCKMERGE_CACHE")
+    os.environ["BLOCKMERGE_CACHE"] = str(tmp_path_factory.mktemp("blockmerge-cache"))
+    yield
+    if previous is None:
+        os.environ.pop("BLOCKMERGE_CACHE", None)
+    else:
+        os.environ["BLOCKMERGE_CACHE"] = previous

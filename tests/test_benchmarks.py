@@ -151,6 +151,15 @@ def test_peak_memory_measure():
     assert 60 << 20 <= big <= 72 << 20 and none < 4 << 20
 
 
+def test_learn_speed_smoke(tmp_path):
+    run("learn_speed.py", "--smoke", "--threads", "1", "--out-dir", str(tmp_path))
+    rows = read_csv(tmp_path / "learn_speed.csv")
+    assert [r["mode"] for r in rows] == ["resident", "streamed"]
+    assert int(rows[1]["memory_budget"]) == 0 < int(rows[0]["memory_budget"])
+    for r in rows:
+        assert float(r["teacher_seq_per_s"]) > 0 and float(r["task_step_s"]) > 0 and float(r["layer_step_s"]) > 0
+
+
 def test_quality_llm_smoke(tmp_path):
     """benchmarks/quality_llm.py end to end on the tiny random Llama: a row per method on the k=2 subset
     (the LoRA DivMerge included), the table, plot, model statistics and the pair's diagnosis written; a

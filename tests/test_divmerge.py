@@ -58,20 +58,24 @@ def reference_loss_and_grad(base, experts, gamma, batch, objective, level):
 
 
 @pytest.mark.parametrize(
-    "arch,objective,level,full_vocab_max,kernels",
+    "arch,objective,level,full_vocab_max,kernels,memory",
     [
-        ("llama", "js", "layer", 4096, "auto"),
-        ("llama", "js", "layer", 4096, "compiled"),  # combine and project compiled (tiny tensors: forced)
-        ("llama", "js", "task", 4096, "auto"),
-        ("llama", "kl", "layer", 4096, "auto"),
-        ("llama", "entropy", "layer", 4096, "auto"),
-        ("llama", "js", "layer", 16, "auto"),  # top-k + tail bucket
-        ("gpt2", "js", "layer", 4096, "auto"),  # tied lm_head: the head's use of wte counts to the embed block
-        ("gpt2", "kl", "task", 16, "compiled"),
+        ("llama", "js", "layer", 4096, "auto", 0),
+        ("llama", "js", "layer", 4096, "compiled", 0),  # combine and project compiled (tiny tensors: forced)
+        ("llama", "js", "task", 4096, "auto", 0),
+        ("llama", "kl", "layer", 4096, "auto", 0),
+        ("llama", "entropy", "layer", 4096, "auto", 0),
+        ("llama", "js", "layer", 16, "auto", 0),  # top-k + tail bucket
+        ("gpt2", "js", "layer", 4096, "auto", 0),  # tied lm_head: the head's use of wte counts to the embed block
+        ("gpt2", "kl", "task", 16, "compiled", 0),
+        # resident models, the whole graph kept (one backward pass instead of block-by-block recomputation)
+        ("llama", "js", "layer", 4096, "auto", 1 << 30),
+        ("llama", "entropy", "layer", 16, "auto", 1 << 30),
+        ("gpt2", "js", "layer", 16, "auto", 1 << 30),
     ],
 )
 def test_streamed_gradient_equals_autograd(
-    families, tmp_path, arch, objective, level, full_vocab_max, kernels, monkeypatch
+    families, tmp_path, arch, objective, level, full_vocab_max, kernels, memory, monkeypatch
 ):
     monkeypatch.setenv("BLOCKMERGE_KERNELS", kernels)
     base, experts = families[arch]
@@ -80,7 +84,8 @@ def test_streamed_gradient_equals_autograd(
     )
     data = TeacherData(teacher_folders(base, experts, prompts(1), tmp_path, spec, progress=False))
     batch = make_batch([(0, 0), (1, 2), (2, 1), (0, 3), (1, 1)], data)
-    sm = StreamedMerge(base, experts, token_chunk=7, attn_implementation="sdpa")
+    sm = StreamedMerge(base, experts, token_chunk=7, attn_implementation="sdpa", resident_max_bytes=memory)
+    assert sm.graph_fits(batch) == (memory > 0)
     nb = len(sm.blocks)
     g = torch.Generator().manual_seed(5)
     gamma = torch.rand((T, nb) if level == "layer" else (T,), generator=g) * 0.8
@@ -179,6 +184,24 @@ def test_learning_reduces_loss(families, tmp_path, objective, level):
     assert res.losses[-1] < res.losses[0] * 0.98
 
 
+def test_teacher_cache_is_reused_by_default(families, tmp_path, monkeypatch):
+    """Without cache_dir, teacher passes go to $BLOCKMERGE_CACHE/teacher: a second run generates nothing
+    and learns the same coefficients."""
+    import blockmerge.teacher as teacher
+
+    monkeypatch.setenv("BLOCKMERGE_CACHE", str(tmp_path))
+    calls = []
+    real = teacher.continuations
+    monkeypatch.setattr(teacher, "continuations", lambda *a, **k: calls.append(1) or real(*a, **k))
+    base, experts = families["llama"]
+    kw = dict(level="layer", steps=3, batch_size=6, max_new_tokens=3, eos_token_id=1, progress=False)
+    first = learn(base, experts, prompts(4, n=4), **kw)
+    assert len(calls) == T and len(list((tmp_path / "teacher").glob("*/manifest.json"))) == T
+    second = learn(base, experts, prompts(4, n=4), **kw)
+    assert len(calls) == T  # nothing regenerated
+    assert torch.equal(first.coefficients, second.coefficients) and first.losses == second.losses
+
+
 def test_write_merged_matches_formula(families, tmp_path):
     base, experts = families["gpt2"]
     C = torch.rand(T, 5, generator=torch.Generator().manual_seed(0))
@@ -246,6 +269,7 @@ def test_cli_end_to_end(families, tmp_path, capsys):
         (lambda c: c["models"][0].update(data="missing.jsonl"), "models.0.data: data file"),
         (lambda c: c["models"][2].update(model="/nonexistent/x"), "models.2.model"),
         (lambda c: c.update(steps=2, epochs=1), "steps or epochs"),
+        (lambda c: c.update(memory="8 parsecs"), "field memory: Value error, memory: '8 parsecs' is not a memory"),
     ],
 )
 def test_bad_config_errors(families, tmp_path, capsys, change, message):
@@ -258,6 +282,14 @@ def test_bad_config_errors(families, tmp_path, capsys, change, message):
     path.write_text(yaml.safe_dump(cfg))
     assert main(["divmerge", str(path), str(tmp_path / "out"), "--no-progress"]) == 2
     assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_bad_memory_option(families, tmp_path, capsys):
+    base, experts = families["llama"]
+    path = _write_config(tmp_path, base, experts)
+    assert main(["divmerge", str(path), str(tmp_path / "out"), "--no-progress", "--memory", "lots"]) == 2
+    assert "error: --memory: 'lots' is not a memory size" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 
 

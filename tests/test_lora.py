@@ -571,6 +571,22 @@ def test_lora_learning_reduces_loss(fam, tmp_path):
     assert sum(res.losses[-3:]) / 3 < res.losses[0]
 
 
+def test_lora_teacher_cache_is_reused_by_default(fam, tmp_path, monkeypatch):
+    import blockmerge.lora_learn as lora_learn
+
+    monkeypatch.setenv("BLOCKMERGE_CACHE", str(tmp_path))
+    calls = []
+    real = lora_learn.continuations
+    monkeypatch.setattr(lora_learn, "continuations", lambda *a, **k: calls.append(1) or real(*a, **k))
+    root, ads, _ = fam
+    kw = dict(level="layer", steps=3, batch_size=6, max_new_tokens=3, eos_token_id=1, progress=False)
+    first = lora_learn.learn(root / "base", ads, _prompts(), **kw)
+    assert len(calls) == 1 and len(list((tmp_path / "teacher").glob("*/manifest.json"))) == 3
+    second = lora_learn.learn(root / "base", ads, _prompts(), **kw)
+    assert len(calls) == 1  # nothing regenerated
+    assert torch.equal(first.coefficients, second.coefficients) and first.losses == second.losses
+
+
 def test_bitsandbytes_base_on_cpu(fam, tmp_path):
     """Optional quantized base (bitsandbytes nf4 / int8) for the student's forward passes: runs on CPU with
     bitsandbytes >= 0.49 and gives a loss and coefficient gradient close to the full-precision ones."""
