@@ -16,6 +16,7 @@ COMMANDS = {
     ),
     "divmerge": ("blockmerge.divmerge", "learn merge coefficients by Jensen-Shannon divergence to the experts"),
     "lora": ("blockmerge.lora", "merge LoRA adapters into an adapter or a base model, or learn their coefficients"),
+    "import-gguf": ("blockmerge.gguf", "convert a GGUF model file into a safetensors Hugging Face checkpoint"),
 }
 
 

@@ -217,3 +217,85 @@ def ensure_synthetic_llama(
             f"{n_experts}; pass another root or delete this one"
         )
     return dirs
+
+
+# Tiny GGUF files, written with gguf's own GGUFWriter: a byte-level BPE vocabulary (every byte, a few
+# merges, ChatML specials) and random weights in the GGUF layout, each tensor in the type `types` gives.
+GGUF_TINY = dict(hidden=64, ffn=128, layers=2, heads=4, kv_heads=2)
+GGUF_MERGES = ["Ġ t", "h e", "Ġt he", "i n", "Ġ a"]
+GGUF_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+GGUF_CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+def _gguf_tensor_type(name: str, types: dict[str, str]) -> str:
+    """The type for a tensor: the first `types` key found in its name, else types['default']."""
+    if name.endswith("norm.weight") or name.endswith(".bias"):
+        return "F32"  # as llama.cpp writes them: 1-D tensors are never quantised
+    return next((t for k, t in types.items() if k != "default" and k in name), types.get("default", "F32"))
+
+
+def write_tiny_gguf(
+    path: str | Path, arch: str = "llama", types: dict[str, str] | None = None, tied: bool = True, seed: int = 0
+) -> Path:
+    """A tiny `arch` ('llama' or 'qwen2') GGUF model at `path`; `types` maps a GGUF name part to a
+    GGMLQuantizationType name (e.g. {'attn': 'Q8_0', 'ffn': 'Q4_0', 'default': 'F16'}). No output.weight
+    when `tied`."""
+    import gguf
+    import numpy as np
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    s, types = GGUF_TINY, types or {"default": "F32"}
+    head_dim = s["hidden"] // s["heads"]
+    tokens = [*bytes_to_unicode().values(), *(m.replace(" ", "") for m in GGUF_MERGES), *GGUF_SPECIALS]
+    n_vocab = len(tokens)
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_context_length(128)
+    w.add_embedding_length(s["hidden"])
+    w.add_feed_forward_length(s["ffn"])
+    w.add_block_count(s["layers"])
+    w.add_head_count(s["heads"])
+    w.add_head_count_kv(s["kv_heads"])
+    w.add_rope_dimension_count(head_dim)
+    w.add_rope_freq_base(10000.0)
+    w.add_layer_norm_rms_eps(1e-6)
+    w.add_vocab_size(n_vocab)
+    w.add_tokenizer_model("gpt2")
+    w.add_token_list(tokens)
+    w.add_token_types([1] * (n_vocab - len(GGUF_SPECIALS)) + [3] * len(GGUF_SPECIALS))
+    w.add_token_merges(GGUF_MERGES)
+    w.add_bos_token_id(n_vocab - 3)
+    w.add_eos_token_id(n_vocab - 1)
+    w.add_pad_token_id(n_vocab - 3)
+    w.add_chat_template(GGUF_CHAT_TEMPLATE)
+    rng = np.random.default_rng(seed)
+    hd, kv = s["hidden"], s["kv_heads"] * head_dim
+    shapes = {"token_embd.weight": (n_vocab, hd), "output_norm.weight": (hd,)}
+    if not tied:
+        shapes["output.weight"] = (n_vocab, hd)
+    for i in range(s["layers"]):
+        b = f"blk.{i}."
+        shapes |= {b + "attn_norm.weight": (hd,), b + "attn_q.weight": (hd, hd), b + "attn_k.weight": (kv, hd)}
+        shapes |= {b + "attn_v.weight": (kv, hd), b + "attn_output.weight": (hd, hd), b + "ffn_norm.weight": (hd,)}
+        shapes |= {b + "ffn_gate.weight": (s["ffn"], hd), b + "ffn_up.weight": (s["ffn"], hd)}
+        shapes |= {b + "ffn_down.weight": (hd, s["ffn"])}
+        if arch == "qwen2":
+            shapes |= {b + "attn_q.bias": (hd,), b + "attn_k.bias": (kv,), b + "attn_v.bias": (kv,)}
+    for name, shape in shapes.items():
+        x = rng.normal(0.0, 0.2, size=shape).astype(np.float32)
+        if name.endswith("norm.weight"):
+            x += 1.0
+        qtype = gguf.GGMLQuantizationType[_gguf_tensor_type(name, types)]
+        try:
+            data = gguf.quants.quantize(x, qtype)
+        except NotImplementedError:  # a type gguf cannot (de)quantise: bytes of the right size, for refusals
+            block, size = gguf.GGML_QUANT_SIZES[qtype]
+            data = rng.integers(0, 256, (*shape[:-1], shape[-1] // block * size), dtype=np.uint8)
+        w.add_tensor(name, data, raw_dtype=qtype)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return Path(path)

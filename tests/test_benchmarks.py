@@ -187,3 +187,13 @@ def test_quality_llm_smoke(tmp_path):
     stopped = run("quality_llm.py", "--smoke", "--cache", str(tmp_path / "c2"), "--out", str(tmp_path / "o2"),
                   "--time-limit", "0")  # fmt: skip
     assert "time limit: stopping before expert" in stopped.stderr and not (tmp_path / "o2").exists()
+
+
+def test_gguf_import_benchmark(tmp_path):
+    """A tiny GGUF imported, its greedy answer and logits compared with transformers' GGUF loading."""
+    run("gguf_import.py", "--smoke", "--dtypes", "float32", "--out", str(tmp_path))
+    (row,) = read_csv(tmp_path / "gguf_import.csv")
+    assert row["file"] == "tiny.gguf" and row["dtype"] == "float32"
+    assert float(row["import_s"]) > 0 and float(row["import_peak_rss_gib"]) > 0 and float(row["output_mb"]) > 0
+    assert row["answers_equal"] == "yes" and row["answer"] == row["hf_answer"]
+    assert float(row["max_abs_logit_diff"]) == 0.0  # fp32: the same dequantised weights
