@@ -40,6 +40,9 @@ from blockmerge.evaluate import anp, normalized, task_subsets
 OUT = Path(__file__).resolve().parent / "results"
 METHODS = ["average", "task_arithmetic", "ties", "dare_ties", "adamerging_task", "adamerging_layer",
            "divmerge_js_task", "divmerge_js_layer"]  # fmt: skip
+# run order within a subset when time is short: the cheap static merges, then DivMerge, then AdaMerging
+RUN_ORDER = ["average", "task_arithmetic", "ties", "dare_ties", "divmerge_js_layer", "divmerge_js_task",
+             "adamerging_task", "adamerging_layer"]  # fmt: skip
 LEARNED = {
     "adamerging_task": ("entropy", "task"),
     "adamerging_layer": ("entropy", "layer"),
@@ -105,6 +108,7 @@ def parse_args(argv):
     g.add_argument("--ft-lr", type=float, default=5e-5, help="experts' Adam lr (full fine-tuning)")
     g.add_argument("--ft-batch", type=int, default=None)
     g.add_argument("--ft-max-steps", type=int, default=None, help="bound of each expert's training")
+    g.add_argument("--ft-check", type=int, default=None, help="steps between accuracy checks (cuda 20, cpu 10)")
     g.add_argument("--target", type=float, default=None, help="test accuracy every expert must reach (0.95)")
     g.add_argument("--lora-rank", type=int, default=8)
     g.add_argument("--lora-lr", type=float, default=1e-3)
@@ -116,7 +120,8 @@ def parse_args(argv):
                       ("ft_max_steps", "ft_max_steps")]:  # fmt: skip
         if getattr(args, attr) is None:
             setattr(args, attr, prof[key])
-    args.ft_check, args.eval_batch = prof["ft_check"], prof["eval_batch"]
+    args.ft_check = args.ft_check or prof["ft_check"]
+    args.eval_batch = prof["eval_batch"]
     if args.smoke:
         args.tasks = args.tasks or SMOKE_TASKS
         args.lora_k = 2
@@ -186,8 +191,9 @@ def import_base(gguf: Path, out: Path) -> Path:
         return out
     if not gguf.is_file():
         raise FileNotFoundError(f"--gguf {gguf}: file not found")
-    log(f"importing {gguf} -> {out}")
-    return ls.import_base_with_transformers(gguf, out)
+    from blockmerge.gguf import import_gguf
+
+    return import_gguf(gguf, out, dtype="float32")  # fp32: task vectors are below bf16's resolution
 
 
 # ---- stage: merges -----------------------------------------------------------------------------------------
@@ -230,7 +236,7 @@ class Merger:
         return dict(level=level, objective=objective, epochs=a.epochs, steps=None, lr=a.lr,
                     batch_size=a.batch_per_task * len(subset), max_new_tokens=new,
                     eos_token_id=self.suite.eos_token_id, seed=a.seed, device=a.device,
-                    cache_dir=a.cache / "teacher", progress=True, resident_max_bytes=32 << 30)  # fmt: skip
+                    cache_dir=a.cache / "teacher", progress=True)  # fmt: skip
 
     def run(self, method: str, subset: tuple[str, ...]) -> dict:
         started = time.perf_counter()
@@ -457,7 +463,7 @@ def main(argv: list[str] | None = None) -> int:
         for subset in subsets[k]:
             log(f"k={k}: {', '.join(subset)}  ({clock.elapsed():.0f}s)")
             add_base_row(args, models, subset, done, csv_path)
-            for m in args.methods:
+            for m in sorted(args.methods, key=RUN_ORDER.index):
                 run_one(args, merger, m, subset, done, csv_path, clock)
         if k == 2 and not args.no_diagnose:
             diagnose(args, suite, merger, subsets[2][0], clock)

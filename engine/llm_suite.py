@@ -478,32 +478,7 @@ def task_vector_stats(base: Path, experts: dict[str, Path], device: str = "cpu")
     }
 
 
-# ---- the base: GGUF import, or a tiny random model for smoke runs ----------------------------------------
-
-
-def import_base_with_transformers(gguf: Path, out: Path) -> Path:
-    """transformers' own GGUF loading, saved as an fp32 safetensors checkpoint (save_pretrained refuses a
-    GGUF-loaded model, so the state dict is written directly; a tied head is stored once)."""
-    from safetensors.torch import save_file
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
-    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    if model.config.tie_word_embeddings:
-        state.pop("lm_head.weight", None)
-    save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-    cfg = model.config.to_dict()
-    cfg.pop("quantization_config", None)
-    cfg["dtype"] = "float32"
-    (tmp / "config.json").write_text(json.dumps(cfg, indent=1))
-    tok.save_pretrained(tmp)
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
-    return out
+# ---- a tiny random base for smoke runs ----------------------------------------
 
 
 def tiny_vocabulary(tasks: Sequence[str], n: int = 3000) -> list[str]:

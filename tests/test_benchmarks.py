@@ -169,7 +169,7 @@ def test_quality_llm_smoke(tmp_path):
     args = ["--smoke", "--cache", str(tmp_path / "cache"), "--out", str(tmp_path / "out")]
     run("quality_llm.py", *args)
     rows = read_csv(tmp_path / "out" / "quality_llm.csv")
-    assert [r["method"] for r in rows] == ["base", *quality_llm.METHODS, quality_llm.LORA_METHOD]
+    assert [r["method"] for r in rows] == ["base", *quality_llm.RUN_ORDER, quality_llm.LORA_METHOD]
     assert all(r["k"] == "2" and 0.0 <= float(r["anp"]) <= 1.0 for r in rows)
     learned = [r for r in rows if r["method"] in quality_llm.LEARNED or r["method"] == quality_llm.LORA_METHOD]
     assert all(int(r["steps"]) == 1 and math.isfinite(float(r["loss_first"])) for r in learned)
