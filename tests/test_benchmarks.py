@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import importlib.util
+import json
 import math
 import subprocess
 import sys
@@ -167,6 +168,44 @@ def test_gpu_check_smoke(tmp_path):
         )
 
 
+def test_learn_speed_smoke(tmp_path):
+    run("learn_speed.py", "--smoke", "--threads", "1", "--out-dir", str(tmp_path))
+    rows = read_csv(tmp_path / "learn_speed.csv")
+    assert [r["mode"] for r in rows] == ["resident", "streamed"]
+    assert int(rows[1]["memory_budget"]) == 0 < int(rows[0]["memory_budget"])
+    for r in rows:
+        assert float(r["teacher_seq_per_s"]) > 0 and float(r["task_step_s"]) > 0 and float(r["layer_step_s"]) > 0
+
+
+def test_quality_llm_smoke(tmp_path):
+    """benchmarks/quality_llm.py end to end on the tiny random Llama: a row per method on the k=2 subset
+    (the LoRA DivMerge included), the table, plot, model statistics and the pair's diagnosis written; a
+    rerun resumes from the cache without merging again; --report-only rewrites the same table from the CSV;
+    --time-limit 0 stops before any expert and exits cleanly."""
+    quality_llm = load_script("quality_llm")
+    args = ["--smoke", "--cache", str(tmp_path / "cache"), "--out", str(tmp_path / "out")]
+    run("quality_llm.py", *args)
+    rows = read_csv(tmp_path / "out" / "quality_llm.csv")
+    assert [r["method"] for r in rows] == ["base", *quality_llm.RUN_ORDER, quality_llm.LORA_METHOD]
+    assert all(r["k"] == "2" and 0.0 <= float(r["anp"]) <= 1.0 for r in rows)
+    learned = [r for r in rows if r["method"] in quality_llm.LEARNED or r["method"] == quality_llm.LORA_METHOD]
+    assert all(int(r["steps"]) == 1 and math.isfinite(float(r["loss_first"])) for r in learned)
+    md = (tmp_path / "out" / "quality_llm.md").read_text()
+    assert "| divmerge_js_layer | " in md and "0.9918" in md
+    assert (tmp_path / "out" / "quality_llm.png").stat().st_size > 0
+    diagnosis = json.loads((tmp_path / "out" / "quality_llm_diagnosis.json").read_text())
+    assert set(diagnosis["learned"]) == set(quality_llm.LEARNED) and len(diagnosis["search_top"]) == 5
+    assert "Best task-level coefficients by grid search" in md
+    again = run("quality_llm.py", *args)
+    assert "ANP" not in again.stderr and read_csv(tmp_path / "out" / "quality_llm.csv") == rows
+    (tmp_path / "out" / "quality_llm.md").unlink()
+    run("quality_llm.py", "--report-only", "--out", str(tmp_path / "out"))
+    assert (tmp_path / "out" / "quality_llm.md").read_text() == md
+    stopped = run("quality_llm.py", "--smoke", "--cache", str(tmp_path / "c2"), "--out", str(tmp_path / "o2"),
+                  "--time-limit", "0")  # fmt: skip
+    assert "time limit: stopping before expert" in stopped.stderr and not (tmp_path / "o2").exists()
+
+
 def test_gguf_import_benchmark(tmp_path):
     """A tiny GGUF imported, its greedy answer and logits compared with transformers' GGUF loading."""
     run("gguf_import.py", "--smoke", "--dtypes", "float32", "--out", str(tmp_path))
@@ -175,12 +214,3 @@ def test_gguf_import_benchmark(tmp_path):
     assert float(row["import_s"]) > 0 and float(row["import_peak_rss_gib"]) > 0 and float(row["output_mb"]) > 0
     assert row["answers_equal"] == "yes" and row["answer"] == row["hf_answer"]
     assert float(row["max_abs_logit_diff"]) == 0.0  # fp32: the same dequantised weights
-
-
-def test_learn_speed_smoke(tmp_path):
-    run("learn_speed.py", "--smoke", "--threads", "1", "--out-dir", str(tmp_path))
-    rows = read_csv(tmp_path / "learn_speed.csv")
-    assert [r["mode"] for r in rows] == ["resident", "streamed"]
-    assert int(rows[1]["memory_budget"]) == 0 < int(rows[0]["memory_budget"])
-    for r in rows:
-        assert float(r["teacher_seq_per_s"]) > 0 and float(r["task_step_s"]) > 0 and float(r["layer_step_s"]) > 0
