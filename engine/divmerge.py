@@ -13,8 +13,11 @@ blocks = the embedding block, each decoder layer, and the head block = final nor
 embeddings the output projection is the embedding's tensor, so the head's use of it counts towards the
 embed block's coefficient).
 
-Everything is streamed: one block of the base and of every expert is in memory at a time (two while the
-next one is prefetched). A learning step is
+Blocks of the base and the experts stay resident on the device while they fit in the memory budget
+(`memory`, default half of the device's free memory); the others are streamed, one block of every model at
+a time (two while the next one is prefetched). When everything is resident and the step's graph fits too,
+the step keeps its autograd graph: each block's merged weights are built once and nothing is recomputed
+(`StreamedMerge.graph_fits`). Otherwise a learning step is
 
   forward   for each block: W = combine(base, experts, Gamma[:, b]) per tensor; run the block without
             grad; keep the block's input activation on the host.
@@ -188,7 +191,8 @@ class StreamedMerge:
             return False
         cfg = self.model.config.get_text_config()
         inter = getattr(cfg, "intermediate_size", None) or 4 * cfg.hidden_size
-        per_token = self.model.num_layers * (16 * cfg.hidden_size + 4 * inter) + 4 * batch.input_ids.shape[1]
+        heads = getattr(cfg, "num_attention_heads", 1)
+        per_token = self.model.num_layers * (16 * cfg.hidden_size + 4 * inter + 2 * heads * batch.input_ids.shape[1])
         acts = batch.input_ids.numel() * per_token * self.dtype.itemsize
         merged = sum(t.nbytes // t.dtype.itemsize for t in self.base.tensors.values()) * self.dtype.itemsize
         return self.source.resident_bytes + merged + acts <= self.budget
@@ -210,7 +214,7 @@ class StreamedMerge:
         m, dev = self.model, self.device
         ids = batch.input_ids.to(dev)
         pos = torch.arange(ids.shape[1], device=dev)[None]
-        grad = torch.zeros(self.T, len(self.blocks), dtype=torch.float64)
+        grad = torch.zeros(self.T, len(self.blocks), dtype=torch.float64, device=dev)  # no sync per tensor
         rows = m.token_rows(ids)
         acts: list[torch.Tensor] = []  # acts[l] = input of decoder layer l; acts[L] = input of the head
         h = pe = masks = None
@@ -278,7 +282,7 @@ class StreamedMerge:
                 acts[block.layer + 1] = None
             self._project(W, tensors, grad[:, b])  # leaves the hooks did not see (none in practice)
             del W, out, tensors
-        return loss, grad.float()
+        return loss, grad.float().cpu()
 
     def _loss_and_grad_in_memory(self, gamma, batch: Batch, objective: str, backward: bool):
         """The step with every block resident and the whole graph kept: each block's merged weights are built
@@ -286,7 +290,7 @@ class StreamedMerge:
         m, dev = self.model, self.device
         ids = batch.input_ids.to(dev)
         pos = torch.arange(ids.shape[1], device=dev)[None]
-        grad = torch.zeros(self.T, len(self.blocks), dtype=torch.float64)
+        grad = torch.zeros(self.T, len(self.blocks), dtype=torch.float64, device=dev)  # no sync per tensor
         rows = m.token_rows(ids)
         h = pe = masks = None
         with torch.set_grad_enabled(backward):
@@ -328,7 +332,7 @@ class StreamedMerge:
         dh = torch.zeros_like(h)
         dh.index_put_((batch.rows.to(dev), batch.cols.to(dev)), hsel.grad, accumulate=True)
         h.backward(dh)  # the hooks project each block's weight gradients as autograd produces them
-        return loss, grad.float()
+        return loss, grad.float().cpu()
 
 
 def batches(counts: Sequence[int], batch_size: int, seed: int):

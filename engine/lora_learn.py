@@ -15,7 +15,8 @@ by blockmerge.teacher; the student step streams the base block by block, keeps b
 computes the loss at the head in chunks of positions (blockmerge.losses), then backpropagates block by
 block in reverse, recomputing each block, with Gamma of that block as a leaf.
 
-Memory: one base block (two while the next is prefetched) + all adapters' factors + activations.
+Memory: the base's blocks that fit in the memory budget (kept in the compute dtype), else one base block
+(two while the next is prefetched), + all adapters' factors + activations.
 
 Optional bitsandbytes base (`quantize: nf4 | int8`): the adapted weights of each block are quantized when
 the block is used (nf4: bnb.functional.quantize_4bit + bnb.matmul_4bit; int8: LLM.int8 vector-wise
@@ -357,7 +358,9 @@ class StreamedLoraMerge:
         flat = [prompts[t][i] for t, i in pairs]
         try:
             with bar(len(pairs), "teacher", unit="seq", disable=not progress) as pbar:
-                for r, cont, targets in continuations(self.model, self.source, flat, spec, eos, keep, onehot):
+                for r, cont, targets in continuations(
+                    self.model, self.source, flat, spec, eos, keep, onehot, self.dtype
+                ):
                     t, i = pairs[r]
                     writers[t].add(i, prompts[t][i], cont, targets)
                     pbar.update(1)

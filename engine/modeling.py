@@ -230,6 +230,11 @@ class StreamedModel:
             position_ids = torch.arange(start, start + input_ids.shape[1], device=self.device)[None]
         h = pe = masks = None
         rows = self.token_rows(input_ids)
+        # padding positions attend to nothing: eager attention (and some fused kernels) give NaN there, which
+        # would reach real tokens through the cached keys and values (0 weight x NaN); they are zeroed
+        pad = None if attention_mask is None else (attention_mask[:, -input_ids.shape[1] :] == 0)[..., None]
+        if pad is not None and not bool(pad.any()):
+            pad = None
         for block, tensors in source.stream(self.blocks):
             if block.name == "embed":
                 params = {k: (v[rows] if k == self.tokens_weight_name else v).to(dtype) for k, v in tensors[0].items()}
@@ -242,6 +247,8 @@ class StreamedModel:
                 h = self.layer(
                     block.layer, params, h, position_ids=position_ids, position_embeddings=pe, masks=masks, cache=cache
                 )
+                if pad is not None:
+                    h = h.masked_fill(pad, 0.0)
             else:
                 if last_only:
                     h = h[:, -1]

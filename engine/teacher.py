@@ -113,15 +113,17 @@ def continuations(
     eos: int | None,
     keep: Callable,
     before_batch: Callable[[list[int]], None] | None = None,
+    dtype: torch.dtype | None = None,
 ):
     """Yield (prompt index, continuation up to and with EOS, its targets or None) for every prompt, shortest
-    prompts first, `spec.gen_batch` prompts per generation; `before_batch(indices)` runs before each."""
+    prompts first, `spec.gen_batch` prompts per generation; `before_batch(indices)` runs before each.
+    `dtype`: compute dtype (default `spec.dtype`)."""
+    dtype = dtype or getattr(torch, spec.dtype)
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     for s in range(0, len(order), spec.gen_batch):
         part = order[s : s + spec.gen_batch]
         if before_batch is not None:
             before_batch(part)
-        dtype = getattr(torch, spec.dtype)
         new, steps = generate(model, source, [prompts[i] for i in part], spec.max_new_tokens, eos, dtype, keep)
         for r, i in enumerate(part):
             cont = new[r].tolist()

@@ -250,6 +250,12 @@ def test_cli_end_to_end(families, tmp_path, capsys):
     assert list(info["coefficients"][0]) == ["embed", "layers.0", "layers.1", "layers.2", "head"]
     model = AutoModelForCausalLM.from_pretrained(out)
     assert torch.isfinite(model(torch.tensor([[3, 4, 5]])).logits).all()
+    # fully streamed (--memory 0: block-by-block recomputation) learns what the resident default learns
+    assert main(["divmerge", str(cfg), str(tmp_path / "out0"), "--steps", "2", "--memory", "0", "--no-progress"]) == 0
+    streamed = json.loads((tmp_path / "out0" / "divmerge.json").read_text())
+    assert streamed["losses"] == pytest.approx(info["losses"], rel=1e-5)
+    for a, b in zip(streamed["coefficients"], info["coefficients"], strict=True):
+        assert list(a.values()) == pytest.approx(list(b.values()), rel=1e-5)
     # existing output: refused without --force, replaced with it
     assert main(["divmerge", str(cfg), str(out), "--steps", "1", "--no-progress"]) == 2
     assert "already exists" in capsys.readouterr().err
