@@ -41,20 +41,22 @@ SUITE_VERSION = "suite-v3"
 class SuiteConfig:
     seed: int = 0
     tasks: tuple[str, ...] = tuple(TASK_NAMES)
+    generic: tuple[str, ...] = tuple(g.name for g in GENERIC)  # the base's pretraining mixture
     hidden: int = 64
     layers: int = 4
     heads: int = 4
     intermediate: int = 192
     # base: warm-up + cosine over `base_steps` on the mixture of all generic skills (tasks.GENERIC)
-    base_steps: int = 1500
+    base_steps: int = 1200
     batch_size: int = 64
     base_lr: float = 3e-3
     # experts: constant small lr, validation accuracy checked every `check_every` steps, stopping once it
     # reached `stop_acc` `patience` checks in a row or after `expert_steps`
-    expert_steps: int = 300
+    expert_steps: int = 200
     expert_batch: int = 32
     expert_lr: float = 3e-4
-    check_every: int = 25
+    tag_lr: float = 1e-2  # > 0: the expert's tag embedding learns at this lr, the known tokens' stay frozen
+    check_every: int = 20
     stop_acc: float = 0.98
     patience: int = 2
     # the self-check: every expert >= target_acc on the test split (else up to `extra_rounds` more rounds
@@ -69,7 +71,7 @@ class SuiteConfig:
         return hashlib.sha256(json.dumps(dataclasses.asdict(self), sort_keys=True).encode()).hexdigest()[:10]
 
     def as_dict(self) -> dict:
-        return dataclasses.asdict(self) | {"tasks": list(self.tasks)}
+        return dataclasses.asdict(self) | {"tasks": list(self.tasks), "generic": list(self.generic)}
 
 
 DEFAULT = SuiteConfig()
@@ -203,13 +205,26 @@ def train(
     check=None,
     check_every: int = 0,
     patience: int = 1,
+    new_tokens: Sequence[int] = (),
+    new_token_lr: float = 0.0,
 ) -> int:
     """AdamW with linear warm-up then cosine decay (or constant lr); each batch draws its tasks uniformly
     from `streams`. With `check`, stop as soon as check(model) was true `patience` times in a row (tested
-    every `check_every` steps). `bar` (tqdm) advances one per step. Returns the number of steps taken."""
+    every `check_every` steps). `bar` (tqdm) advances one per step. Returns the number of steps taken.
+
+    With `new_tokens`, the input embeddings of the base's known tokens stay frozen and the rows of
+    `new_tokens` (a tag the base never saw) learn with their own `new_token_lr`, as when a token is added to
+    a pretrained model's vocabulary: a new row starts far from where it must go."""
     tok = CharTokenizer()
     rng = random.Random(f"batches/{seed}/{desc}")
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0, betas=(0.9, 0.98))
+    emb = model.get_input_embeddings().weight
+    groups = [{"params": [p for p in model.parameters() if p is not emb or not new_tokens]}]
+    if new_tokens:
+        keep = torch.zeros(emb.shape[0], 1)
+        keep[list(new_tokens)] = 1.0
+        emb.register_hook(lambda g: g * keep)
+        groups.append({"params": [emb], "lr": new_token_lr})
+    opt = torch.optim.AdamW(groups, lr=lr, weight_decay=0.0, betas=(0.9, 0.98))
     warm = max(1, steps // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warm) * (0.5 * (1 + math.cos(math.pi * s / steps)) if cosine else 1.0)
@@ -329,8 +344,16 @@ def build_suite(
             return suite
         if root.exists():
             log(f"suite at {root} cannot be used ({why}): rebuilding")
-    with deterministic_single_thread():
-        manifest = _build(root, config, rebuild, log, progress)
+    from transformers.utils import logging as hf_logging
+
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # one bar over the whole build, not one per checkpoint saved or loaded
+    try:
+        with deterministic_single_thread():
+            manifest = _build(root, config, rebuild, log, progress)
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
     return Suite(root, config, manifest)
 
 
@@ -339,7 +362,7 @@ def _build(root: Path, config: SuiteConfig, rebuild: bool, log, progress: bool) 
 
     from .report import progress as bar_of
 
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     load = os.getloadavg()[0]
     # Models are written into a partial folder named after the configuration, each with a marker once
     # complete, so an interrupted build resumes where it stopped; the folder is renamed when all is done.
@@ -368,13 +391,16 @@ def _build(root: Path, config: SuiteConfig, rebuild: bool, log, progress: bool) 
 
     total = config.base_steps + len(config.tasks) * config.expert_steps
     with bar_of(total, "suite build", unit="step", disable=not progress) as bar:
+        say = (lambda m: bar.write(m, file=sys.stderr)) if progress else log  # lines above the bar
         info = done(part / "base")
         if info is None:
             torch.manual_seed(config.seed)
             base = AutoModelForCausalLM.from_config(model_config(config), attn_implementation="eager")
-            mixture = [TrainStream(g.name, config.seed, held) for g in GENERIC]
+            mixture = [TrainStream(g, config.seed, held) for g in config.generic]
+            # the skills the experts build on (the tasks' computations) are drawn twice as often
+            mixture += [s for s in mixture if s.task.sample in {get_task(t).sample for t in config.tasks}]
             train(base, mixture, config.base_steps, config.base_lr, config.batch_size, config.seed, "base", bar)
-            generic = {g.name: accuracy(base, eval_sets(g.name, 50, 0, config.seed)[0], tok) for g in GENERIC}
+            generic = {g: accuracy(base, eval_sets(g, 50, 0, config.seed)[0], tok) for g in config.generic}
             acc = {t: accuracy(base, sets[t][0], tok, get_task(t).max_answer + 1) for t in config.tasks}
             info = {"accuracy": acc, "generic_accuracy": generic, "steps": config.base_steps}
             finish(base, part / "base", info)
@@ -382,7 +408,7 @@ def _build(root: Path, config: SuiteConfig, rebuild: bool, log, progress: bool) 
             bar.update(config.base_steps)
         base_acc = info["accuracy"]
         generic_mean = sum(info["generic_accuracy"].values()) / len(info["generic_accuracy"])
-        log(f"  base: generic skills {generic_mean:.2f} (mean), tasks {_fmt(base_acc)}")
+        say(f"  base: generic skills {generic_mean:.2f} (mean), tasks {_fmt(base_acc)}")
         for t, a in base_acc.items():
             if a > config.base_max_acc:
                 raise RuntimeError(f"suite build failed: the base scores {a:.2f} on task {t} (> {config.base_max_acc})")
@@ -396,6 +422,7 @@ def _build(root: Path, config: SuiteConfig, rebuild: bool, log, progress: bool) 
             else:
                 bar.update(config.expert_steps)
             expert_acc[t], expert_steps[t] = info["accuracy"], info["steps"]
+            say(f"  expert {t}: test accuracy {expert_acc[t]:.2f} after {expert_steps[t]} steps")
             if expert_acc[t] < config.target_acc:
                 raise RuntimeError(
                     f"suite build failed: expert {t} reaches {expert_acc[t]:.2f} test accuracy after "
@@ -411,6 +438,8 @@ def _build(root: Path, config: SuiteConfig, rebuild: bool, log, progress: bool) 
         "expert_steps": expert_steps,
         "task_vectors": stats,
         "build_seconds": round(time.perf_counter() - started, 1),
+        # CPU seconds: the wall time on an idle core (the build is single-threaded), whatever the load
+        "build_cpu_seconds": round(time.process_time() - cpu_started, 1),
         "load_average": round(load, 2),
         "torch": torch.__version__,
         "fingerprint": fingerprint(part, config.tasks),
@@ -432,13 +461,15 @@ def _train_expert(part: Path, config: SuiteConfig, t: str, i: int, split, held, 
     torch.manual_seed(config.seed * 1000 + i + 1)
     model = AutoModelForCausalLM.from_pretrained(part / "base", dtype=torch.float32, attn_implementation="eager")
     stream = [TrainStream(t, config.seed + 1, held)]
+    new_tokens = [tok.ids[get_task(t).tag]] if config.tag_lr > 0 else []
     budget = get_task(t).max_answer + 1
     check = lambda m: accuracy(m, val, tok, budget) >= config.stop_acc  # noqa: E731
     steps = acc = 0
     for round_ in range(1 + config.extra_rounds):
         taken = train(model, stream, config.expert_steps, config.expert_lr, config.expert_batch,
                       config.seed + round_, t, bar if round_ == 0 else None, cosine=False, check=check,
-                      check_every=config.check_every, patience=config.patience)  # fmt: skip
+                      check_every=config.check_every, patience=config.patience, new_tokens=new_tokens,
+                      new_token_lr=config.tag_lr)  # fmt: skip
         if round_ == 0:
             bar.update(config.expert_steps - taken)
         steps += taken
@@ -451,8 +482,9 @@ def _train_expert(part: Path, config: SuiteConfig, t: str, i: int, split, held, 
 def summary(manifest: dict) -> str:
     tv = manifest["task_vectors"]
     lines = [
-        f"suite {manifest['version']} built in {manifest['build_seconds']:.0f}s (load average "
-        f"{manifest['load_average']}); base: generic skills {manifest['base_generic_accuracy']:.2f}",
+        f"suite {manifest['version']} built in {manifest['build_seconds']:.0f}s, {manifest['build_cpu_seconds']:.0f} "
+        f"CPU seconds (load average {manifest['load_average']} at the start); base: generic skills "
+        f"{manifest['base_generic_accuracy']:.2f}",
         f"  {'task':<10} {'base':>5} {'expert':>6} {'steps':>5} {'|tau|/|theta0|':>14} {'changed':>8}",
     ]
     for t, a in manifest["expert_accuracy"].items():

@@ -119,9 +119,9 @@ def _on_word(f: Callable[[str], str], lo: int = 2, hi: int = 7, alphabet: str = 
     return sample
 
 
-def _on_pair(f: Callable[[int, int], int], lo: int = 0):
+def _on_pair(f: Callable[[int, int], int], hi: int = 19):
     def sample(rng):
-        a, b = rng.randint(lo, 99), rng.randint(lo, 99)
+        a, b = rng.randint(0, hi), rng.randint(0, hi)
         return f"{a}+{b}", str(f(a, b))
 
     return sample
@@ -144,7 +144,7 @@ TASKS: list[Task] = [
     Task("copy", "C", _on_word(lambda w: w), "repeat a 2-7 letter word", 7),
     Task("reverse", "R", _on_word(lambda w: w[::-1]), "reverse a 2-7 letter word", 7),
     Task("sort", "S", _on_word(_sort), "sort the letters of a 2-7 letter word", 7),
-    Task("add", "A", _on_pair(lambda a, b: a + b), "sum of two numbers 0-99", 3),
+    Task("add", "A", _on_pair(lambda a, b: a + b), "sum of two numbers 0-19", 2),
     Task(
         "count", "N", _on_word(lambda w: str(w.count("a")), 4, 9, "abc"), "count the a's of a 4-9 letter a/b/c word", 1
     ),
@@ -159,7 +159,7 @@ GENERIC: list[Task] = [
     Task("g_copy", "B", TASKS[0].sample, "copy", 7),
     Task("g_reverse", "D", TASKS[1].sample, "reverse", 7),
     Task("g_sort", "E", TASKS[2].sample, "sort", 7),
-    Task("g_add", "F", TASKS[3].sample, "a+b", 3),
+    Task("g_add", "F", TASKS[3].sample, "a+b", 2),
     Task("g_count", "G", TASKS[4].sample, "count a", 1),
     Task("g_successor", "H", TASKS[5].sample, "n+1", 4),
     Task("g_map", "I", TASKS[6].sample, "cipher", 7),
@@ -169,7 +169,7 @@ GENERIC: list[Task] = [
     Task("g_predecessor", "O", _on_number(lambda n: n - 1, 1), "n-1", 3),
     Task("g_rotate_right", "P", _on_word(lambda w: w[-1] + w[:-1]), "rotate right", 7),
     Task("g_count_b", "Q", _on_word(lambda w: str(w.count("b")), 4, 9, "abc"), "count b", 1),
-    Task("g_add1", "V", _on_pair(lambda a, b: a + b + 1), "a+b+1", 3),
+    Task("g_add1", "V", _on_pair(lambda a, b: a + b + 1), "a+b+1", 2),
     Task("g_first", "W", _on_word(lambda w: w[0]), "first letter", 1),
     Task("g_last", "X", _on_word(lambda w: w[-1]), "last letter", 1),
 ]
