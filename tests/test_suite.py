@@ -249,7 +249,7 @@ def test_suite_protocol_and_task_vector_stats(micro_suite):
     assert len(test) == 8 and len(val) == 4 and test == T.eval_sets("add", 8, 4, 0)[0]
     unl = s.unlabeled("add", 20)
     assert len(unl) == 20 and not set(unl) & {p for p, _ in test + val}
-    assert s.max_new_tokens("add") == 4 and s.max_new_tokens("copy") == 8
+    assert s.max_new_tokens("add") == 3 and s.max_new_tokens("copy") == 8
     assert s.encode_prompt("A1+2=") == [T.BOS_ID] + [T.VOCAB.index(c) for c in "A1+2="]
     assert s.decode_answer([T.VOCAB.index("3")]) == "3"
     with pytest.raises(ValueError, match="unknown task 'sort'"):
@@ -342,3 +342,39 @@ def test_micro_suite_goes_through_blockmerge(micro_suite, tmp_path):
     a, b = load_model(s.expert("copy")), load_model(s.expert("add"))
     for (n, p), q, r in zip(merged.named_parameters(), a.parameters(), b.parameters(), strict=True):
         torch.testing.assert_close(p, (q + r) / 2, rtol=1e-6, atol=1e-6, msg=n)
+
+
+class WrappedSuite:
+    """A TaskSuite that is not the built-in Suite class (no cache folder, no manifest): what a real-LLM
+    suite looks like to Comparison."""
+
+    def __init__(self, inner):
+        self.inner = inner
+        self.name, self.tasks, self.base = "wrapped", inner.tasks, inner.base
+        self.eos_token_id, self.pad_token_id = inner.eos_token_id, inner.pad_token_id
+
+    def __getattr__(self, name):  # expert, encode_prompt, decode_answer, max_new_tokens, pairs, unlabeled
+        if name in ("expert", "encode_prompt", "decode_answer", "max_new_tokens", "pairs", "unlabeled"):
+            return getattr(self.inner, name)
+        raise AttributeError(name)
+
+
+def test_comparison_takes_any_task_suite(micro_suite):
+    from blockmerge.demo import Comparison, Settings, load_suite
+    from blockmerge.taskset import TaskSuite
+
+    wrapped = WrappedSuite(micro_suite)
+    assert isinstance(wrapped, TaskSuite)
+    settings = Settings(learn_steps=2, learn_batch=4, n_unlabeled=4)
+    rows = Comparison(wrapped, settings, log=lambda m: None).run(("copy", "add"), ["ties", "divmerge_js_task"])
+    ref = Comparison(micro_suite, settings, log=lambda m: None).run(("copy", "add"), ["ties", "divmerge_js_task"])
+    for r, q in zip(rows, ref, strict=True):
+        assert r["acc"] == q["acc"]
+    torch.testing.assert_close(torch.tensor(rows[1]["coefficients"]), torch.tensor(ref[1]["coefficients"]))
+    with pytest.raises(TypeError, match="does not implement"):
+        Comparison(object())
+    with pytest.raises(ValueError, match="expected MODULE:FUNCTION"):
+        load_suite("nocolon")
+    with pytest.raises(ValueError, match="--suite 'no_such_module_xyz:f'"):
+        load_suite("no_such_module_xyz:f")
+
