@@ -377,4 +377,3 @@ def test_comparison_takes_any_task_suite(micro_suite):
         load_suite("nocolon")
     with pytest.raises(ValueError, match="--suite 'no_such_module_xyz:f'"):
         load_suite("no_such_module_xyz:f")
-
