@@ -1,12 +1,14 @@
 """Quality sweep: how much of each expert's accuracy survives merging, per method, as the number of merged
-tasks k grows. Builds (or reuses) the synthetic task suite, merges sampled subsets of k tasks for k=2..8
+tasks k grows. Builds (or reuses) the built-in task suite (or takes any TaskSuite: --suite MODULE:FUNCTION),
+merges sampled subsets of k tasks for k=2..8
 (the same subsets for every method), evaluates exact-match accuracy by greedy decoding, and writes
 
   benchmarks/out/quality.csv   one row per (method, subset): accuracies, normalised accuracies, ANP, time
   benchmarks/out/quality.md    ANP per method (rows) and k (columns), mean over the subsets
   benchmarks/out/quality.png   ANP against k per method
 
-Usage: python benchmarks/quality.py [--ks 2,3,4,5,6,7,8] [--subsets 3] [--steps 60] [--cache DIR]
+Usage: python benchmarks/quality.py [--ks 2,3,4,5,6,7,8] [--subsets 3] [--steps 60] [--cache DIR] [--oracle]
+(--oracle adds task_oracle: per-task coefficients searched on the validation split, an upper reference)
 """
 
 from __future__ import annotations
@@ -18,9 +20,8 @@ import sys
 import time
 from pathlib import Path
 
-from blockmerge.demo import METHODS, Comparison, Settings, quiet_transformers
-from blockmerge.evaluate import task_subsets
-from blockmerge.suite import DEFAULT, build_suite
+from blockmerge.demo import DEFAULT_METHODS, Comparison, Settings, load_suite, quiet_transformers
+from blockmerge.evaluate import load_model, task_subsets
 
 OUT = Path(__file__).resolve().parent / "out"
 
@@ -30,9 +31,10 @@ def write_outputs(rows: list[dict], out: Path, methods: list[str], ks: list[int]
     fields = ["method", "k", "subset", "anp", "seconds", "lambda", "val_anp", "loss_first", "loss_last", "coef_mean"]
     with open(out / "quality.csv", "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(fields + ["acc", "norm"])
+        w.writerow(fields + ["acc", "norm", "coefficients"])
         for r in rows:
-            w.writerow([r.get(k, "") for k in fields] + [json.dumps(r["acc"]), json.dumps(r["norm"])])
+            coef = json.dumps([[round(c, 4) for c in row] for row in r["coefficients"]]) if "coefficients" in r else ""
+            w.writerow([r.get(k, "") for k in fields] + [json.dumps(r["acc"]), json.dumps(r["norm"]), coef])
     table = {m: {} for m in methods}
     for m in methods:
         for k in ks:
@@ -81,35 +83,39 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ks", default="2,3,4,5,6,7,8")
     p.add_argument("--subsets", type=int, default=3, help="sampled subsets per k (all when fewer exist)")
     p.add_argument("--steps", type=int, default=None, help="learning steps of DivMerge/AdaMerging")
-    p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--methods", default=",".join(DEFAULT_METHODS))
+    p.add_argument("--oracle", action="store_true", help="add task_oracle (slow)")
+    p.add_argument("--suite", default=None, help="MODULE:FUNCTION returning a TaskSuite (default: built-in)")
     p.add_argument("--cache", default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=str(OUT))
     args = p.parse_args(argv)
     started = time.perf_counter()
     quiet_transformers()
-    suite = build_suite(args.cache, DEFAULT)
+    suite = load_suite(args.suite, args.cache)
     ks = [int(k) for k in args.ks.split(",")]
-    methods = [m for m in args.methods.split(",") if m]
+    methods = [m for m in args.methods.split(",") if m] + (["task_oracle"] if args.oracle else [])
     settings = Settings(seed=args.seed)
     if args.steps is not None:
         settings.learn_steps = args.steps
     cmp = Comparison(suite, settings)
     rows: list[dict] = []
+    base = load_model(suite.base)
     header = (
-        "ANP (mean over the n sampled subsets of k tasks; the same subsets for every method) on the blockmerge "
-        f"task suite ({', '.join(suite.config.tasks)}); experts' test accuracy "
-        + ", ".join(f"{t} {a:.2f}" for t, a in suite.expert_accuracy.items())
-        + "; base (pretrained on sibling mappings only) "
-        + ", ".join(f"{t} {a:.2f}" for t, a in suite.base_accuracy.items())
+        f"ANP (mean over the n sampled subsets of k tasks; the same subsets for every method) on {suite.name} "
+        f"({', '.join(suite.tasks)}); experts' test accuracy "
+        + ", ".join(f"{t} {cmp.expert_accuracy(t):.2f}" for t in suite.tasks)
+        + "; base "
+        + ", ".join(f"{t} {cmp.accuracy(base, t):.2f}" for t in suite.tasks)
         + f". Learned methods: {settings.learn_steps} steps, batch {settings.learn_batch}, "
         f"{settings.n_unlabeled} unlabeled prompts per task. "
         f"Command: `python benchmarks/quality.py --ks {args.ks} --subsets {args.subsets}"
         + (f" --steps {args.steps}" if args.steps is not None else "")
+        + (" --oracle" if args.oracle else "")
         + "`"
     )
     out = Path(args.out)
-    subsets = {k: task_subsets(list(suite.config.tasks), k, args.subsets, args.seed) for k in ks}
+    subsets = {k: task_subsets(list(suite.tasks), k, args.subsets, args.seed) for k in ks}
     # round robin over k (first subset of every k, then the second, ...), so that a sweep stopped early
     # still covers every k; outputs are rewritten after each subset
     for rep in range(max(len(v) for v in subsets.values())):

@@ -930,3 +930,52 @@ def run(args) -> int:
         memory=args.memory,
     )
     return 0
+
+
+def loss(
+    base_dir: str | Path,
+    expert_dirs: Sequence[str | Path],
+    coefficients: torch.Tensor | Sequence[float],
+    inputs: Sequence[Sequence[Sequence[int]]],
+    *,
+    objective: Literal["js", "kl", "entropy"] = "js",
+    batch_size: int = 64,
+    max_new_tokens: int = 16,
+    eos_token_id: int | None = None,
+    topk: int = 64,
+    full_vocab_max: int = 4096,
+    device: str = "cpu",
+    cache_dir: str | Path | None = None,
+    attn_implementation: str = "sdpa",
+    progress: bool = False,
+) -> float:
+    """The DivMerge objective at given coefficients ([T] per task, or [T, n_blocks] per task and block),
+    over all of `inputs` (for oracles and inspection): the sum over tasks t of the mean, over every target
+    position of task t's prompts, of the divergence between expert t and the merged model (the teacher
+    settings as in learn())."""
+    merge = StreamedMerge(base_dir, expert_dirs, device=device, attn_implementation=attn_implementation)
+    gamma = torch.as_tensor(coefficients, dtype=torch.float32)
+    T, nb = merge.T, len(merge.blocks)
+    if gamma.shape == (T,):
+        gamma = gamma[:, None].expand(T, nb)
+    if gamma.shape != (T, nb):
+        raise ValueError(f"coefficients: shape {tuple(gamma.shape)}, expected ({T},) or ({T}, {nb})")
+    if len(inputs) != T:
+        raise ValueError(f"inputs: {len(inputs)} prompt lists for {T} experts")
+    spec = TeacherSpec(max_new_tokens=max_new_tokens, eos_token_id=eos_token_id, full_vocab_max=full_vocab_max,
+                       topk=topk, store_dists=objective != "entropy")  # fmt: skip
+    with tempfile.TemporaryDirectory(prefix="blockmerge-teacher-") as tmp:
+        folders = teacher_folders(base_dir, expert_dirs, inputs, Path(cache_dir or tmp), spec, device=device,
+                                  progress=progress, attn_implementation=attn_implementation)  # fmt: skip
+        data = TeacherData(folders)
+        total = 0.0
+        for t in range(T):
+            n = data.n_seqs(t)
+            weighted, positions = 0.0, 0
+            for s in range(0, n, batch_size):
+                batch = make_batch([(t, j) for j in range(s, min(n, s + batch_size))], data)
+                value, _ = merge.loss_and_grad(gamma, batch, objective, backward=False)
+                weighted += value * len(batch.rows)  # the batch's loss is its mean over its positions
+                positions += len(batch.rows)
+            total += weighted / max(1, positions)
+    return total

@@ -7,6 +7,7 @@ import itertools
 import random
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Protocol
 
 import torch
 
@@ -21,13 +22,13 @@ def load_model(path: str | Path, device: str = "cpu"):
     return model.to(device).eval()
 
 
-@torch.no_grad()
 def _cache_of(out):
     """The KV cache of a model output: `cache` since transformers 5.24, `past_key_values` before."""
     cache = getattr(out, "cache", None)
     return cache if cache is not None else out.past_key_values
 
 
+@torch.no_grad()
 def greedy_decode(
     model,
     prompts: Sequence[Sequence[int]],
@@ -65,12 +66,29 @@ def greedy_decode(
     return out  # type: ignore[return-value]
 
 
-def accuracy(model, pairs: Sequence[tuple[str, str]], tok: CharTokenizer | None = None) -> float:
-    """Exact-match accuracy of greedy decoding on (prompt, answer) pairs."""
-    tok = tok or CharTokenizer()
-    prompts = [tok.encode(p, bos=True) for p, _ in pairs]
-    gens = greedy_decode(model, prompts, eos_token_id=tok.eos_id)
-    hits = sum(tok.decode(g) == a for g, (_, a) in zip(gens, pairs, strict=True))
+class PromptCodec(Protocol):
+    """What scoring needs from a suite (a TaskSuite) or a tokenizer (tasks.CharTokenizer)."""
+
+    eos_token_id: int
+
+    def encode_prompt(self, prompt: str) -> list[int]: ...
+
+    def decode_answer(self, ids: Sequence[int]) -> str: ...
+
+
+def accuracy(
+    model,
+    pairs: Sequence[tuple[str, str]],
+    codec: PromptCodec | None = None,
+    max_new_tokens: int = MAX_ANSWER + 1,
+) -> float:
+    """Exact-match accuracy of greedy decoding on (prompt, answer) pairs: at most `max_new_tokens` tokens are
+    generated (the longest answer + EOS; a TaskSuite gives it per task), and an answer counts only if the
+    model also stopped (EOS) within them, so a truncated longer output never matches."""
+    codec = codec or CharTokenizer()
+    prompts = [codec.encode_prompt(p) for p, _ in pairs]
+    gens = greedy_decode(model, prompts, max_new_tokens=max_new_tokens, eos_token_id=codec.eos_token_id)
+    hits = sum(len(g) < max_new_tokens and codec.decode_answer(g) == a for g, (_, a) in zip(gens, pairs, strict=True))
     return hits / max(1, len(pairs))
 
 

@@ -1,30 +1,37 @@
 """Synthetic text tasks with exact answers, and the character-level tokenizer they share.
 
-Every example is ``<s> TAG input = output </s>`` at the character level, where TAG is one upper-case
-letter naming the task. Generators are pure functions of a seed, so every split is reproducible.
-Completion-only training puts the loss on ``output </s>`` only; evaluation greedily decodes after ``=``
-and counts exact matches of the output string.
+Prompt format (exactly; no spaces, one token per character):
 
-Each task also has a *sibling*: a related mapping of the same inputs (copy -> reverse, sort -> descending
-sort, add -> a+b+1, ...). The suite's base model is pretrained on the siblings under the tasks' tags, so
-it knows the format and the computations but none of the tasks themselves (accuracy near 0), and each
-expert only has to re-map its tag: a small task vector, as when fine-tuning a real pretrained model.
-"""
+    token ids = [BOS] + chars(TAG + input + "=")      the prompt, e.g. "Cabc=" for copy("abc")
+    answer    = chars(output) + [EOS]                 e.g. "abc" then EOS
+
+TAG is one upper-case letter naming the task or skill. BOS (`<s>`), EOS (`</s>`) and PAD (`<pad>`) are
+special tokens, never characters: `encode` of a string holding `<`, a space or any character outside the
+vocabulary raises ValueError naming it. Completion-only training puts the loss on the answer; evaluation
+greedily decodes after `=` and counts exact matches of the output string.
+
+Two families share the format:
+- GENERIC skills (copy, reverse, sort, add, ... and more) under their own tags: the base model is
+  pretrained on all of them, so it knows the format and the computations;
+- TASKS, the same kinds of computation under tags (CRSANUMT) that the base never sees: the base scores ~0
+  on them, and each expert learns its task with a short fine-tune (a small task vector), as when a
+  broadly pretrained model is fine-tuned to follow a new instruction.
+Generators are pure functions of a seed, so every split is reproducible."""
 
 from __future__ import annotations
 
 import random
 import string
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 PAD, BOS, EOS = "<pad>", "<s>", "</s>"
 SPECIALS = [PAD, BOS, EOS]
 SEP = "="
-TAGS = "CRSANUMT"  # one per task, see TASKS
-CHARS = list(string.digits) + list(string.ascii_lowercase) + list(TAGS) + [SEP, "+"]
-VOCAB = SPECIALS + CHARS  # 3 + 10 + 26 + 8 + 2 = 49 tokens
+TAGS = "CRSANUMT"  # one per task, see TASKS; never in the base's pretraining
+CHARS = list(string.digits) + list(string.ascii_lowercase) + list(string.ascii_uppercase) + [SEP, "+"]
+VOCAB = SPECIALS + CHARS  # 3 + 10 + 26 + 26 + 2 = 67 tokens
 PAD_ID, BOS_ID, EOS_ID = 0, 1, 2
 LETTERS = string.ascii_lowercase
 # fixed substitution cipher for the `map` task (a property of the task, not of the seed)
@@ -40,18 +47,23 @@ class CharTokenizer:
         self.vocab = list(VOCAB)
         self.ids = {c: i for i, c in enumerate(self.vocab)}
         self.pad_id, self.bos_id, self.eos_id = PAD_ID, BOS_ID, EOS_ID
+        self.eos_token_id = EOS_ID
 
     def __len__(self) -> int:
         return len(self.vocab)
 
     def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
-        try:
-            ids = [self.ids[c] for c in text]
-        except KeyError as e:
-            raise ValueError(f"character {e.args[0]!r} is not in the task vocabulary") from None
+        ids = []
+        for i, c in enumerate(text):
+            if c not in self.ids:
+                raise ValueError(
+                    f"character {c!r} at position {i} of {text!r} is not in the task vocabulary "
+                    "(digits, letters, '=', '+'; BOS/EOS are added by the tokenizer, never typed)"
+                )
+            ids.append(self.ids[c])
         return ([self.bos_id] if bos else []) + ids + ([self.eos_id] if eos else [])
 
-    def decode(self, ids: list[int], stop_at_eos: bool = True) -> str:
+    def decode(self, ids: Sequence[int], stop_at_eos: bool = True) -> str:
         out = []
         for i in ids:
             if i == self.eos_id and stop_at_eos:
@@ -61,8 +73,15 @@ class CharTokenizer:
             out.append(self.vocab[i])
         return "".join(out)
 
+    def encode_prompt(self, prompt: str) -> list[int]:
+        return self.encode(prompt, bos=True)
+
+    def decode_answer(self, ids: Sequence[int]) -> str:
+        return self.decode(ids)
+
     def save_hf(self, folder: str | Path) -> None:
-        """Write the same vocabulary as a Hugging Face fast tokenizer, so checkpoints look like any HF model."""
+        """Write the same vocabulary as a Hugging Face fast tokenizer, so checkpoints look like any HF model.
+        (It maps unknown characters to <pad>; `encode` above is the strict one.)"""
         from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
         from transformers import PreTrainedTokenizerFast
 
@@ -80,89 +99,93 @@ class Task:
     tag: str
     sample: Callable[[random.Random], tuple[str, str]]  # rng -> (input, output)
     description: str
-    sibling: Callable[[str], str] = str  # input -> output of the related mapping the base is pretrained on
+    max_answer: int  # longest output in characters
 
-    def example(self, rng: random.Random, sibling: bool = False) -> tuple[str, str]:
-        """(prompt, answer): prompt = TAG input '=', answer = the exact output string (of the sibling
-        mapping when `sibling`)."""
+    def example(self, rng: random.Random) -> tuple[str, str]:
+        """(prompt, answer): prompt = TAG input '=', answer = the exact output string."""
         x, y = self.sample(rng)
-        return f"{self.tag}{x}{SEP}", (self.sibling(x) if sibling else y)
+        return f"{self.tag}{x}{SEP}", y
 
 
 def _word(rng: random.Random, lo: int = 2, hi: int = 7, alphabet: str = LETTERS) -> str:
     return "".join(rng.choice(alphabet) for _ in range(rng.randint(lo, hi)))
 
 
-def _copy(rng):
-    w = _word(rng)
-    return w, w
+def _on_word(f: Callable[[str], str], lo: int = 2, hi: int = 7, alphabet: str = LETTERS):
+    def sample(rng):
+        w = _word(rng, lo, hi, alphabet)
+        return w, f(w)
+
+    return sample
 
 
-def _reverse(rng):
-    w = _word(rng)
-    return w, w[::-1]
+def _on_pair(f: Callable[[int, int], int], hi: int = 19):
+    def sample(rng):
+        a, b = rng.randint(0, hi), rng.randint(0, hi)
+        return f"{a}+{b}", str(f(a, b))
+
+    return sample
 
 
-def _sort(rng):
-    w = _word(rng)
-    return w, "".join(sorted(w))
+def _on_number(f: Callable[[int], int], lo: int = 0):
+    def sample(rng):
+        n = rng.randint(lo, 999)
+        return str(n), str(f(n))
+
+    return sample
 
 
-def _add(rng):
-    a, b = rng.randint(0, 99), rng.randint(0, 99)
-    return f"{a}+{b}", str(a + b)
+def _cipher(w: str) -> str:
+    return "".join(CIPHER[c] for c in w)
 
 
-def _count(rng):
-    w = _word(rng, 4, 9, "abc")
-    return w, str(w.count("a"))
-
-
-def _successor(rng):
-    n = rng.randint(0, 999)
-    return str(n), str(n + 1)
-
-
-def _map(rng):
-    w = _word(rng)
-    return w, "".join(CIPHER[c] for c in w)
-
-
-def _rotate(rng):
-    w = _word(rng)
-    return w, w[1:] + w[0]
-
-
-def _plus(x: str, d: int) -> str:
-    a, _, b = x.partition("+")
-    return str(int(a) + (int(b) if b else 0) + d)
-
-
-# siblings: the letter tasks copy -> reverse -> map -> rotate -> copy are a cycle (pairs that rarely agree),
-# sort -> descending sort, add -> a+b+1, count -> word length, successor -> n+2
+_sort = lambda w: "".join(sorted(w))  # noqa: E731
 TASKS: list[Task] = [
-    Task("copy", "C", _copy, "repeat a 2-7 letter word", lambda x: x[::-1]),
-    Task("reverse", "R", _reverse, "reverse a 2-7 letter word", lambda x: "".join(CIPHER[c] for c in x)),
-    Task("sort", "S", _sort, "sort the letters of a 2-7 letter word", lambda x: "".join(sorted(x, reverse=True))),
-    Task("add", "A", _add, "sum of two numbers 0-99", lambda x: _plus(x, 1)),
-    Task("count", "N", _count, "number of a's in a 4-9 letter a/b/c word", lambda x: str(len(x))),
-    Task("successor", "U", _successor, "n+1 for n in 0-999", lambda x: _plus(x, 2)),
-    Task("map", "M", _map, "apply a fixed letter substitution cipher", lambda x: x[1:] + x[0]),
-    Task("rotate", "T", _rotate, "move the first letter of a 2-7 letter word to the end", lambda x: x),
+    Task("copy", "C", _on_word(lambda w: w), "repeat a 2-7 letter word", 7),
+    Task("reverse", "R", _on_word(lambda w: w[::-1]), "reverse a 2-7 letter word", 7),
+    Task("sort", "S", _on_word(_sort), "sort the letters of a 2-7 letter word", 7),
+    Task("add", "A", _on_pair(lambda a, b: a + b), "sum of two numbers 0-19", 2),
+    Task(
+        "count", "N", _on_word(lambda w: str(w.count("a")), 4, 9, "abc"), "count the a's of a 4-9 letter a/b/c word", 1
+    ),
+    Task("successor", "U", _on_number(lambda n: n + 1), "n+1 for n in 0-999", 4),
+    Task("map", "M", _on_word(_cipher), "apply a fixed letter substitution cipher", 7),
+    Task("rotate", "T", _on_word(lambda w: w[1:] + w[0]), "move the first letter of a 2-7 letter word to the end", 7),
 ]
 TASK_NAMES = [t.name for t in TASKS]
-MAX_ANSWER = 8  # longest answer in characters (sort/copy/reverse/map: 7, add: 3, successor: 4)
+# The base's pretraining: every task's computation under another tag, plus related skills (the broad
+# pretraining of a real base). The tasks' own tags never appear in it.
+GENERIC: list[Task] = [
+    Task("g_copy", "B", TASKS[0].sample, "copy", 7),
+    Task("g_reverse", "D", TASKS[1].sample, "reverse", 7),
+    Task("g_sort", "E", TASKS[2].sample, "sort", 7),
+    Task("g_add", "F", TASKS[3].sample, "a+b", 2),
+    Task("g_count", "G", TASKS[4].sample, "count a", 1),
+    Task("g_successor", "H", TASKS[5].sample, "n+1", 4),
+    Task("g_map", "I", TASKS[6].sample, "cipher", 7),
+    Task("g_rotate", "J", TASKS[7].sample, "rotate left", 7),
+    Task("g_sort_desc", "K", _on_word(lambda w: _sort(w)[::-1]), "sort descending", 7),
+    Task("g_length", "L", _on_word(lambda w: str(len(w))), "word length", 1),
+    Task("g_predecessor", "O", _on_number(lambda n: n - 1, 1), "n-1", 3),
+    Task("g_rotate_right", "P", _on_word(lambda w: w[-1] + w[:-1]), "rotate right", 7),
+    Task("g_count_b", "Q", _on_word(lambda w: str(w.count("b")), 4, 9, "abc"), "count b", 1),
+    Task("g_add1", "V", _on_pair(lambda a, b: a + b + 1), "a+b+1", 2),
+    Task("g_first", "W", _on_word(lambda w: w[0]), "first letter", 1),
+    Task("g_last", "X", _on_word(lambda w: w[-1]), "last letter", 1),
+]
+MAX_ANSWER = max(t.max_answer for t in TASKS + GENERIC)
+assert not set(TAGS) & {g.tag for g in GENERIC}
 
 
 def get_task(name: str) -> Task:
-    for t in TASKS:
+    for t in TASKS + GENERIC:
         if t.name == name:
             return t
     raise ValueError(f"unknown task {name!r}; known: {', '.join(TASK_NAMES)}")
 
 
 def _rng(task: str, stream: str, seed: int) -> random.Random:
-    return random.Random(f"{seed}/{TASK_NAMES.index(task)}/{stream}")
+    return random.Random(f"{seed}/{task}/{stream}")
 
 
 def eval_sets(task: str, n_test: int, n_val: int, seed: int = 0) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
@@ -201,16 +224,17 @@ def sample_prompts(
 
 
 class TrainStream:
-    """Endless seeded (prompt, answer) pairs of one task, never one of the held-out evaluation prompts."""
+    """Endless seeded (prompt, answer) pairs of one task or skill, never one of the held-out prompts.
+    A generic skill excludes the held-out inputs of the task that shares its computation, so no test input
+    is ever trained on, under any tag."""
 
-    def __init__(self, task: str, seed: int, exclude: set[str], sibling: bool = False):
+    def __init__(self, task: str, seed: int, exclude: set[str]):
         self.task = get_task(task)
         self.rng = _rng(task, "train", seed)
-        self.exclude = exclude
-        self.sibling = sibling
+        self.exclude = {p[1:] for p in exclude}  # inputs, whatever the tag
 
     def next(self) -> tuple[str, str]:
         while True:
-            p, a = self.task.example(self.rng, self.sibling)
-            if p not in self.exclude:
+            p, a = self.task.example(self.rng)
+            if p[1:] not in self.exclude:
                 return p, a

@@ -4,7 +4,9 @@ checkpoints go through blockmerge's merges like any other model."""
 from __future__ import annotations
 
 import json
+import math
 import random
+import shutil
 
 import pytest
 import torch
@@ -12,38 +14,36 @@ from blockmerge import tasks as T
 from blockmerge.evaluate import accuracy, anp, greedy_decode, load_model, normalized, task_subsets
 
 
+def _check_answer(name: str, x: str, answer: str) -> None:
+    """The tasks' definitions, written out independently of tasks.py."""
+    expected = {
+        "copy": lambda: x,
+        "reverse": lambda: x[::-1],
+        "sort": lambda: "".join(sorted(x)),
+        "add": lambda: str(int(x.split("+")[0]) + int(x.split("+")[1])),
+        "count": lambda: str(x.count("a")),
+        "successor": lambda: str(int(x) + 1),
+        "map": lambda: "".join(T.CIPHER[c] for c in x),
+        "rotate": lambda: x[1:] + x[0],
+    }[name]()
+    assert answer == expected, (name, x, answer)
+
+
 def test_tasks_are_exact_and_deterministic():
     rng = random.Random(0)
+    generic = {g.tag: g for g in T.GENERIC}
     for task in T.TASKS:
         for _ in range(200):
             prompt, answer = task.example(rng)
             assert prompt[0] == task.tag and prompt.endswith("=")
-            x = prompt[1:-1]
-            if task.name == "copy":
-                assert answer == x
-            elif task.name == "reverse":
-                assert answer == x[::-1]
-            elif task.name == "sort":
-                assert answer == "".join(sorted(x))
-            elif task.name == "add":
-                a, b = x.split("+")
-                assert int(answer) == int(a) + int(b)
-            elif task.name == "count":
-                assert int(answer) == x.count("a") and set(x) <= {"a", "b", "c"}
-            elif task.name == "successor":
-                assert int(answer) == int(x) + 1
-            elif task.name == "map":
-                assert answer == "".join(T.CIPHER[c] for c in x)
-            elif task.name == "rotate":
-                assert answer == x[1:] + x[0]
-            assert len(answer) <= T.MAX_ANSWER
-            sib_prompt, sib = task.example(random.Random(len(prompt)), sibling=True)
-            assert len(sib) <= T.MAX_ANSWER and sib == task.sibling(sib_prompt[1:-1])
-    # the base is pretrained on the siblings: they (almost) never agree with the task itself
-    for task in T.TASKS:
-        test, _ = T.eval_sets(task.name, 100, 0, seed=0)
-        assert sum(task.sibling(p[1:-1]) == a for p, a in test) <= 5, task.name
-    assert len(T.TASKS) >= 8 and len(set(T.TAGS)) == len(T.TASKS)
+            _check_answer(task.name, prompt[1:-1], answer)
+            assert len(answer) <= task.max_answer <= T.MAX_ANSWER
+    # the base's pretraining: every task's computation under another tag, and never a task's tag
+    assert len(T.GENERIC) >= 2 * len(T.TASKS) and not set(generic) & set(T.TAGS)
+    assert len(set(T.TAGS)) == len(T.TASKS) and len(generic) == len(T.GENERIC)
+    for task, g in zip(T.TASKS, T.GENERIC, strict=False):
+        p, a = g.example(random.Random(5))
+        _check_answer(task.name, p[1:-1], a)
     a = T.eval_sets("sort", 30, 10, seed=3)
     b = T.eval_sets("sort", 30, 10, seed=3)
     assert a == b and T.eval_sets("sort", 30, 10, seed=4) != a
@@ -54,8 +54,12 @@ def test_tasks_are_exact_and_deterministic():
     assert len(test) == 100 and len(val) == 50
     assert min(len(p) for p, _ in val) == min(len(p) for p, _ in test)
     held = {p for p, _ in test + val}
-    stream = T.TrainStream("sort", 3, held)
+    stream = T.TrainStream("count", 3, held)
     assert all(stream.next()[0] not in held for _ in range(300))
+    # held-out inputs are excluded under any tag: the generic count skill never trains on them either
+    inputs = {p[1:] for p in held}
+    stream = T.TrainStream("g_count", 3, held)
+    assert all(stream.next()[0][1:] not in inputs for _ in range(300))
 
 
 def test_tokenizer_round_trip(tmp_path):
@@ -66,8 +70,14 @@ def test_tokenizer_round_trip(tmp_path):
     assert ids[0] == T.BOS_ID and ids[-1] == T.EOS_ID
     assert tok.decode(ids) == text
     assert tok.decode(tok.encode("ab", eos=True) + tok.encode("zz")) == "ab"  # stops at EOS
-    with pytest.raises(ValueError, match="not in the task vocabulary"):
+    assert tok.encode_prompt("Cab=") == [T.BOS_ID] + [T.VOCAB.index(c) for c in "Cab="]
+    with pytest.raises(ValueError, match="'!' at position 1 of 'A!'"):
         tok.encode("A!")
+    # the special tokens are never typed: the README's old notation is an error, not BOS + PAD
+    with pytest.raises(ValueError, match="'<' at position 0"):
+        tok.encode_prompt("<s> Cab = ")
+    with pytest.raises(ValueError, match="' ' at position 1"):
+        tok.encode_prompt("C ab=")
     tok.save_hf(tmp_path)
     from transformers import AutoTokenizer
 
@@ -111,6 +121,13 @@ def test_evaluation_of_a_known_model():
     gens = greedy_decode(model, [tok.encode(p, bos=True) for p, _ in pairs], eos_token_id=T.EOS_ID, batch_size=7)
     assert tok.decode(gens[1]) == pairs[1][1]
     assert accuracy(model, pairs, tok) == pytest.approx(0.75)
+    # the decoding budget: an answer counts only if it and EOS fit in max_new_tokens (a 3-character answer
+    # truncated from a longer output must not match)
+    budget = 3  # 2 characters + EOS
+    fits = [len(a) <= 2 for i, (_, a) in enumerate(pairs) if i % 4]
+    assert any(len(a) == 3 for i, (_, a) in enumerate(pairs) if i % 4 == 0)  # the truncation case occurs
+    assert accuracy(model, pairs, tok, max_new_tokens=budget) == pytest.approx(sum(fits) / len(pairs))
+    assert accuracy(model, pairs, tok, max_new_tokens=T.MAX_ANSWER + 1) == pytest.approx(0.75)
     merged, expert = {"a": 0.45, "b": 0.2, "c": 0.5}, {"a": 0.9, "b": 0.8, "c": 0.0}
     assert normalized(merged, expert) == pytest.approx({"a": 0.5, "b": 0.25, "c": 0.0})
     assert anp(merged, expert) == pytest.approx(0.25)
@@ -125,40 +142,173 @@ MICRO = dict(
     hidden=16, layers=2, heads=2, intermediate=32, base_steps=6, expert_steps=4, batch_size=8, n_test=8, n_val=4
 )
 MICRO_TASKS = ("copy", "add")
+# the micro suite is too small to learn anything: its self-check thresholds are disabled
+NO_CHECK = dict(target_acc=0.0, base_max_acc=1.0, extra_rounds=0)
+
+
+def micro_config(**kw):
+    from blockmerge.suite import SuiteConfig
+
+    return SuiteConfig(tasks=MICRO_TASKS, **(MICRO | NO_CHECK | kw))
 
 
 @pytest.fixture(scope="module")
 def micro_suite(tmp_path_factory):
-    from blockmerge.suite import SuiteConfig, build_suite
+    from blockmerge.suite import build_suite
 
     cache = tmp_path_factory.mktemp("cache")
-    cfg = SuiteConfig(tasks=MICRO_TASKS, **MICRO)
-    return build_suite(cache, cfg, log=lambda s: None)
+    return build_suite(cache, micro_config(), log=lambda s: None, progress=False)
 
 
 def test_micro_suite_build_and_reuse(micro_suite):
-    from blockmerge.suite import SuiteConfig, build_suite
+    from blockmerge.suite import build_suite, fingerprint
+    from blockmerge.taskset import TaskSuite
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     s = micro_suite
+    assert isinstance(s, TaskSuite) and s.tasks == MICRO_TASKS
     manifest = json.loads((s.root / "manifest.json").read_text())
     assert set(manifest["expert_accuracy"]) == set(MICRO_TASKS)
+    assert manifest["config"] == s.config.as_dict() and manifest["fingerprint"] == fingerprint(s.root, MICRO_TASKS)
     for d in [s.base] + [s.expert(t) for t in s.config.tasks]:
         assert (d / "config.json").exists() and (d / "model.safetensors").exists()
         AutoTokenizer.from_pretrained(d)
     AutoModelForCausalLM.from_pretrained(s.expert("copy"))
-    assert not [p for p in s.root.parent.iterdir() if ".tmp" in p.name]  # atomic: no temp folder left
+    assert not [p for p in s.root.parent.iterdir() if ".tmp" in p.name or "partial" in p.name]  # atomic
     # reuse: same config -> same folder, nothing rebuilt
     mtime = (s.root / "manifest.json").stat().st_mtime_ns
-    again = build_suite(s.root.parent, SuiteConfig(tasks=MICRO_TASKS, **MICRO), log=lambda m: None)
+    again = build_suite(s.root.parent, micro_config(), log=lambda m: None, progress=False)
     assert again.root == s.root and (s.root / "manifest.json").stat().st_mtime_ns == mtime
-    # deterministic from the seed: rebuilding gives bit-identical weights
-    from safetensors.torch import load_file
 
-    before = load_file(s.expert("add") / "model.safetensors")
-    build_suite(s.root.parent, s.config, rebuild=True, log=lambda m: None)
-    after = load_file(s.expert("add") / "model.safetensors")
-    assert all(torch.equal(before[k], after[k]) for k in before)
+
+def test_micro_suite_is_the_same_under_any_thread_count(micro_suite, tmp_path):
+    """Single-threaded deterministic training: the caller's 1 or 2 threads give bit-identical weights, and
+    the caller's settings are restored."""
+    from blockmerge.suite import build_suite
+
+    threads = torch.get_num_threads()
+    try:
+        prints = []
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            s = build_suite(tmp_path / f"t{n}", micro_config(), log=lambda m: None, progress=False)
+            assert torch.get_num_threads() == n and not torch.are_deterministic_algorithms_enabled()
+            prints.append(s.manifest["fingerprint"])
+    finally:
+        torch.set_num_threads(threads)
+    assert prints[0] == prints[1] == micro_suite.manifest["fingerprint"]
+
+
+def test_cached_suite_failing_its_check_is_rebuilt(micro_suite, tmp_path):
+    from blockmerge.suite import build_suite, check_manifest, load_cached
+
+    s = micro_suite
+    cfg = micro_config(target_acc=0.9, base_max_acc=0.2)
+    m = {"version": s.manifest["version"], "config": cfg.as_dict()}
+    why = check_manifest(
+        m | {"expert_accuracy": {"copy": 0.95, "add": 0.11}, "base_accuracy": {"copy": 0, "add": 0}}, cfg
+    )
+    assert why == "expert add is at 0.11 test accuracy (< 0.9)"
+    acc = {"copy": 0.95, "add": 0.95}
+    assert "the base is at 0.50 on copy" in check_manifest(
+        m | {"expert_accuracy": acc, "base_accuracy": {"copy": 0.5}}, cfg
+    )
+    assert check_manifest(m | {"expert_accuracy": acc, "base_accuracy": {"copy": 0.0, "add": 0.1}}, cfg) is None
+    assert "other settings" in check_manifest(m | {"expert_accuracy": acc}, micro_config(seed=1))
+    # weights that no longer match the fingerprint: not used, rebuilt
+    root = tmp_path / "c"
+    shutil.copytree(s.root.parent, root)
+    suite_root = root / s.root.name
+    st = suite_root / "experts" / "add" / "model.safetensors"
+    from safetensors.torch import load_file, save_file
+
+    w = load_file(st)
+    w[next(iter(w))].add_(1.0)
+    save_file(w, st, metadata={"format": "pt"})
+    assert load_cached(suite_root, s.config)[0] is None
+    logs = []
+    again = build_suite(root, s.config, log=logs.append, progress=False)
+    assert any("do not match the manifest's fingerprint" in m for m in logs)
+    assert again.manifest["fingerprint"] == s.manifest["fingerprint"]
+
+
+def test_suite_build_fails_naming_the_expert_short_of_its_target(tmp_path):
+    from blockmerge.suite import build_suite
+
+    cfg = micro_config(target_acc=0.95, extra_rounds=1)
+    with pytest.raises(RuntimeError, match=r"expert copy reaches 0\.\d\d test accuracy after 8 steps \(target 0\.95\)"):
+        build_suite(tmp_path, cfg, log=lambda m: None, progress=False)
+    assert not (tmp_path / f"suite-v3-{cfg.key()}").exists()  # never published as a usable suite
+
+
+def test_suite_protocol_and_task_vector_stats(micro_suite):
+    from blockmerge.suite import task_vector_stats
+
+    s = micro_suite
+    test, val = s.pairs("add", "test"), s.pairs("add", "val")
+    assert len(test) == 8 and len(val) == 4 and test == T.eval_sets("add", 8, 4, 0)[0]
+    unl = s.unlabeled("add", 20)
+    assert len(unl) == 20 and not set(unl) & {p for p, _ in test + val}
+    assert s.max_new_tokens("add") == 3 and s.max_new_tokens("copy") == 8
+    assert s.encode_prompt("A1+2=") == [T.BOS_ID] + [T.VOCAB.index(c) for c in "A1+2="]
+    assert s.decode_answer([T.VOCAB.index("3")]) == "3"
+    with pytest.raises(ValueError, match="unknown task 'sort'"):
+        s.expert("sort")
+    with pytest.raises(ValueError, match="split 'train'"):
+        s.pairs("add", "train")
+    # ||tau|| / ||theta0|| and cosines, against the models' parameters
+    base = dict(load_model(s.base).named_parameters())
+    taus = {}
+    for t in MICRO_TASKS:
+        e = dict(load_model(s.expert(t)).named_parameters())
+        taus[t] = torch.cat([(e[n] - base[n]).detach().flatten().double() for n in base])
+    theta0 = torch.cat([p.detach().flatten().double() for p in base.values()])
+    stats = task_vector_stats(s.base, {t: s.expert(t) for t in MICRO_TASKS})
+    for t in MICRO_TASKS:
+        assert stats["relative_norm"][t] == pytest.approx((taus[t].norm() / theta0.norm()).item(), abs=1e-5)
+        assert 0.0 < stats["fraction_changed"][t] <= 1.0
+    cos = torch.nn.functional.cosine_similarity(taus["copy"], taus["add"], dim=0).item()
+    assert stats["cosine_mean"] == pytest.approx(cos, abs=1e-4) and stats["cosine_max"] == pytest.approx(cos, abs=1e-4)
+
+
+def test_divmerge_loss_against_a_direct_computation(micro_suite):
+    """divmerge.loss at given coefficients = sum over tasks of the mean JS, over the expert's greedy
+    continuation (EOS included), between the expert and base + sum_t c_t tau_t built in memory."""
+    from blockmerge.divmerge import loss
+
+    s = micro_suite
+    coefs = [0.7, 0.4]
+    prompts = [[s.encode_prompt(p) for p in s.unlabeled(t, 5)] for t in MICRO_TASKS]
+    value = loss(s.base, [s.expert(t) for t in MICRO_TASKS], coefs, prompts, max_new_tokens=6,
+                 eos_token_id=T.EOS_ID, batch_size=3, attn_implementation="eager")  # fmt: skip
+    base = load_model(s.base)
+    experts = [load_model(s.expert(t)) for t in MICRO_TASKS]
+    merged = load_model(s.base)
+    with torch.no_grad():
+        for n, p in merged.named_parameters():
+            b = dict(base.named_parameters())[n]
+            p.copy_(b + sum(c * (dict(e.named_parameters())[n] - b) for c, e in zip(coefs, experts, strict=True)))
+    expected = 0.0
+    for expert, task_prompts in zip(experts, prompts, strict=True):
+        divs = []
+        for p in task_prompts:
+            cont = greedy_decode(expert, [p], max_new_tokens=6, eos_token_id=T.EOS_ID)[0]
+            cont = cont + [T.EOS_ID] if len(cont) < 6 else cont
+            ids = torch.tensor([p + cont[:-1]])
+            with torch.no_grad():
+                lp = expert(input_ids=ids).logits[0, len(p) - 1 :].log_softmax(-1).double()
+                lq = merged(input_ids=ids).logits[0, len(p) - 1 :].log_softmax(-1).double()
+            lm = torch.logaddexp(lp, lq) - math.log(2)
+            js = 0.5 * (lp.exp() * (lp - lm)).sum(-1) + 0.5 * (lq.exp() * (lq - lm)).sum(-1)
+            divs += js.tolist()
+        expected += sum(divs) / len(divs)
+    assert value == pytest.approx(expected, rel=2e-3, abs=1e-6)
+    # the same coefficients per block give the same value; a wrong shape is an error
+    same = loss(s.base, [s.expert(t) for t in MICRO_TASKS], torch.tensor(coefs)[:, None].expand(2, 4), prompts,
+                max_new_tokens=6, eos_token_id=T.EOS_ID, attn_implementation="eager")  # fmt: skip
+    assert same == pytest.approx(value, rel=1e-5)
+    with pytest.raises(ValueError, match="coefficients: shape"):
+        loss(s.base, [s.expert("copy")], coefs, prompts[:1], max_new_tokens=6)
 
 
 def test_micro_suite_goes_through_blockmerge(micro_suite, tmp_path):
@@ -178,6 +328,11 @@ def test_micro_suite_goes_through_blockmerge(micro_suite, tmp_path):
         assert set(r["norm"]) == set(subset) and 0.0 <= r["anp"]
         assert r["anp"] == pytest.approx(sum(r["norm"].values()) / 2)
     assert rows[1]["lambda"] in (0.5, 1.0)
+    dm = rows[methods.index("divmerge_js_layer")]
+    assert (
+        len(dm["coefficients"]) == 2 and len(dm["coefficients"][0]) == len(dm["blocks"]) == 2 + 2
+    )  # embed, 2 layers, head
+    assert dm["coef_mean"] == pytest.approx(sum(map(sum, dm["coefficients"])) / 8, abs=1e-6)
     assert "| divmerge_js_layer |" in format_table(rows, subset)
     # the average merge, recomputed in memory from the checkpoints, matches what blockmerge wrote
     from blockmerge.merge import run_merge
@@ -187,3 +342,38 @@ def test_micro_suite_goes_through_blockmerge(micro_suite, tmp_path):
     a, b = load_model(s.expert("copy")), load_model(s.expert("add"))
     for (n, p), q, r in zip(merged.named_parameters(), a.parameters(), b.parameters(), strict=True):
         torch.testing.assert_close(p, (q + r) / 2, rtol=1e-6, atol=1e-6, msg=n)
+
+
+class WrappedSuite:
+    """A TaskSuite that is not the built-in Suite class (no cache folder, no manifest): what a real-LLM
+    suite looks like to Comparison."""
+
+    def __init__(self, inner):
+        self.inner = inner
+        self.name, self.tasks, self.base = "wrapped", inner.tasks, inner.base
+        self.eos_token_id, self.pad_token_id = inner.eos_token_id, inner.pad_token_id
+
+    def __getattr__(self, name):  # expert, encode_prompt, decode_answer, max_new_tokens, pairs, unlabeled
+        if name in ("expert", "encode_prompt", "decode_answer", "max_new_tokens", "pairs", "unlabeled"):
+            return getattr(self.inner, name)
+        raise AttributeError(name)
+
+
+def test_comparison_takes_any_task_suite(micro_suite):
+    from blockmerge.demo import Comparison, Settings, load_suite
+    from blockmerge.taskset import TaskSuite
+
+    wrapped = WrappedSuite(micro_suite)
+    assert isinstance(wrapped, TaskSuite)
+    settings = Settings(learn_steps=2, learn_batch=4, n_unlabeled=4)
+    rows = Comparison(wrapped, settings, log=lambda m: None).run(("copy", "add"), ["ties", "divmerge_js_task"])
+    ref = Comparison(micro_suite, settings, log=lambda m: None).run(("copy", "add"), ["ties", "divmerge_js_task"])
+    for r, q in zip(rows, ref, strict=True):
+        assert r["acc"] == q["acc"]
+    torch.testing.assert_close(torch.tensor(rows[1]["coefficients"]), torch.tensor(ref[1]["coefficients"]))
+    with pytest.raises(TypeError, match="does not implement"):
+        Comparison(object())
+    with pytest.raises(ValueError, match="expected MODULE:FUNCTION"):
+        load_suite("nocolon")
+    with pytest.raises(ValueError, match="--suite 'no_such_module_xyz:f'"):
+        load_suite("no_such_module_xyz:f")
