@@ -964,18 +964,17 @@ def loss(
         raise ValueError(f"inputs: {len(inputs)} prompt lists for {T} experts")
     spec = TeacherSpec(max_new_tokens=max_new_tokens, eos_token_id=eos_token_id, full_vocab_max=full_vocab_max,
                        topk=topk, store_dists=objective != "entropy")  # fmt: skip
-    with tempfile.TemporaryDirectory(prefix="blockmerge-teacher-") as tmp:
-        folders = teacher_folders(base_dir, expert_dirs, inputs, Path(cache_dir or tmp), spec, device=device,
-                                  progress=progress, attn_implementation=attn_implementation)  # fmt: skip
-        data = TeacherData(folders)
-        total = 0.0
-        for t in range(T):
-            n = data.n_seqs(t)
-            weighted, positions = 0.0, 0
-            for s in range(0, n, batch_size):
-                batch = make_batch([(t, j) for j in range(s, min(n, s + batch_size))], data)
-                value, _ = merge.loss_and_grad(gamma, batch, objective, backward=False)
-                weighted += value * len(batch.rows)  # the batch's loss is its mean over its positions
-                positions += len(batch.rows)
-            total += weighted / max(1, positions)
+    folders = teacher_folders(base_dir, expert_dirs, inputs, Path(cache_dir) if cache_dir else teacher_cache(), spec,
+                              device=device, progress=progress, attn_implementation=attn_implementation)  # fmt: skip
+    data = TeacherData(folders)
+    total = 0.0
+    for t in range(T):
+        n = data.n_seqs(t)
+        weighted, positions = 0.0, 0
+        for s in range(0, n, batch_size):
+            batch = make_batch([(t, j) for j in range(s, min(n, s + batch_size))], data)
+            value, _ = merge.loss_and_grad(gamma, batch, objective, backward=False)
+            weighted += value * len(batch.rows)  # the batch's loss is its mean over its positions
+            positions += len(batch.rows)
+        total += weighted / max(1, positions)
     return total
