@@ -333,6 +333,13 @@ def read_rows(path: Path) -> list[dict]:
     return rows
 
 
+def cell(value: float | None, count: int | None, n: int) -> str:
+    """An ANP cell: empty if the method did not run, its own subset count if it ran on fewer than the column's."""
+    if value is None:
+        return ""
+    return f"{value:.3f}" + ("" if count == n else f" (n={count})")
+
+
 def write_report(out: Path) -> None:
     """quality_llm.md and quality_llm.png from quality_llm.csv (and quality_llm_models.json when present)."""
     rows = read_rows(out / "quality_llm.csv")
@@ -341,11 +348,12 @@ def write_report(out: Path) -> None:
     methods = [m for m in ["base", *METHODS, LORA_METHOD] if any(r["method"] == m for r in rows)]
     ks = sorted({r["k"] for r in rows})
     table = {m: {} for m in methods}
+    counts = {m: {} for m in methods}  # subsets a method ran on: fewer than its column's n when a run was cut short
     for m in methods:
         for k in ks:
             vals = [r["anp"] for r in rows if r["method"] == m and r["k"] == k]
             if vals:
-                table[m][k] = sum(vals) / len(vals)
+                table[m][k], counts[m][k] = sum(vals) / len(vals), len(vals)
     n = {k: len({r["subset"] for r in rows if r["k"] == k}) for k in ks}
     lines = ["# Merging quality on SmolLM2-135M-Instruct (benchmarks/quality_llm.py)", ""]
     if models:
@@ -368,11 +376,12 @@ def write_report(out: Path) -> None:
             lines += [f"| {a} | " + " | ".join(f"{cos[a][b]:.3f}" for b in names) + " |" for a in names]
         lines.append("")
     cols = " | ".join(f"k={k} (n={n[k]})" for k in ks)
-    lines += ["ANP (mean over the n subsets of k tasks, the same subsets for every method; LoRA: normalised by "
-              "the adapters' accuracy). Paper: Qwen2.5-0.5B, 7 GLUE tasks, k=2 / k=7.", "",
+    lines += ["ANP (mean over the n subsets of k tasks, the same subsets for every method; a cell marked (n=..)"
+              " covers only that many of them, the first ones in the run's order; an empty cell did not run; LoRA: "
+              "normalised by the adapters' accuracy). Paper: Qwen2.5-0.5B, 7 GLUE tasks, k=2 / k=7.", "",
               f"| method | {cols} | paper k=2 | paper k=7 |", "|---|" + "---:|" * (len(ks) + 2)]  # fmt: skip
     for m in methods:
-        cells = " | ".join("" if table[m].get(k) is None else f"{table[m][k]:.3f}" for k in ks)
+        cells = " | ".join(cell(table[m].get(k), counts[m].get(k), n[k]) for k in ks)
         paper = PAPER.get(m)
         lines.append(f"| {m} | {cells} | " + (f"{paper[0]:.4f} | {paper[1]:.4f}" if paper else " | ") + " |")
     diag = out / "quality_llm_diagnosis.json"
