@@ -238,35 +238,10 @@ class StreamedMerge:
                 del W
                 continue
             # head: loss at the target positions, in chunks, with gradients for h_L and the head weights
-            W = self.merged(tensors, gamma[:, b].tolist(), grad=backward)
-            emb_tensors, E = None, None
-            if m.tied:
-                emb_tensors = self.source.read(m.embed_block())
-                E = self.merged(
-                    emb_tensors, gamma[:, m.block_index["embed"]].tolist(), names=[m.tokens_weight_name], grad=backward
-                )
-            hsel = h[batch.rows.to(dev), batch.cols.to(dev)].detach().requires_grad_(backward)
-            head_w = E[m.tokens_weight_name] if m.tied else W[m.head_weight_name]
-            norm = lambda x, W=W: m.final_norm(W, x)
-            loss = chunked_head_loss(
-                hsel,
-                batch.weights,
-                batch.targets,
-                objective,
-                norm,
-                head_w,
-                W.get(m.head_bias_name),
-                self.token_chunk,
-                backward,
-            )
+            loss, dh = self._head(tensors, gamma, h, batch, objective, backward, grad)
             if not backward:
                 return loss, None
-            self._project(W, tensors, grad[:, b])
-            if m.tied:
-                self._project(E, emb_tensors, grad[:, m.block_index["embed"]])
-            dh = torch.zeros_like(h)
-            dh.index_put_((batch.rows.to(dev), batch.cols.to(dev)), hsel.grad, accumulate=True)
-            del W, E, emb_tensors, hsel, h, tensors  # before the backward stream starts reading
+            del h, tensors  # before the backward stream starts reading
         # backward through the decoder layers and the embedding, recomputing each block
         for block, tensors in self.source.stream(list(reversed(self.blocks[:-1]))):
             b = m.block_index[block.name]
@@ -285,6 +260,35 @@ class StreamedMerge:
             self._project(W, tensors, grad[:, b])  # leaves the hooks did not see (none in practice)
             del W, out, tensors
         return loss, grad.float().cpu()
+
+    def _head(self, tensors, gamma, h, batch: Batch, objective: str, backward: bool, grad: torch.Tensor):
+        """Final norm + lm_head + divergence at the target positions of h (in chunks). With `backward`, the head's
+        (and the tied embedding's) coefficient gradients go into `grad`, and dL/dh is returned beside the loss."""
+        m, dev = self.model, self.device
+        b = m.block_index["head"]
+        W = self.merged(tensors, gamma[:, b].tolist(), grad=backward)
+        emb_tensors, E = None, None
+        if m.tied:
+            emb_tensors = self.source.read(m.embed_block())
+            E = self.merged(
+                emb_tensors, gamma[:, m.block_index["embed"]].tolist(), names=[m.tokens_weight_name], grad=backward
+            )
+        rows, cols = batch.rows.to(dev), batch.cols.to(dev)
+        hsel = h[rows, cols].detach().requires_grad_(backward)
+        head_w = E[m.tokens_weight_name] if m.tied else W[m.head_weight_name]
+        norm = lambda x, W=W: m.final_norm(W, x)
+        loss = chunked_head_loss(
+            hsel, batch.weights, batch.targets, objective, norm, head_w, W.get(m.head_bias_name), self.token_chunk,
+            backward,
+        )  # fmt: skip
+        if not backward:
+            return loss, None
+        self._project(W, tensors, grad[:, b])
+        if m.tied:
+            self._project(E, emb_tensors, grad[:, m.block_index["embed"]])
+        dh = torch.zeros_like(h)
+        dh.index_put_((rows, cols), hsel.grad, accumulate=True)
+        return loss, dh
 
     def _loss_and_grad_in_memory(self, gamma, batch: Batch, objective: str, backward: bool):
         """The step with every block resident and the whole graph kept: each block's merged weights are built
@@ -309,30 +313,9 @@ class StreamedMerge:
                 else:
                     h = m.layer(block.layer, W, h, position_ids=pos, position_embeddings=pe, masks=masks)
                 del W
-        head = m.head_block()
-        tensors = self.source.read(head)
-        b = m.block_index["head"]
-        W = self.merged(tensors, gamma[:, b].tolist(), grad=backward)
-        emb_tensors, E = None, None
-        if m.tied:
-            emb_tensors = self.source.read(m.embed_block())
-            E = self.merged(
-                emb_tensors, gamma[:, m.block_index["embed"]].tolist(), names=[m.tokens_weight_name], grad=backward
-            )
-        hsel = h[batch.rows.to(dev), batch.cols.to(dev)].detach().requires_grad_(backward)
-        head_w = E[m.tokens_weight_name] if m.tied else W[m.head_weight_name]
-        norm = lambda x, W=W: m.final_norm(W, x)
-        loss = chunked_head_loss(
-            hsel, batch.weights, batch.targets, objective, norm, head_w, W.get(m.head_bias_name), self.token_chunk,
-            backward,
-        )  # fmt: skip
+        loss, dh = self._head(self.source.read(m.head_block()), gamma, h, batch, objective, backward, grad)
         if not backward:
             return loss, None
-        self._project(W, tensors, grad[:, b])
-        if m.tied:
-            self._project(E, emb_tensors, grad[:, m.block_index["embed"]])
-        dh = torch.zeros_like(h)
-        dh.index_put_((batch.rows.to(dev), batch.cols.to(dev)), hsel.grad, accumulate=True)
         h.backward(dh)  # the hooks project each block's weight gradients as autograd produces them
         return loss, grad.float().cpu()
 

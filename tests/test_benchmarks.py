@@ -214,3 +214,11 @@ def test_gguf_import_benchmark(tmp_path):
     assert float(row["import_s"]) > 0 and float(row["import_peak_rss_gib"]) > 0 and float(row["output_mb"]) > 0
     assert row["answers_equal"] == "yes" and row["answer"] == row["hf_answer"]
     assert float(row["max_abs_logit_diff"]) == 0.0  # fp32: the same dequantised weights
+
+
+def test_quality_llm_table_marks_partial_cells():
+    """A method that ran on fewer subsets than its column's n says so; one that did not run is empty."""
+    cell = load_script("quality_llm").cell
+    assert cell(0.9625, 2, 3) == "0.963 (n=2)"
+    assert cell(0.9625, 3, 3) == "0.963"
+    assert cell(None, None, 3) == ""
