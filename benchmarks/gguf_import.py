@@ -45,10 +45,7 @@ FIELDS = [
 CHILD = r"""
 import json, sys, time, torch
 from pathlib import Path
-def peak_rss():
-    for line in open("/proc/self/status"):
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
+from blockmerge.report import peak_rss_bytes as peak_rss
 a = json.loads(sys.argv[1])
 torch.set_num_threads(a["threads"])
 t0 = time.perf_counter()

@@ -34,10 +34,7 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 
 CHILD = r"""
 import json, sys, time, torch
-def peak_rss():
-    for line in open("/proc/self/status"):
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
+from blockmerge.report import peak_rss_bytes as peak_rss
 a = json.loads(sys.argv[1])
 torch.set_num_threads(a["threads"])
 from blockmerge.lora_learn import StreamedLoraMerge, learn
