@@ -255,8 +255,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--rebuild", action="store_true", help="rebuild the built-in suite even if it is cached")
     p.add_argument("--steps", type=int, default=None, help="learning steps of DivMerge/AdaMerging")
-    p.add_argument("--methods", default=",".join(DEFAULT_METHODS), help="comma-separated methods to compare")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--methods",
+        default=",".join(DEFAULT_METHODS),
+        help=f"comma-separated methods to compare, among: {', '.join(METHODS)} (default: all but "
+        f"{', '.join(m for m in METHODS if m not in DEFAULT_METHODS)})",
+    )
+    p.add_argument("--seed", type=int, default=0, help="suite, subsets and DARE seed (default 0)")
 
 
 def quiet_transformers() -> None:

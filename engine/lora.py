@@ -651,46 +651,50 @@ def _out_arguments(p: argparse.ArgumentParser, what: str) -> None:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     sub = p.add_subparsers(dest="lora_command", metavar="SUBCOMMAND", required=True)
-    m = sub.add_parser("merge", help="merge adapters into one adapter (PEFT add_weighted_adapter semantics)")
+    h = "merge adapters into one adapter (PEFT add_weighted_adapter semantics)"
+    m = sub.add_parser("merge", help=h, description=h)
     _out_arguments(m, "output adapter folder")
-    m.add_argument("--adapters", nargs="+", required=True, metavar="DIR")
-    m.add_argument("--method", default="svd", choices=ADAPTER_METHODS)
+    m.add_argument("--adapters", nargs="+", required=True, metavar="DIR", help="PEFT adapter folders (same base)")
+    m.add_argument("--method", default="svd", choices=ADAPTER_METHODS, help="PEFT combination type (default svd)")
     m.add_argument("--weights", nargs="+", type=finite_float, default=None, help="one per adapter (default 1)")
     m.add_argument("--density", type=finite_float, default=None, help="ties/dare/magnitude_prune: fraction kept")
     m.add_argument("--rank", type=int, default=None, help="svd methods: output rank (default: largest input r)")
     m.add_argument("--svd-clamp", type=finite_float, default=None, help="PEFT's svd_clamp quantile")
     m.add_argument("--svd-full-matrices", action="store_true", help="full SVD as PEFT's default (same result)")
-    m.add_argument("--svd-driver", default=None)
-    m.add_argument("--majority-sign-method", default="total", choices=("total", "frequency"))
+    m.add_argument("--svd-driver", default=None, help="torch.linalg.svd driver on CUDA (gesvd, gesvdj, gesvda)")
+    m.add_argument("--majority-sign-method", default="total", choices=("total", "frequency"),
+                   help="ties: elect signs by summed magnitude (total) or by count (frequency)")  # fmt: skip
     m.add_argument("--seed", type=int, default=0, help="DARE masks")
     m.add_argument("--base", default=None, help="base checkpoint: check the adapters' shapes against it")
     m.add_argument("--dtype", default=None, help="output dtype (default: the first adapter's)")
     m.add_argument("--force", action="store_true", help="overwrite OUT")
 
-    b = sub.add_parser("merge-into-base", help="W0 + sum_t w_t s_t B_t A_t as a full checkpoint, streamed")
+    h = "W0 + sum_t w_t s_t B_t A_t as a full checkpoint, streamed block by block"
+    b = sub.add_parser("merge-into-base", help=h, description=h)
     _out_arguments(b, "output checkpoint folder")
-    b.add_argument("--base", required=True, metavar="DIR")
-    b.add_argument("--adapters", nargs="+", required=True, metavar="DIR")
+    b.add_argument("--base", required=True, metavar="DIR", help="base checkpoint the adapters were trained on")
+    b.add_argument("--adapters", nargs="+", required=True, metavar="DIR", help="PEFT adapter folders")
     b.add_argument("--weights", nargs="+", type=finite_float, default=None, help="one per adapter (default 1)")
-    b.add_argument("--dtype", default=None)
-    b.add_argument("--shard-size", default="5GB")
-    b.add_argument("--device", default=None)
-    b.add_argument("--no-progress", action="store_true")
+    b.add_argument("--dtype", default=None, help="output dtype (default: the base's)")
+    b.add_argument("--shard-size", default="5GB", help="maximum shard size, e.g. 5GB, 500MB (default 5GB)")
+    b.add_argument("--device", default=None, help="where tensors are combined: cpu (default) or cuda")
+    b.add_argument("--no-progress", action="store_true", help="no progress bar or final line")
     b.add_argument("--force", action="store_true", help="overwrite OUT")
 
-    d = sub.add_parser("divmerge", help="learn per-adapter coefficients by JS divergence to base+adapter_t")
+    h = "learn per-adapter coefficients by JS divergence to base + adapter t (DivMerge)"
+    d = sub.add_parser("divmerge", help=h, description=h)
     d.add_argument("config", metavar="CONFIG", help="YAML: base_model, adapters: [{adapter: DIR, data: FILE}], ...")
-    d.add_argument("out", metavar="OUT")
-    d.add_argument("--steps", type=int, default=None)
-    d.add_argument("--device", default=None)
+    d.add_argument("out", metavar="OUT", help="output folder (a checkpoint, or an adapter with --output adapter)")
+    d.add_argument("--steps", type=int, default=None, help="learning steps (overrides the config's steps/epochs)")
+    d.add_argument("--device", default=None, help="cpu or cuda (overrides the config)")
     d.add_argument(
         "--output",
         choices=("base", "adapter"),
         default=None,
         help="write the merged full checkpoint (base, default) or a cat adapter with the coefficients",
     )
-    d.add_argument("--force", action="store_true")
-    d.add_argument("--no-progress", action="store_true")
+    d.add_argument("--force", action="store_true", help="overwrite OUT")
+    d.add_argument("--no-progress", action="store_true", help="no progress bars or final line")
     d.add_argument("--memory", default=None, help="base blocks kept resident on the device, e.g. 8GiB (overrides "
                    "the config; default: half of the free memory); what does not fit is streamed")  # fmt: skip
 
