@@ -228,12 +228,7 @@ class StreamedMerge:
                     if block.name == "embed":
                         tensors = self._embed_rows(tensors, rows)
                     W = self.merged(tensors, gamma[:, b].tolist())
-                    if block.name == "embed":
-                        h = m.embed(W, ids, pos, rows)
-                        pe = m.position_embeddings(h, pos)
-                        masks = m.masks(h, pos)
-                    else:
-                        h = m.layer(block.layer, W, h, position_ids=pos, position_embeddings=pe, masks=masks)
+                    h, pe, masks = self._block_forward(block, W, ids, pos, rows, h, pe, masks)
                     acts.append(h.to("cpu", copy=dev.type != "cpu"))
                 del W
                 continue
@@ -260,6 +255,14 @@ class StreamedMerge:
             self._project(W, tensors, grad[:, b])  # leaves the hooks did not see (none in practice)
             del W, out, tensors
         return loss, grad.float().cpu()
+
+    def _block_forward(self, block, W, ids, pos, rows, h, pe, masks):
+        """The embedding block (which also sets the position embeddings and masks) or one decoder layer."""
+        m = self.model
+        if block.name == "embed":
+            h = m.embed(W, ids, pos, rows)
+            return h, m.position_embeddings(h, pos), m.masks(h, pos)
+        return m.layer(block.layer, W, h, position_ids=pos, position_embeddings=pe, masks=masks), pe, masks
 
     def _head(self, tensors, gamma, h, batch: Batch, objective: str, backward: bool, grad: torch.Tensor):
         """Final norm + lm_head + divergence at the target positions of h (in chunks). With `backward`, the head's
@@ -306,12 +309,7 @@ class StreamedMerge:
                     tensors = self._embed_rows(tensors, rows)
                 coeffs = gamma[:, b].tolist()
                 W = self._merged_projecting(tensors, coeffs, grad[:, b]) if backward else self.merged(tensors, coeffs)
-                if block.name == "embed":
-                    h = m.embed(W, ids, pos, rows)
-                    pe = m.position_embeddings(h, pos)
-                    masks = m.masks(h, pos)
-                else:
-                    h = m.layer(block.layer, W, h, position_ids=pos, position_embeddings=pe, masks=masks)
+                h, pe, masks = self._block_forward(block, W, ids, pos, rows, h, pe, masks)
                 del W
         loss, dh = self._head(self.source.read(m.head_block()), gamma, h, batch, objective, backward, grad)
         if not backward:
