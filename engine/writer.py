@@ -298,36 +298,6 @@ def claim_output(
         claim.release()
 
 
-def prepare_output(out: str | Path, force: bool, inputs: Sequence[str | Path] = ()) -> tuple[Path, Path]:
-    """Claim OUT and return (OUT, fresh staging folder); then `commit_output(tmp, out)` or `discard_output`."""
-    claim = acquire_output(out, force=force, inputs=inputs)
-    try:
-        return claim.out, claim.staging()
-    except BaseException:
-        claim.release()
-        raise
-
-
-def _claim_of(out: str | Path) -> OutputClaim:
-    return _claims[Path(os.path.abspath(out))]
-
-
-def commit_output(tmp: Path, out: Path) -> None:
-    """Commit a folder from `prepare_output` and release the claim."""
-    claim = _claim_of(out)
-    try:
-        claim.commit(tmp)
-    finally:
-        claim.release()
-
-
-def discard_output(tmp: Path, out: Path) -> None:
-    """Drop a folder from `prepare_output` and release the claim."""
-    claim = _claim_of(out)
-    claim.discard(tmp)
-    claim.release()
-
-
 @dataclass
 class _Slot:
     file: str
