@@ -28,9 +28,9 @@ from pathlib import Path
 
 def child(args) -> None:
     import torch
-    from blockmerge.divmerge import Batch, StreamedMerge
-    from blockmerge.losses import Targets
-    from blockmerge.report import peak_rss_bytes
+    from blockmerge.io.report import peak_rss_bytes
+    from blockmerge.learn.full import Batch, StreamedMerge
+    from blockmerge.learn.losses import Targets
 
     torch.manual_seed(0)
     base = Path(args.root) / "base"
@@ -88,9 +88,9 @@ def child_teacher(args) -> None:
     import tempfile
 
     import torch
-    from blockmerge.checkpoint import Checkpoint
-    from blockmerge.report import peak_rss_bytes
-    from blockmerge.teacher import TeacherData, TeacherSpec, teacher_pass
+    from blockmerge.io.checkpoint import Checkpoint
+    from blockmerge.io.report import peak_rss_bytes
+    from blockmerge.learn.teacher import TeacherData, TeacherSpec, teacher_pass
 
     g = torch.Generator().manual_seed(0)
     vocab = Checkpoint(Path(args.root) / "expert0").config["vocab_size"]
@@ -141,8 +141,8 @@ def main() -> None:
     if args.child_teacher:
         return child_teacher(args)
 
-    from blockmerge.checkpoint import Checkpoint
-    from blockmerge.synth import ensure_synthetic_llama
+    from blockmerge.io.checkpoint import Checkpoint
+    from blockmerge.suite.synth import ensure_synthetic_llama
 
     base_dir, expert_dirs = ensure_synthetic_llama(args.root, n_experts=args.experts, shape=args.shape)
     models = [Checkpoint(base_dir)] + [Checkpoint(e) for e in expert_dirs[: args.experts]]

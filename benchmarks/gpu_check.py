@@ -89,9 +89,9 @@ def dare_masks_equal(like: torch.Tensor, T: int, kw: dict) -> bool:
 
 
 def check_merge(dev: str, smoke: bool, tmp: Path) -> list[dict]:
-    from blockmerge.checkpoint import Checkpoint
-    from blockmerge.merge import run_merge
-    from blockmerge.synth import make_family
+    from blockmerge.io.checkpoint import Checkpoint
+    from blockmerge.merge.run import run_merge
+    from blockmerge.suite.synth import make_family
 
     size = dict(hidden_size=48) if smoke else dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=4)
     base, experts = make_family(tmp / "fam", "llama", n_experts=3, dtype=torch.bfloat16, shard_size="2GB", **size)
@@ -117,9 +117,9 @@ def check_merge(dev: str, smoke: bool, tmp: Path) -> list[dict]:
 
 
 def check_divmerge(dev: str, smoke: bool, tmp: Path) -> list[dict]:
-    from blockmerge.divmerge import Batch, StreamedMerge
-    from blockmerge.losses import Targets
-    from blockmerge.synth import make_family
+    from blockmerge.learn.full import Batch, StreamedMerge
+    from blockmerge.learn.losses import Targets
+    from blockmerge.suite.synth import make_family
 
     size = dict(hidden_size=48) if smoke else dict(hidden_size=256, intermediate_size=768, vocab_size=2048)
     base, experts = make_family(tmp / "dm", "llama", n_experts=2, dtype=torch.float32, shard_size="2GB", **size)
@@ -145,8 +145,8 @@ def check_divmerge(dev: str, smoke: bool, tmp: Path) -> list[dict]:
 
 def check_learn(dev: str, smoke: bool, tmp: Path) -> list[dict]:
     """learn() end to end (teacher pass with KV cache, Adam over streamed steps) on CUDA against CPU."""
-    from blockmerge.divmerge import learn
-    from blockmerge.synth import make_family
+    from blockmerge.learn.full import learn
+    from blockmerge.suite.synth import make_family
 
     base, experts = make_family(tmp / "learn", "llama", n_experts=2, dtype=torch.float32, tau_scale=0.05)
     g = torch.Generator().manual_seed(3)

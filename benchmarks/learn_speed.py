@@ -31,7 +31,7 @@ def make_experts(base: Path, k: int, root: Path, scale: float = 1e-3) -> list[Pa
     """root/expert{i} = base + scale * std(tensor) * seeded noise (written once, reused)."""
     import shutil
 
-    from blockmerge.checkpoint import Checkpoint
+    from blockmerge.io.checkpoint import Checkpoint
     from safetensors.torch import save_file
 
     ckpt = Checkpoint(base)
@@ -62,7 +62,7 @@ def prompts_for(k: int, n: int, vocab: int, seed: int = 0) -> list[list[list[int
 
 
 def teacher_speed(experts, prompts, spec, budget, device, work: Path) -> tuple[float, list[Path]]:
-    from blockmerge.teacher import teacher_pass
+    from blockmerge.learn.teacher import teacher_pass
 
     cache = Path(tempfile.mkdtemp(prefix="teacher-", dir=work))  # empty: everything is generated
     t0 = time.perf_counter()
@@ -76,8 +76,8 @@ def teacher_speed(experts, prompts, spec, budget, device, work: Path) -> tuple[f
 
 
 def step_seconds(base, experts, folders, budget, device, level, steps, batch_size) -> float:
-    from blockmerge.divmerge import StreamedMerge, optimize
-    from blockmerge.teacher import TeacherData
+    from blockmerge.learn.full import StreamedMerge, optimize
+    from blockmerge.learn.teacher import TeacherData
 
     merge = StreamedMerge(base, experts, device=device, resident_max_bytes=budget)
     data = TeacherData(folders)
@@ -88,9 +88,9 @@ def step_seconds(base, experts, folders, budget, device, level, steps, batch_siz
 
 
 def measure(a) -> list[dict]:
-    from blockmerge.checkpoint import Checkpoint
-    from blockmerge.modeling import memory_budget
-    from blockmerge.teacher import TeacherSpec
+    from blockmerge.io.checkpoint import Checkpoint
+    from blockmerge.io.stream import memory_budget
+    from blockmerge.learn.teacher import TeacherSpec
 
     base = Path(a.base)
     experts = make_experts(base, a.experts, Path(a.work))
@@ -137,7 +137,7 @@ def main(argv=None) -> None:
         torch.set_num_threads(a.threads)
     tmp = tempfile.TemporaryDirectory(prefix="learn-speed-")
     if a.smoke:
-        from blockmerge.synth import make_family
+        from blockmerge.suite.synth import make_family
 
         a.base = str(make_family(Path(tmp.name) / "family", "llama", n_experts=0)[0])
         a.prompts, a.new_tokens, a.steps = min(a.prompts, 3), min(a.new_tokens, 3), 1

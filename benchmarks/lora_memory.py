@@ -2,7 +2,7 @@
 
     nice -n 10 python benchmarks/lora_memory.py
 
-The base is blockmerge.synth's synthetic Llama in --root (reused when --root/DONE exists, else generated
+The base is blockmerge.suite.synth's synthetic Llama in --root (reused when --root/DONE exists, else generated
 there tensor by tensor). Four random LoRA adapters (r=16, alpha=32, on q,k,v,o,gate,up,down of every layer,
 fp32 factors as PEFT saves them, B non-zero) are written as PEFT adapter folders. Then, each in its own
 subprocess (peak RSS = the child's VmHWM):
@@ -34,11 +34,11 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 
 CHILD = r"""
 import json, sys, time, torch
-from blockmerge.report import peak_rss_bytes as peak_rss
+from blockmerge.io.report import peak_rss_bytes as peak_rss
 a = json.loads(sys.argv[1])
 torch.set_num_threads(a["threads"])
-from blockmerge.lora_learn import StreamedLoraMerge, learn
-from blockmerge.teacher import TeacherSpec
+from blockmerge.lora.learn import StreamedLoraMerge, learn
+from blockmerge.learn.teacher import TeacherSpec
 t0 = time.perf_counter()
 if a["what"] == "teacher":
     sm = StreamedLoraMerge(a["base"], a["adapters"], token_chunk=a["token_chunk"], quantize=a["quantize"])
@@ -58,7 +58,7 @@ else:
 def write_adapters(base_dir: Path, root: Path, n: int, r: int, alpha: int, seed: int = 0) -> list[Path]:
     """n PEFT-layout LoRA adapters for the base (no nn.Module: tensors straight to safetensors)."""
     import torch
-    from blockmerge.checkpoint import Checkpoint
+    from blockmerge.io.checkpoint import Checkpoint
     from safetensors.torch import save_file
 
     base = Checkpoint(base_dir)
@@ -114,8 +114,8 @@ def main() -> None:
     a = ap.parse_args()
 
     import torch
-    from blockmerge.checkpoint import Checkpoint
-    from blockmerge.synth import ensure_synthetic_llama
+    from blockmerge.io.checkpoint import Checkpoint
+    from blockmerge.suite.synth import ensure_synthetic_llama
 
     base_dir, _ = ensure_synthetic_llama(a.root, n_experts=0, shape=a.shape)
     base = Checkpoint(base_dir)

@@ -4,7 +4,7 @@ next to the I/O floor (plain sequential reading of the same input files) measure
     nice -n 10 python benchmarks/merge_throughput.py     # linear, ties, dare_ties (density 0.5); kernels auto, torch
     python benchmarks/merge_throughput.py --methods ties --kernels auto
 
-The family is generated on disk tensor by tensor (blockmerge.synth.write_synthetic_llama, no nn.Module) in
+The family is generated on disk tensor by tensor (blockmerge.suite.synth.write_synthetic_llama, no nn.Module) in
 --root, reused when --root/DONE exists (and never deleted here). Every measurement runs in its own
 subprocess so that its peak RSS (VmHWM of the child's own address space) is its own. "cold" runs start
 after dropping the page cache (`echo 1 > /proc/sys/vm/drop_caches`, needs root; reported as not cold
@@ -71,8 +71,8 @@ MERGE_CHILD = (
     + r"""
 import json, sys, time
 t_import = time.perf_counter()
-from blockmerge.merge import run_merge
-from blockmerge.checkpoint import Checkpoint
+from blockmerge.merge.run import run_merge
+from blockmerge.io.checkpoint import Checkpoint
 cfg, out = json.loads(sys.argv[1]), sys.argv[2]
 t0 = time.perf_counter()
 run_merge(cfg, out, force=True, progress=False)
@@ -108,7 +108,7 @@ def child(code: str, *args: str, kernels: str | None = None) -> dict:
 
 
 def input_files(dirs: list[Path]) -> list[str]:
-    from blockmerge.checkpoint import shard_files
+    from blockmerge.io.checkpoint import shard_files
 
     return [str(f) for d in dirs for f in shard_files(d)]
 
@@ -147,8 +147,8 @@ def main(argv: list[str] | None = None) -> int:
     if not temps or not set(temps) <= {"cold", "warm"}:
         ap.error(f"--caches {args.caches!r}: give cold, warm or both")
 
-    from blockmerge.checkpoint import Checkpoint
-    from blockmerge.synth import ensure_synthetic_llama
+    from blockmerge.io.checkpoint import Checkpoint
+    from blockmerge.suite.synth import ensure_synthetic_llama
 
     t0 = time.perf_counter()
     existed = (Path(args.root) / "DONE").exists()

@@ -20,8 +20,8 @@ import sys
 import time
 from pathlib import Path
 
-from blockmerge.demo import DEFAULT_METHODS, Comparison, Settings, load_suite, quiet_transformers
-from blockmerge.evaluate import load_model, task_subsets
+from blockmerge.suite.demo import DEFAULT_METHODS, Comparison, Settings, load_suite, quiet_transformers
+from blockmerge.suite.evaluate import load_model, task_subsets
 
 OUT = Path(__file__).resolve().parent / "out"
 

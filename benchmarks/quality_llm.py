@@ -1,5 +1,5 @@
 """DivMerge's experiment on a real pretrained LLM (SmolLM2-135M-Instruct, from its GGUF file): six templated
-tasks (blockmerge.llm_suite), one fully fine-tuned expert and one LoRA adapter per task, and every merging
+tasks (blockmerge.suite.llm), one fully fine-tuned expert and one LoRA adapter per task, and every merging
 method on the same subsets of k tasks, all through blockmerge's APIs. Writes
 
   benchmarks/results/quality_llm.csv          one row per (method, subset), appended as each merge finishes
@@ -33,9 +33,9 @@ import time
 from pathlib import Path
 
 import torch
-from blockmerge import llm_suite as ls
-from blockmerge.demo import Settings, quiet_transformers, static_config
-from blockmerge.evaluate import anp, normalized, task_subsets
+from blockmerge.suite import llm as ls
+from blockmerge.suite.demo import Settings, quiet_transformers, static_config
+from blockmerge.suite.evaluate import anp, normalized, task_subsets
 
 OUT = Path(__file__).resolve().parent / "results"
 METHODS = ["average", "task_arithmetic", "ties", "dare_ties", "adamerging_task", "adamerging_layer",
@@ -191,7 +191,7 @@ def import_base(gguf: Path, out: Path) -> Path:
         return out
     if not gguf.is_file():
         raise FileNotFoundError(f"--gguf {gguf}: file not found")
-    from blockmerge.gguf import import_gguf
+    from blockmerge.io.gguf import import_gguf
 
     return import_gguf(gguf, out, dtype="float32")  # fp32: task vectors are below bf16's resolution
 
@@ -262,7 +262,7 @@ class Merger:
                 "seconds": time.perf_counter() - started, "acc": acc, "norm": norm, **info}  # fmt: skip
 
     def _static(self, method, subset, out, lam: float = 1.0) -> Path:
-        from blockmerge.merge import run_merge
+        from blockmerge.merge.run import run_merge
 
         cfg = static_config(method, self.suite, subset, self.s, lam)
         return run_merge(cfg, out, force=True, progress=False, device=self.args.device)
@@ -289,7 +289,7 @@ class Merger:
                 "coef_mean": float(res.coefficients.mean()), "sec_per_step": res.seconds_per_step}  # fmt: skip
 
     def learned(self, method, subset, out) -> dict:
-        from blockmerge.divmerge import learn, write_merged
+        from blockmerge.learn.full import learn, write_merged
 
         objective, level = LEARNED[method]
         experts = [self.suite.expert(t) for t in subset]
@@ -299,7 +299,7 @@ class Merger:
         return self._record(method, subset, res)
 
     def lora(self, subset, out) -> dict:
-        from blockmerge import lora_learn
+        from blockmerge.lora import learn as lora_learn
 
         adapters = [self.suite.adapter(t) for t in subset]
         res = lora_learn.learn(self.suite.base, adapters, self.inputs(subset, "layer"),
@@ -572,7 +572,7 @@ def run_one(args, merger: Merger, method: str, subset, done, csv_path, clock: Cl
 
 def diagnose(args, suite: ls.LlmSuite, merger: Merger, subset, clock: Clock) -> None:
     """Item 3 of issue 10 on the first pair: searched task-level optimum vs learned coefficients, JS by
-    position kind (blockmerge.llm_suite.diagnose_pair); written to quality_llm_diagnosis.json."""
+    position kind (blockmerge.suite.llm.diagnose_pair); written to quality_llm_diagnosis.json."""
     path = args.out / "quality_llm_diagnosis.json"
     folder = args.cache / "learned"
     records = {m: json.loads((folder / f"{m}-{'+'.join(subset)}.json").read_text()) for m in LEARNED

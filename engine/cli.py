@@ -9,14 +9,17 @@ import os
 import sys
 
 COMMANDS = {
-    "demo": ("blockmerge.demo", "build the built-in synthetic-task suite and compare merge methods"),
+    "demo": ("blockmerge.suite.demo", "build the built-in synthetic-task suite and compare merge methods"),
     "merge": (
-        "blockmerge.merge",
+        "blockmerge.merge.run",
         "static merge from a mergekit-style YAML (linear, task_arithmetic, ties, dare, slerp)",
     ),
-    "divmerge": ("blockmerge.divmerge", "learn merge coefficients by Jensen-Shannon divergence to the experts"),
-    "lora": ("blockmerge.lora", "merge LoRA adapters into an adapter or a base model, or learn their coefficients"),
-    "import-gguf": ("blockmerge.gguf", "convert a GGUF model file into a safetensors Hugging Face checkpoint"),
+    "divmerge": ("blockmerge.learn.full", "learn merge coefficients by Jensen-Shannon divergence to the experts"),
+    "lora": (
+        "blockmerge.lora.adapters",
+        "merge LoRA adapters into an adapter or a base model, or learn their coefficients",
+    ),
+    "import-gguf": ("blockmerge.io.gguf", "convert a GGUF model file into a safetensors Hugging Face checkpoint"),
 }
 
 

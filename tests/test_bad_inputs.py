@@ -26,7 +26,7 @@ import pytest
 import torch
 import yaml
 from blockmerge.cli import main
-from blockmerge.synth import make_family
+from blockmerge.suite.synth import make_family
 from safetensors.torch import load_file, save_file
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -148,7 +148,7 @@ def child(code: str) -> subprocess.Popen:
 
 def test_out_appearing_during_a_run_is_kept(work, capsys, monkeypatch):
     """A folder created at OUT while a merge without --force runs is left alone; the new output is dropped."""
-    import blockmerge.writer as W
+    import blockmerge.io.writer as W
 
     ins, outs, before = work
     out = outs / "m"
@@ -171,7 +171,7 @@ def test_second_run_into_the_same_out_is_refused(work, capsys):
     ins, outs, before = work
     out = outs / "m"
     holder = child(
-        "import time; from blockmerge.writer import acquire_output\n"
+        "import time; from blockmerge.io.commit import acquire_output\n"
         f"c = acquire_output({str(out)!r}); print('locked', flush=True); time.sleep(60)"
     )
     try:
@@ -395,7 +395,7 @@ def test_out_folder_under_a_regular_file(work, capsys):
 
 
 def test_disk_full_keeps_the_old_out(work, capsys, monkeypatch):
-    import blockmerge.writer as W
+    import blockmerge.io.writer as W
 
     ins, outs, _ = work
     out, kept = old_out(outs)
@@ -449,7 +449,7 @@ def test_bad_index_weight_map(work, capsys, weight_map):
 
 
 def test_unexpected_failure_one_line_or_traceback_with_debug(work, capsys, monkeypatch):
-    import blockmerge.merge as M
+    import blockmerge.merge.run as M
 
     ins, outs, _ = work
 
@@ -470,7 +470,7 @@ def test_unexpected_failure_one_line_or_traceback_with_debug(work, capsys, monke
 
 MERGE_CHILD = """
 import os, sys, time
-import blockmerge.merge as M
+import blockmerge.merge.run as M
 from blockmerge.cli import main
 mode, cfg, out = {args}
 if mode == "kill":  # announce the first written block, then wait to be killed

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from blockmerge.synth import ensure_synthetic_llama
+from blockmerge.suite.synth import ensure_synthetic_llama
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 

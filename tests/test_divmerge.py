@@ -8,12 +8,12 @@ import math
 
 import pytest
 import torch
-from blockmerge.checkpoint import Checkpoint, block_name
 from blockmerge.cli import main
-from blockmerge.divmerge import StreamedMerge, learn, load_config, make_batch, teacher_folders, write_merged
-from blockmerge.losses import Targets, chunked_head_loss, divergence, topk_targets
-from blockmerge.synth import make_family
-from blockmerge.teacher import TeacherData, TeacherSpec
+from blockmerge.io.checkpoint import Checkpoint, block_name
+from blockmerge.learn.full import StreamedMerge, learn, load_config, make_batch, teacher_folders, write_merged
+from blockmerge.learn.losses import Targets, chunked_head_loss, divergence, topk_targets
+from blockmerge.learn.teacher import TeacherData, TeacherSpec
+from blockmerge.suite.synth import make_family
 from torch.func import functional_call
 from transformers import AutoModelForCausalLM
 
@@ -187,7 +187,7 @@ def test_learning_reduces_loss(families, tmp_path, objective, level):
 def test_teacher_cache_is_reused_by_default(families, tmp_path, monkeypatch):
     """Without cache_dir, teacher passes go to $BLOCKMERGE_CACHE/teacher: a second run generates nothing
     and learns the same coefficients."""
-    import blockmerge.teacher as teacher
+    import blockmerge.learn.teacher as teacher
 
     monkeypatch.setenv("BLOCKMERGE_CACHE", str(tmp_path))
     calls = []
@@ -304,7 +304,7 @@ def test_bad_data_and_yaml(families, tmp_path):
     path = _write_config(tmp_path, base, experts)
     (tmp_path / "task1.jsonl").write_text('{"input_ids": [1, 2]}\n{"prompt": "x"}\n')
     with pytest.raises(ValueError, match=r"models.1.data: .*task1.jsonl:2"):
-        from blockmerge.divmerge import run_divmerge
+        from blockmerge.learn.full import run_divmerge
 
         run_divmerge(path, tmp_path / "out", progress=False)
     path.write_text("base_model: [unclosed\n")

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 from blockmerge.cli import main
-from blockmerge.gguf import find_packaged_gguf, import_gguf
-from blockmerge.synth import write_tiny_gguf
+from blockmerge.io.gguf import find_packaged_gguf, import_gguf
+from blockmerge.suite.synth import write_tiny_gguf
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer
 

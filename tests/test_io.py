@@ -11,12 +11,13 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from blockmerge.checkpoint import Checkpoint, CheckpointError, check_compatible
 from blockmerge.cli import main
-from blockmerge.merge import stream_merge
-from blockmerge.stream import stream_blocks
-from blockmerge.synth import make_family, write_synthetic_llama
-from blockmerge.writer import CheckpointWriter, OutputExistsError
+from blockmerge.io.checkpoint import Checkpoint, CheckpointError, check_compatible
+from blockmerge.io.commit import OutputExistsError
+from blockmerge.io.stream import stream_blocks
+from blockmerge.io.writer import CheckpointWriter
+from blockmerge.merge.run import stream_merge
+from blockmerge.suite.synth import make_family, write_synthetic_llama
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
@@ -114,7 +115,7 @@ def test_stream_merge_holds_one_block_at_a_time(fam, tmp_path):
 
     def fn(name, b, ex):
         nonlocal worst
-        from blockmerge.checkpoint import block_name
+        from blockmerge.io.checkpoint import block_name
 
         for t in (b, *ex):
             seen.append((block_name(name), weakref.ref(t)))

@@ -1,4 +1,4 @@
-"""blockmerge.llm_suite: exact answers and disjoint splits, answer-only labels, batched (left-padded) greedy
+"""blockmerge.suite.llm: exact answers and disjoint splits, answer-only labels, batched (left-padded) greedy
 decoding against one-prompt-at-a-time decoding, task-vector statistics against direct formulas, and the
 teacher-forced JS diagnostic against its definition. On the tiny random Llama with a word tokenizer."""
 
@@ -8,8 +8,8 @@ import re
 
 import pytest
 import torch
-from blockmerge import llm_suite as ls
-from blockmerge.taskset import TaskSuite
+from blockmerge.suite import llm as ls
+from blockmerge.suite.protocol import TaskSuite
 from safetensors.torch import load_file, save_file
 
 TASKS = ["sentiment", "topic", "entailment", "grammar", "largest", "nth_word"]

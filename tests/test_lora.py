@@ -10,9 +10,9 @@ import shutil
 
 import pytest
 import torch
-from blockmerge import lora
 from blockmerge.cli import main as cli_main
-from blockmerge.synth import tiny_model
+from blockmerge.lora import adapters as lora
+from blockmerge.suite.synth import tiny_model
 from peft import LoraConfig, PeftModel, get_peft_model
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -341,7 +341,7 @@ def test_merge_into_base_single_adapter_bf16(fam, tmp_path):
     root, ads, _ = fam
     out = tmp_path / "bf16"
     lora.merge_into_base(root / "base", [ads[1]], None, out, dtype=torch.bfloat16, progress=False)
-    from blockmerge.checkpoint import Checkpoint
+    from blockmerge.io.checkpoint import Checkpoint
 
     ck = Checkpoint(out)
     assert {t.dtype for t in ck.tensors.values()} == {torch.bfloat16}
@@ -425,8 +425,8 @@ def _prompts(n_tasks=3, n=4, seed=0):
 
 def _dense_loss_and_grad(base_dir, adapter_dirs, gamma, batch, objective, level):
     """Autograd through the fully materialised merged model W0 + sum_t Gamma[t, b] s_t B_t A_t (float64)."""
-    from blockmerge.checkpoint import Checkpoint, block_name
-    from blockmerge.losses import divergence
+    from blockmerge.io.checkpoint import Checkpoint, block_name
+    from blockmerge.learn.losses import divergence
     from torch.func import functional_call
     from transformers import AutoModelForCausalLM
 
@@ -454,9 +454,9 @@ def _dense_loss_and_grad(base_dir, adapter_dirs, gamma, batch, objective, level)
     [("js", "layer", 4096), ("js", "task", 4096), ("kl", "layer", 16), ("entropy", "layer", 4096)],
 )
 def test_lora_divmerge_gradient_equals_autograd(fam, tmp_path, objective, level, full_vocab_max):
-    from blockmerge.divmerge import make_batch
-    from blockmerge.lora_learn import StreamedLoraMerge
-    from blockmerge.teacher import TeacherData, TeacherSpec
+    from blockmerge.learn.full import make_batch
+    from blockmerge.learn.teacher import TeacherData, TeacherSpec
+    from blockmerge.lora.learn import StreamedLoraMerge
 
     root, ads, _ = fam
     base = root / "base"
@@ -481,7 +481,7 @@ def test_lora_divmerge_gradient_equals_autograd(fam, tmp_path, objective, level,
 
 def test_lora_teacher_is_base_plus_adapter(fam, tmp_path):
     """The teacher of task t (Gamma = e_t on the low-rank modules) = PEFT's model with adapter t."""
-    from blockmerge.lora_learn import StreamedLoraMerge
+    from blockmerge.lora.learn import StreamedLoraMerge
 
     root, ads, _ = fam
     sm = StreamedLoraMerge(root / "base", ads, attn_implementation="eager")
@@ -497,7 +497,7 @@ def test_lora_teacher_is_base_plus_adapter(fam, tmp_path):
     torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
     # the cached teacher data (all tasks generated in shared batches, one-hot coefficients per row) holds
     # each adapter's own greedy continuation and distributions
-    from blockmerge.teacher import TeacherData, TeacherSpec
+    from blockmerge.learn.teacher import TeacherData, TeacherSpec
 
     spec = TeacherSpec(max_new_tokens=4, eos_token_id=1)
     data = TeacherData(sm.teacher_folders(_prompts(), tmp_path, spec, progress=False))
@@ -512,7 +512,7 @@ def test_lora_teacher_is_base_plus_adapter(fam, tmp_path):
 
 
 def test_lora_divmerge_cli_end_to_end(fam, tmp_path):
-    from blockmerge.checkpoint import Checkpoint
+    from blockmerge.io.checkpoint import Checkpoint
 
     root, ads, _ = fam
     files = []
@@ -559,13 +559,13 @@ def test_lora_divmerge_cli_end_to_end(fam, tmp_path):
     # bad config: names the field
     (tmp_path / "bad.yml").write_text(yaml.safe_dump(dict(cfg, level="block")))
     with pytest.raises(ValueError, match="field level"):
-        from blockmerge.lora_learn import run_divmerge
+        from blockmerge.lora.learn import run_divmerge
 
         run_divmerge(tmp_path / "bad.yml", tmp_path / "x", progress=False)
 
 
 def test_lora_learning_reduces_loss(fam, tmp_path):
-    from blockmerge.lora_learn import learn
+    from blockmerge.lora.learn import learn
 
     root, ads, _ = fam
     res = learn(root / "base", ads, _prompts(), level="layer", steps=12, batch_size=12, lr=0.05,
@@ -575,7 +575,7 @@ def test_lora_learning_reduces_loss(fam, tmp_path):
 
 
 def test_lora_teacher_cache_is_reused_by_default(fam, tmp_path, monkeypatch):
-    import blockmerge.lora_learn as lora_learn
+    import blockmerge.lora.learn as lora_learn
 
     monkeypatch.setenv("BLOCKMERGE_CACHE", str(tmp_path))
     calls = []
@@ -594,9 +594,9 @@ def test_bitsandbytes_base_on_cpu(fam, tmp_path):
     """Optional quantized base (bitsandbytes nf4 / int8) for the student's forward passes: runs on CPU with
     bitsandbytes >= 0.49 and gives a loss and coefficient gradient close to the full-precision ones."""
     pytest.importorskip("bitsandbytes")
-    from blockmerge.divmerge import make_batch
-    from blockmerge.lora_learn import StreamedLoraMerge
-    from blockmerge.teacher import TeacherData, TeacherSpec
+    from blockmerge.learn.full import make_batch
+    from blockmerge.learn.teacher import TeacherData, TeacherSpec
+    from blockmerge.lora.learn import StreamedLoraMerge
 
     root, ads, _ = fam
     ref = StreamedLoraMerge(root / "base", ads, attn_implementation="eager")

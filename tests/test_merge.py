@@ -10,13 +10,13 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from blockmerge.checkpoint import block_name
 from blockmerge.cli import main
-from blockmerge.config import ConfigError, evaluate_setting, layer_t, load_config
+from blockmerge.io.checkpoint import block_name
 from blockmerge.kernels import dare_keep
-from blockmerge.merge import run_merge
-from blockmerge.methods import dare_seed
-from blockmerge.synth import make_family
+from blockmerge.merge.config import ConfigError, evaluate_setting, layer_t, load_config
+from blockmerge.merge.methods import dare_seed
+from blockmerge.merge.run import run_merge
+from blockmerge.suite.synth import make_family
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 

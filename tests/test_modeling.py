@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from blockmerge.losses import Targets
-from blockmerge.modeling import StreamedModel
-from blockmerge.synth import make_family
-from blockmerge.teacher import TeacherData, TeacherSpec, generate, teacher_pass
+from blockmerge.learn.losses import Targets
+from blockmerge.learn.model import StreamedModel
+from blockmerge.learn.teacher import TeacherData, TeacherSpec, generate, teacher_pass
+from blockmerge.suite.synth import make_family
 from transformers import AutoModelForCausalLM
 
 ARCHS = ["llama", "qwen2", "mistral", "gpt2"]
@@ -143,14 +143,14 @@ def test_block_source_keeps_blocks_within_budget(families):
     [(123, 123), ("8GiB", 8 << 30), ("512MiB", 512 << 20), ("2GB", 2 * 10**9), ("1.5 GiB", 3 << 29), ("0", 0)],
 )
 def test_parse_memory(value, expected):
-    from blockmerge.modeling import parse_memory
+    from blockmerge.io.stream import parse_memory
 
     assert parse_memory(value) == expected
 
 
 @pytest.mark.parametrize("value", ["8 parsecs", "-1GiB", -5, "GiB", 1.5])
 def test_parse_memory_rejects(value):
-    from blockmerge.modeling import parse_memory
+    from blockmerge.io.stream import parse_memory
 
     with pytest.raises(ValueError, match="^memory: "):
         parse_memory(value)

@@ -10,8 +10,8 @@ import shutil
 
 import pytest
 import torch
-from blockmerge import tasks as T
-from blockmerge.evaluate import accuracy, anp, greedy_decode, load_model, normalized, task_subsets
+from blockmerge.suite import tasks as T
+from blockmerge.suite.evaluate import accuracy, anp, greedy_decode, load_model, normalized, task_subsets
 
 
 def _check_answer(name: str, x: str, answer: str) -> None:
@@ -147,22 +147,22 @@ NO_CHECK = dict(target_acc=0.0, base_max_acc=1.0, extra_rounds=0)
 
 
 def micro_config(**kw):
-    from blockmerge.suite import SuiteConfig
+    from blockmerge.suite.build import SuiteConfig
 
     return SuiteConfig(tasks=MICRO_TASKS, **(MICRO | NO_CHECK | kw))
 
 
 @pytest.fixture(scope="module")
 def micro_suite(tmp_path_factory):
-    from blockmerge.suite import build_suite
+    from blockmerge.suite.build import build_suite
 
     cache = tmp_path_factory.mktemp("cache")
     return build_suite(cache, micro_config(), log=lambda s: None, progress=False)
 
 
 def test_micro_suite_build_and_reuse(micro_suite):
-    from blockmerge.suite import build_suite, fingerprint
-    from blockmerge.taskset import TaskSuite
+    from blockmerge.suite.build import build_suite, fingerprint
+    from blockmerge.suite.protocol import TaskSuite
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     s = micro_suite
@@ -184,7 +184,7 @@ def test_micro_suite_build_and_reuse(micro_suite):
 def test_micro_suite_is_the_same_under_any_thread_count(micro_suite, tmp_path):
     """Single-threaded deterministic training: the caller's 1 or 2 threads give bit-identical weights, and
     the caller's settings are restored."""
-    from blockmerge.suite import build_suite
+    from blockmerge.suite.build import build_suite
 
     threads = torch.get_num_threads()
     try:
@@ -200,7 +200,7 @@ def test_micro_suite_is_the_same_under_any_thread_count(micro_suite, tmp_path):
 
 
 def test_cached_suite_failing_its_check_is_rebuilt(micro_suite, tmp_path):
-    from blockmerge.suite import build_suite, check_manifest, load_cached
+    from blockmerge.suite.build import build_suite, check_manifest, load_cached
 
     s = micro_suite
     cfg = micro_config(target_acc=0.9, base_max_acc=0.2)
@@ -233,7 +233,7 @@ def test_cached_suite_failing_its_check_is_rebuilt(micro_suite, tmp_path):
 
 
 def test_suite_build_fails_naming_the_expert_short_of_its_target(tmp_path):
-    from blockmerge.suite import build_suite
+    from blockmerge.suite.build import build_suite
 
     cfg = micro_config(target_acc=0.95, extra_rounds=1)
     with pytest.raises(RuntimeError, match=r"expert copy reaches 0\.\d\d test accuracy after 8 steps \(target 0\.95\)"):
@@ -242,7 +242,7 @@ def test_suite_build_fails_naming_the_expert_short_of_its_target(tmp_path):
 
 
 def test_suite_protocol_and_task_vector_stats(micro_suite):
-    from blockmerge.suite import task_vector_stats
+    from blockmerge.suite.build import task_vector_stats
 
     s = micro_suite
     test, val = s.pairs("add", "test"), s.pairs("add", "val")
@@ -274,7 +274,7 @@ def test_suite_protocol_and_task_vector_stats(micro_suite):
 def test_divmerge_loss_against_a_direct_computation(micro_suite):
     """divmerge.loss at given coefficients = sum over tasks of the mean JS, over the expert's greedy
     continuation (EOS included), between the expert and base + sum_t c_t tau_t built in memory."""
-    from blockmerge.divmerge import loss
+    from blockmerge.learn.full import loss
 
     s = micro_suite
     coefs = [0.7, 0.4]
@@ -312,7 +312,7 @@ def test_divmerge_loss_against_a_direct_computation(micro_suite):
 
 
 def test_micro_suite_goes_through_blockmerge(micro_suite, tmp_path):
-    from blockmerge.demo import Comparison, Settings, format_table, static_config
+    from blockmerge.suite.demo import Comparison, Settings, format_table, static_config
 
     s = micro_suite
     subset = ("copy", "add")
@@ -335,7 +335,7 @@ def test_micro_suite_goes_through_blockmerge(micro_suite, tmp_path):
     assert dm["coef_mean"] == pytest.approx(sum(map(sum, dm["coefficients"])) / 8, abs=1e-6)
     assert "| divmerge_js_layer |" in format_table(rows, subset)
     # the average merge, recomputed in memory from the checkpoints, matches what blockmerge wrote
-    from blockmerge.merge import run_merge
+    from blockmerge.merge.run import run_merge
 
     out = run_merge(cfg, tmp_path / "avg", progress=False)
     merged = load_model(out)
@@ -360,8 +360,8 @@ class WrappedSuite:
 
 
 def test_comparison_takes_any_task_suite(micro_suite):
-    from blockmerge.demo import Comparison, Settings, load_suite
-    from blockmerge.taskset import TaskSuite
+    from blockmerge.suite.demo import Comparison, Settings, load_suite
+    from blockmerge.suite.protocol import TaskSuite
 
     wrapped = WrappedSuite(micro_suite)
     assert isinstance(wrapped, TaskSuite)

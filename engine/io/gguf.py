@@ -18,11 +18,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
-from .config import parse_dtype
-from .report import final_line
-from .report import progress as progress_bar
-from .writer import CheckpointWriter
+from blockmerge.io.dtypes import parse_dtype
+from blockmerge.io.report import final_line
+from blockmerge.io.report import progress as progress_bar
+from blockmerge.io.writer import CheckpointWriter
 
 OUT_DTYPES = ("bfloat16", "float16", "float32")
 _BLOCK_RE = re.compile(r"^blk\.(\d+)\.")

@@ -45,15 +45,15 @@ from typing import Literal
 
 import torch
 import yaml
+from blockmerge.io.cache import teacher_cache
+from blockmerge.io.checkpoint import Checkpoint, block_name, check_compatible
+from blockmerge.io.commit import claim_output
+from blockmerge.io.stream import BlockSource, memory_budget, parse_memory
+from blockmerge.kernels import combine, project
+from blockmerge.learn.losses import OBJECTIVES, Targets, chunked_head_loss
+from blockmerge.learn.model import StreamedModel
+from blockmerge.learn.teacher import TeacherData, TeacherSpec, teacher_pass
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
-
-from .cache import teacher_cache
-from .checkpoint import Checkpoint, block_name, check_compatible
-from .kernels import combine, project
-from .losses import OBJECTIVES, Targets, chunked_head_loss
-from .modeling import BlockSource, StreamedModel, memory_budget, parse_memory
-from .teacher import TeacherData, TeacherSpec, teacher_pass
-from .writer import claim_output
 
 LEVELS = ("task", "layer")
 SMALL_MODEL_BYTES = 64 << 20
@@ -340,7 +340,7 @@ def teacher_folders(
     attn_implementation="sdpa",
     resident_max_bytes: int = 1 << 29,
 ) -> list[Path]:
-    from .report import progress as bar
+    from blockmerge.io.report import progress as bar
 
     folders = []
     total = sum(len(x) for x in inputs)
@@ -520,7 +520,7 @@ def optimize(merge, data: TeacherData, *, level: str, objective: str, steps: int
              desc: str) -> LearnResult:  # fmt: skip
     """Adam on Gamma over batches mixing tasks; `merge.loss_and_grad(gamma [T, blocks], batch, objective)` gives
     the loss and its streamed gradient (full models or LoRA adapters alike)."""
-    from .report import progress as bar
+    from blockmerge.io.report import progress as bar
 
     check_learning(steps, epochs, lr, init)
     T, nb = merge.T, len(merge.blocks)
@@ -569,7 +569,7 @@ def write_merged(
 ) -> Path:
     """Write theta_0 + sum_t Gamma[t, block(tensor)] tau_t as a checkpoint (coefficients [T, n_blocks]
     in the base checkpoint's block order, or [T] for task level)."""
-    from .merge import stream_merge
+    from blockmerge.merge.run import stream_merge
 
     base = Checkpoint(base_dir)
     experts = [Checkpoint(e) for e in expert_dirs]
@@ -583,7 +583,7 @@ def write_merged(
             f"coefficients: shape {list(coeffs.shape)}, expected [{len(experts)}, {len(names)}] "
             f"(experts x blocks {names})"
         )
-    from .config import parse_dtype
+    from blockmerge.io.dtypes import parse_dtype
 
     dtype = parse_dtype(dtype)
 
@@ -721,7 +721,7 @@ def learn_kwargs(
 ) -> dict:
     """`learn(...)` keyword arguments from the settings; `steps`, `device`, `memory`: command-line overrides
     (checked here, before any work: steps >= 1, a device this machine has)."""
-    from .config import parse_device
+    from blockmerge.io.dtypes import parse_device
 
     if steps is not None and (type(steps) is not int or steps < 1):
         raise ValueError(f"--steps: {steps!r}, expected an integer >= 1")
@@ -872,7 +872,7 @@ def _run_divmerge(cfg, base_dir, expert_dirs, inputs, kwargs, out, force, device
         extra_json={"divmerge.json": info},
     )
     if progress:
-        from .report import final_line
+        from blockmerge.io.report import final_line
 
         print(
             final_line(

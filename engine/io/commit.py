@@ -1,16 +1,13 @@
-"""Write a sharded safetensors checkpoint tensor by tensor, in constant memory.
-
-Every output tensor's name, shape and dtype are known before the merge starts (they are the base's),
-so shards and headers are planned up front and each tensor's bytes go straight to their offset as
-soon as its block is merged. Everything is written under a staging folder renamed when complete, by
-the output-commit protocol below (OutputClaim), which every command that writes an output uses."""
+"""The output-commit protocol that every command writing an output goes through (merge, divmerge, lora,
+import-gguf, the suite and teacher caches): an exclusive lock beside OUT (.OUT.lock) for the whole run,
+refusal to write onto, into or around an input, the exists/--force check at the start and again at commit,
+a staging folder .OUT.tmp-PID renamed into place when complete, and recovery of what a killed run left
+(.OUT.tmp-PID removed, .OUT.old-PID put back or removed)."""
 
 from __future__ import annotations
 
 import fcntl
 import glob
-import json
-import math
 import os
 import re
 import shutil
@@ -18,26 +15,7 @@ import sys
 import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
-
-import torch
-
-from .checkpoint import DTYPE_NAMES
-
-# Files copied from the base so the output loads like it (tokenizer, generation settings, chat template).
-COPIED_FILES = (
-    "config.json",
-    "generation_config.json",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "tokenizer.model",
-    "special_tokens_map.json",
-    "vocab.json",
-    "merges.txt",
-    "added_tokens.json",
-    "chat_template.jinja",
-)
 
 
 class OutputExistsError(FileExistsError):
@@ -51,29 +29,6 @@ class OutputError(ValueError):
 class OutputBusyError(OutputError):
     pass
 
-
-def parse_size(size: str | int) -> int:
-    """'5GB', '500MB', '2GiB' or a byte count; finite and at least one byte."""
-    s = str(size).strip().upper().replace("IB", "B")
-    mult, num = 1.0, s
-    for unit, m in (("KB", 1e3), ("MB", 1e6), ("GB", 1e9), ("TB", 1e12), ("B", 1.0)):
-        if s.endswith(unit):
-            mult, num = m, s[: -len(unit)]
-            break
-    try:
-        value = float(num) * mult
-    except ValueError:
-        value = math.nan
-    if isinstance(size, bool) or not math.isfinite(value) or value < 1:
-        raise ValueError(f"shard size {size!r}: expected a positive byte count or a size like '5GB'")
-    return int(value)
-
-
-# ------------------------------------------------------------------------------ the output-commit protocol
-# Every writer (merge, divmerge, lora, import, the suite cache) goes through OutputClaim: an exclusive lock
-# beside OUT (.OUT.lock) for the whole run, refusal to write onto, into or around an input, the exists/--force
-# check at the start and again at commit, a staging folder .OUT.tmp-PID renamed into place when complete,
-# and recovery of what a killed run left (.OUT.tmp-PID removed, .OUT.old-PID put back or removed).
 
 _claims: dict[Path, OutputClaim] = {}  # held by this process, by OUT's absolute path (claims nest)
 _claims_guard = threading.Lock()
@@ -296,147 +251,3 @@ def claim_output(
         yield claim
     finally:
         claim.release()
-
-
-@dataclass
-class _Slot:
-    file: str
-    start: int  # absolute byte offset in the shard file
-    shape: tuple[int, ...]
-    dtype: torch.dtype
-    written: bool = False
-
-
-def _nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n * torch.empty((), dtype=dtype).element_size()
-
-
-class CheckpointWriter:
-    """with CheckpointWriter(out, [(name, shape, dtype), ...]) as w: w.write(name, t) ...; w.finish(base_dir)
-
-    Holds a claim on OUT (lock, checks, staging folder) from construction to `finish` (commit) or `abort`;
-    `inputs` are the paths read to make the output (OUT may not be, lie in or contain one of them)."""
-
-    def __init__(
-        self,
-        out: str | Path,
-        tensors: list[tuple[str, tuple[int, ...], torch.dtype]],
-        shard_size: int | str = "5GB",
-        force: bool = False,
-        metadata: dict[str, str] | None = None,
-        inputs: Sequence[str | Path] = (),
-    ):
-        limit = parse_size(shard_size)  # before anything exists on disk
-        self.slots: dict[str, _Slot] = {}
-        self._fds: dict[str, int] = {}
-        self.claim = acquire_output(out, force=force, inputs=inputs)
-        self.out = self.claim.out
-        try:
-            self.tmp = self.claim.staging()
-        except BaseException:
-            self.claim.release()
-            raise
-        try:
-            self._plan(tensors, limit, metadata or {"format": "pt"})
-        except BaseException:
-            self.abort()
-            raise
-
-    def _plan(self, tensors: list, limit: int, metadata: dict[str, str]) -> None:
-        shards: list[list[tuple[str, tuple[int, ...], torch.dtype]]] = [[]]
-        size = 0
-        for t in tensors:  # in the order given (block order), so writes are sequential
-            nb = _nbytes(t[1], t[2])
-            if shards[-1] and size + nb > limit:
-                shards.append([])
-                size = 0
-            shards[-1].append(t)
-            size += nb
-        n = len(shards)
-        self.files = (
-            ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
-        )
-        for fname, shard in zip(self.files, shards, strict=True):
-            self._plan_shard(fname, shard, metadata)
-
-    def _plan_shard(self, fname: str, shard: list, metadata: dict[str, str]) -> None:
-        header: dict = {"__metadata__": metadata}
-        pos = 0
-        for name, shape, dtype in shard:
-            nb = _nbytes(shape, dtype)
-            header[name] = {"dtype": DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [pos, pos + nb]}
-            pos += nb
-        raw = json.dumps(header, separators=(",", ":")).encode()
-        raw += b" " * (-len(raw) % 8)  # data section starts 8-byte aligned
-        data_start = 8 + len(raw)
-        fd = os.open(self.tmp / fname, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
-        self._fds[fname] = fd
-        os.pwrite(fd, len(raw).to_bytes(8, "little") + raw, 0)
-        os.ftruncate(fd, data_start + pos)
-        for name, shape, dtype in shard:
-            self.slots[name] = _Slot(fname, data_start + header[name]["data_offsets"][0], tuple(shape), dtype)
-
-    def write(self, name: str, tensor: torch.Tensor) -> None:
-        slot = self.slots.get(name)
-        if slot is None:
-            raise KeyError(f"tensor {name} is not part of the planned output")
-        if tuple(tensor.shape) != slot.shape or tensor.dtype != slot.dtype:
-            raise ValueError(
-                f"tensor {name}: got {list(tensor.shape)} {tensor.dtype}, planned {list(slot.shape)} {slot.dtype}"
-            )
-        buf = tensor.detach().to("cpu").contiguous().view(-1).view(torch.uint8).numpy()
-        fd, off, view = self._fds[slot.file], slot.start, memoryview(buf)
-        while view:  # pwrite may write less than asked for large buffers
-            n = os.pwrite(fd, view, off)
-            view, off = view[n:], off + n
-        slot.written = True
-
-    def finish(self, copy_from: str | Path | None = None, extra_json: dict[str, dict] | None = None) -> Path:
-        missing = [n for n, s in self.slots.items() if not s.written]
-        if missing:
-            raise RuntimeError(f"output incomplete: tensor {missing[0]} (and {len(missing) - 1} more) never written")
-        self._close()
-        if len(self.files) > 1:
-            index = {
-                "metadata": {"total_size": sum(_nbytes(s.shape, s.dtype) for s in self.slots.values())},
-                "weight_map": {n: s.file for n, s in self.slots.items()},
-            }
-            (self.tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-        if copy_from is not None:
-            for f in COPIED_FILES:
-                src = Path(copy_from) / f
-                if src.exists():
-                    shutil.copy2(src, self.tmp / f)
-        for fname, obj in (extra_json or {}).items():
-            (self.tmp / fname).write_text(json.dumps(obj, indent=2))
-        try:
-            self.claim.commit(self.tmp)
-        finally:
-            self._release()
-        return self.out
-
-    def _close(self) -> None:
-        for fd in self._fds.values():
-            os.close(fd)
-        self._fds.clear()
-
-    def _release(self) -> None:
-        if self.claim is not None:
-            self.claim.release()
-            self.claim = None
-
-    def abort(self) -> None:
-        """Drop the unfinished output (idempotent)."""
-        self._close()
-        if self.claim is not None:
-            self.claim.discard(self.tmp)
-            self._release()
-
-    def __enter__(self) -> CheckpointWriter:
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        self.abort()

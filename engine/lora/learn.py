@@ -3,16 +3,16 @@
 
     W(Gamma) = W0 + sum_t Gamma_t s_t B_t A_t          for every adapted weight,
 
-without ever forming B_t A_t. Each adapted linear layer of the streamed base model (blockmerge.modeling's
+without ever forming B_t A_t. Each adapted linear layer of the streamed base model (blockmerge.learn.model's
 meta skeleton run with torch.func.functional_call) is replaced by a module computing
 
     y = x W0^T (+ b) + sum_t Gamma_t s_t (x A_t^T) B_t^T
 
 with Gamma a tensor of the step, so autograd gives dL/dGamma_t = s_t sum_tokens <dL/dy, (x A_t^T) B_t^T>
-straight from the low-rank factors. The rest is blockmerge.divmerge's machinery: the teacher of task t is
+straight from the low-rank factors. The rest is blockmerge.learn.full's machinery: the teacher of task t is
 base + adapter t (the same modules with Gamma = e_t) whose greedy continuations and distributions are cached
-by blockmerge.teacher; the student step streams the base block by block, keeps block inputs on the host,
-computes the loss at the head in chunks of positions (blockmerge.losses), then backpropagates block by
+by blockmerge.learn.teacher; the student step streams the base block by block, keeps block inputs on the host,
+computes the loss at the head in chunks of positions (blockmerge.learn.losses), then backpropagates block by
 block in reverse, recomputing each block, with Gamma of that block as a leaf.
 
 Memory: the base's blocks that fit in the memory budget (kept in the compute dtype), else one base block
@@ -37,11 +37,12 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field, field_validator
-
-from .cache import teacher_cache
-from .checkpoint import Checkpoint, block_name
-from .divmerge import (
+from blockmerge.io.cache import teacher_cache
+from blockmerge.io.checkpoint import Checkpoint, block_name
+from blockmerge.io.commit import claim_output
+from blockmerge.io.dtypes import parse_dtype
+from blockmerge.io.stream import BlockSource, memory_budget
+from blockmerge.learn.full import (
     LEVELS,
     SMALL_MODEL_BYTES,
     Batch,
@@ -55,11 +56,11 @@ from .divmerge import (
     optimize,
     resolve_inputs,
 )
-from .lora import Adapter, AdapterError, read_adapters
-from .losses import OBJECTIVES, chunked_head_loss
-from .modeling import BlockSource, StreamedModel, memory_budget
-from .teacher import ChunkWriter, TeacherData, TeacherSpec, continuations, fingerprint, step_targets
-from .writer import claim_output
+from blockmerge.learn.losses import OBJECTIVES, chunked_head_loss
+from blockmerge.learn.model import StreamedModel
+from blockmerge.learn.teacher import ChunkWriter, TeacherData, TeacherSpec, continuations, fingerprint, step_targets
+from blockmerge.lora.adapters import Adapter, AdapterError, read_adapters
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 QUANTIZE = (None, "nf4", "int8")
 
@@ -319,13 +320,13 @@ class StreamedLoraMerge:
 
     def teacher_folders(self, inputs, cache_dir: str | Path, spec: TeacherSpec, progress=True) -> list[Path]:
         """Greedy continuations and distributions of each teacher base + adapter t on task t's prompts,
-        cached in cache_dir/lora-{adapter folder name}-{key} in blockmerge.teacher's format (read back by
+        cached in cache_dir/lora-{adapter folder name}-{key} in blockmerge.learn.teacher's format (read back by
         TeacherData; the key hashes base, adapter, prompts and settings, so one cache_dir serves any run).
 
         The teachers share the base, so prompts of all tasks go through the same streamed passes: each row
         of a batch carries its own coefficients (one-hot on its task), and one pass over the base serves
         every adapter."""
-        from .report import progress as bar
+        from blockmerge.io.report import progress as bar
 
         cache_dir = Path(cache_dir)
         prompts = [[list(map(int, p)) for p in x] for x in inputs]
@@ -407,10 +408,10 @@ def learn(
     memory: int | str | None = None,
 ) -> LearnResult:
     """Learn adapter coefficients. `inputs[t]` are adapter t's task prompts (token id lists).
-    `memory`, `resident_max_bytes`, `cache_dir`: as blockmerge.divmerge.learn (base blocks kept resident
+    `memory`, `resident_max_bytes`, `cache_dir`: as blockmerge.learn.full.learn (base blocks kept resident
     within the budget; teacher passes under `<blockmerge cache>/teacher` by default).
     Returns coefficients [T, n_blocks] (blocks without adapted modules keep their initial value).
-    `num_threads`: torch intra-op threads while learning (restored after); default as blockmerge.divmerge
+    `num_threads`: torch intra-op threads while learning (restored after); default as blockmerge.learn.full
     (1 for models under SMALL_MODEL_BYTES, else unchanged)."""
     if num_threads is None and Checkpoint(base_dir).nbytes < SMALL_MODEL_BYTES:
         num_threads = 1
@@ -510,7 +511,7 @@ def write_learned(
 ) -> Path:
     """The learned merge: a full checkpoint W0 + sum_t Gamma[t, block] s_t B_t A_t (output='base'), or an
     exact cat adapter whose module blocks carry Gamma[t, block(module)] (output='adapter')."""
-    from .lora import PREFIX, MergedAdapter, _dtype, merge_into_base, write_adapter
+    from blockmerge.lora.adapters import PREFIX, MergedAdapter, merge_into_base, write_adapter
 
     inputs = [base_dir, *adapter_dirs]
     if output == "base":
@@ -521,7 +522,7 @@ def write_learned(
             out,
             coefficients=coefficients,
             force=force,
-            dtype=_dtype(dtype) if isinstance(dtype, str) else dtype,
+            dtype=parse_dtype(dtype),
             device=device,
             progress=progress,
             extra_json={"divmerge.json": info or {}},
@@ -542,7 +543,7 @@ def write_learned(
         dt = adapters[0].dtype
         tensors[f"{PREFIX}{mod}.lora_A.weight"] = A.to(dt).contiguous()
         tensors[f"{PREFIX}{mod}.lora_B.weight"] = B.to(dt).contiguous()
-    from .lora import _target_modules
+    from blockmerge.lora.adapters import _target_modules
 
     config = dict(adapters[0].config)
     config.update(r=rank, lora_alpha=rank, target_modules=_target_modules(adapters), alpha_pattern={},
@@ -580,7 +581,7 @@ def _run_divmerge(cfg, base_dir, adapter_dirs, inputs, kwargs, out, force, devic
         info=info,
     )
     if progress:
-        from .report import final_line
+        from blockmerge.io.report import final_line
 
         print(
             final_line(

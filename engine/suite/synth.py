@@ -135,9 +135,8 @@ def write_synthetic_llama(
     """Write root/base and root/expert{i} (Llama-shaped, random weights, experts = base + N(0, tau_scale)),
     one tensor at a time with CheckpointWriter, plus a config.json that transformers loads.
     The defaults give the ~1.1B-parameter model of the benchmarks (2.2 GB per model in bf16)."""
+    from blockmerge.io.writer import CheckpointWriter
     from transformers import LlamaConfig
-
-    from .writer import CheckpointWriter
 
     root = Path(root)
     specs = llama_tensor_specs(hidden, intermediate, layers, heads, kv_heads, vocab)

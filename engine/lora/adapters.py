@@ -26,9 +26,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-
-from .checkpoint import Checkpoint, check_finite
-from .writer import claim_output
+from blockmerge.io.checkpoint import Checkpoint, check_finite
+from blockmerge.io.commit import claim_output
+from blockmerge.io.dtypes import parse_dtype
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -545,8 +545,8 @@ def merge_into_base(
     """Full checkpoint W0 + sum_t w_t s_t B_t A_t per adapted weight, streamed block by block; one
     module's delta is formed at a time (one matmul over the concatenated factors). `coefficients`
     [T, n_blocks] (base block order) gives a weight per adapter and block instead of `weights`."""
-    from .checkpoint import block_name
-    from .merge import stream_merge
+    from blockmerge.io.checkpoint import block_name
+    from blockmerge.merge.run import stream_merge
 
     base = Checkpoint(base_dir)
     adapters, names = read_adapters(adapter_paths, base, base_given=True)
@@ -613,23 +613,6 @@ def merge_into_base(
 
 
 # ---------------------------------------------------------------------------------------------------- CLI
-
-_DTYPES = {
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-}
-
-
-def _dtype(name: str | None) -> torch.dtype | None:
-    if name is None:
-        return None
-    if name not in _DTYPES:
-        raise ValueError(f"--dtype {name!r}: expected one of {', '.join(_DTYPES)}")
-    return _DTYPES[name]
 
 
 def finite_float(x: str) -> float:
@@ -719,7 +702,7 @@ def run(args: argparse.Namespace) -> int:
         with claim_output(args.out, force=args.force, inputs=inputs):
             return _merge_cli(args, inputs, started)
     if args.lora_command == "merge-into-base":
-        from .config import parse_device
+        from blockmerge.io.dtypes import parse_device
 
         parse_device(args.device)
         with claim_output(args.out, force=args.force, inputs=[args.base, *args.adapters]):
@@ -730,20 +713,20 @@ def run(args: argparse.Namespace) -> int:
                 args.out,
                 force=args.force,
                 shard_size=args.shard_size,
-                dtype=_dtype(args.dtype),
+                dtype=parse_dtype(args.dtype, "--dtype"),
                 device=args.device,
                 progress=not args.no_progress,
             )
         return 0
     if args.lora_command == "divmerge":
-        from .lora_learn import run_divmerge_cli
+        from blockmerge.lora.learn import run_divmerge_cli
 
         return run_divmerge_cli(args)
     raise ValueError(f"unknown lora subcommand {args.lora_command!r}")
 
 
 def _merge_cli(args: argparse.Namespace, inputs: list[str], started: float) -> int:
-    from .report import final_line
+    from blockmerge.io.report import final_line
 
     base = Checkpoint(args.base) if args.base else None
     adapters, _ = read_adapters(args.adapters, base, base_given=args.base is not None)
@@ -758,7 +741,7 @@ def _merge_cli(args: argparse.Namespace, inputs: list[str], started: float) -> i
         svd_driver=args.svd_driver,
         majority_sign_method=args.majority_sign_method,
         seed=args.seed,
-        dtype=_dtype(args.dtype),
+        dtype=parse_dtype(args.dtype, "--dtype"),
     )
     info = {
         "adapters": list(map(str, args.adapters)),

@@ -29,12 +29,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-
-from .cache import default_cache
-from .evaluate import accuracy
-from .tasks import EOS_ID, GENERIC, PAD_ID, TASK_NAMES, VOCAB, CharTokenizer, TrainStream, eval_sets, get_task
-from .tasks import sample_prompts as _sample_prompts
-from .writer import claim_output
+from blockmerge.io.cache import default_cache
+from blockmerge.io.commit import claim_output
+from blockmerge.suite.evaluate import accuracy
+from blockmerge.suite.tasks import (
+    EOS_ID,
+    GENERIC,
+    PAD_ID,
+    TASK_NAMES,
+    VOCAB,
+    CharTokenizer,
+    TrainStream,
+    eval_sets,
+    get_task,
+)
+from blockmerge.suite.tasks import sample_prompts as _sample_prompts
 
 SUITE_VERSION = "suite-v3"
 
@@ -81,7 +90,7 @@ DEFAULT = SuiteConfig()
 
 @dataclass
 class Suite:
-    """A built suite; implements blockmerge.taskset.TaskSuite."""
+    """A built suite; implements blockmerge.suite.protocol.TaskSuite."""
 
     root: Path
     config: SuiteConfig
@@ -359,9 +368,8 @@ def build_suite(
 
 
 def _build(root: Path, config: SuiteConfig, rebuild: bool, log, progress: bool, claim) -> dict:
+    from blockmerge.io.report import progress as bar_of
     from transformers import AutoModelForCausalLM
-
-    from .report import progress as bar_of
 
     started, cpu_started = time.perf_counter(), time.process_time()
     load = os.getloadavg()[0]

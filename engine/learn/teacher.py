@@ -26,9 +26,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-
-from .losses import Targets, topk_targets
-from .modeling import StreamedModel
+from blockmerge.learn.losses import Targets, topk_targets
+from blockmerge.learn.model import StreamedModel
 
 
 @dataclass(frozen=True)

@@ -10,21 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from blockmerge.io.dtypes import SAFETENSORS_DTYPES
 from safetensors import safe_open
-
-SAFETENSORS_DTYPES = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
-DTYPE_NAMES = {v: k for k, v in SAFETENSORS_DTYPES.items()}
 
 # `model.layers.3.`, `transformer.h.3.`, `gpt_neox.layers.3.`, `model.decoder.layers.3.`
 LAYER_RE = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer)\.(\d+)\.")

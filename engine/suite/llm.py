@@ -1,4 +1,4 @@
-"""A `TaskSuite` (blockmerge.taskset) for a real pretrained causal LM: six templated tasks with exact answers
+"""A `TaskSuite` (blockmerge.suite.protocol) for a real pretrained causal LM: six templated tasks with exact answers
 (nothing downloaded), experts fully fine-tuned from the base on the answer tokens only, LoRA adapters,
 batched greedy evaluation, task-vector statistics, and the diagnostics of DivMerge's loss.
 
@@ -594,10 +594,10 @@ def greedy_token_ids(model, suite: LlmSuite, prompts: Sequence[str], max_new_tok
 
 class InMemoryMerge:
     """theta0 + sum_t c_t tau_t set in place into one model on `device`, for fast searches over coefficients
-    (task level: c [T]; layer level: c [T, n_blocks] in blockmerge.checkpoint's block order)."""
+    (task level: c [T]; layer level: c [T, n_blocks] in blockmerge.io.checkpoint's block order)."""
 
     def __init__(self, base: Path, experts: Sequence[Path], device: str = "cpu"):
-        from .checkpoint import Checkpoint, block_name
+        from blockmerge.io.checkpoint import Checkpoint, block_name
 
         self.model = load_causal_lm(base, device)
         self.names = [n for n, p in self.model.named_parameters()]

@@ -24,11 +24,10 @@ import math
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import torch
 import yaml
+from blockmerge.io.checkpoint import block_name
+from blockmerge.io.dtypes import DTYPES
 from pydantic import AfterValidator, BaseModel, ConfigDict, ValidationError, field_validator
-
-from .checkpoint import block_name
 
 METHODS = ("linear", "task_arithmetic", "ties", "dare_ties", "dare_linear", "slerp")
 
@@ -47,48 +46,9 @@ METHOD_PARAMS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "slerp": ({}, {"t": REQUIRED}),
 }
 
-DTYPES = {
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "float": torch.float32,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-    "half": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-}
-
 
 class ConfigError(ValueError):
     """A merge configuration is invalid; the message names the file and field."""
-
-
-def parse_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
-    if name is None or isinstance(name, torch.dtype):
-        return name
-    d = DTYPES.get(str(name).lower().removeprefix("torch."))
-    if d is None:
-        raise ConfigError(f"dtype {name!r}: expected one of {', '.join(sorted(DTYPES))}")
-    return d
-
-
-def parse_device(device: str | torch.device | None) -> torch.device:
-    """cpu (default), cuda or cuda:N, checked against what this machine has."""
-    if device is None:
-        return torch.device("cpu")
-    try:
-        d = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise ConfigError(f"device {device!r}: not a device (expected cpu, cuda or cuda:N)") from None
-    if d.type == "cpu":
-        return d
-    if d.type != "cuda":
-        raise ConfigError(f"device {device!r}: not supported (expected cpu, cuda or cuda:N)")
-    if not torch.cuda.is_available():
-        raise ConfigError(f"device {device!r}: CUDA is not available on this machine (use cpu)")
-    if d.index is not None and d.index >= torch.cuda.device_count():
-        raise ConfigError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    return d
 
 
 def _check_value(v: Any, where: str) -> None:

@@ -16,23 +16,21 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
-
-from .checkpoint import Checkpoint, check_compatible
-from .config import (
+from blockmerge.io.checkpoint import Checkpoint, check_compatible
+from blockmerge.io.commit import OutputExistsError, check_not_input, claim_output
+from blockmerge.io.dtypes import DTYPE_CHOICES, parse_device, parse_dtype
+from blockmerge.io.report import final_line
+from blockmerge.io.stream import stream_blocks
+from blockmerge.io.writer import CheckpointWriter, parse_size
+from blockmerge.merge.config import (
     ConfigError,
     MergeConfig,
     ParameterResolver,
     load_config,
-    parse_device,
-    parse_dtype,
     resolve_plan,
 )
-from .report import final_line
-from .stream import stream_blocks
-from .writer import CheckpointWriter, OutputExistsError, check_not_input, claim_output, parse_size
+from tqdm.auto import tqdm
 
-DTYPE_NAMES_CLI = ("float32", "float16", "bfloat16", "fp32", "fp16", "bf16")
 MergeTensorFn = Callable[[str, torch.Tensor, list[torch.Tensor]], torch.Tensor]
 
 _CONFIG_DTYPE = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
@@ -148,7 +146,7 @@ def plan_merge(
     """Parse and check a mergekit-style config, open the checkpoints and build the per-tensor function.
     Every tensor's parameters are resolved here, before any tensor is read, so config errors come first:
     numbers finite, density in (0, 1] where it is used, slerp's t in [0, 1] unless `extrapolate`."""
-    from . import methods
+    from blockmerge.merge import methods
 
     cfg = load_config(config)
     plan, _ = resolve_plan(cfg)
@@ -250,7 +248,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("out", help="output folder (written to a temporary folder, renamed when complete)")
     p.add_argument("--force", action="store_true", help="replace OUT if it exists")
     p.add_argument("--shard-size", default="5GB", help="maximum shard size, e.g. 5GB, 500MB (default 5GB)")
-    p.add_argument("--dtype", default=None, choices=DTYPE_NAMES_CLI, help="output dtype (default: config's or base's)")
+    p.add_argument("--dtype", default=None, choices=DTYPE_CHOICES, help="output dtype (default: config's or base's)")
     p.add_argument("--device", default=None, help="where tensors are combined: cpu (default) or cuda")
     p.add_argument("--seed", type=int, default=None, help="DARE seed (overrides parameters.seed; default 0)")
     p.add_argument("--extrapolate", action="store_true", help="allow slerp's t outside [0, 1]")

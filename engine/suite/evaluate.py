@@ -10,9 +10,8 @@ from pathlib import Path
 from typing import Protocol
 
 import torch
-
-from .modeling import cache_kwarg
-from .tasks import MAX_ANSWER, CharTokenizer
+from blockmerge.learn.model import cache_kwarg
+from blockmerge.suite.tasks import MAX_ANSWER, CharTokenizer
 
 
 def load_model(path: str | Path, device: str = "cpu"):

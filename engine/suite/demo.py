@@ -1,8 +1,8 @@
 """`blockmerge demo`: build (or reuse) the synthetic task suite and compare merging methods on subsets of
 k tasks, printing per-task normalised accuracy (merged / expert) and ANP for each method.
 
-Every merge goes through blockmerge like any other model: static methods via `blockmerge.merge.run_merge`
-with mergekit-style configs, learned ones via `blockmerge.divmerge.learn` + `write_merged`; merged
+Every merge goes through blockmerge like any other model: static methods via `blockmerge.merge.run.run_merge`
+with mergekit-style configs, learned ones via `blockmerge.learn.full.learn` + `write_merged`; merged
 checkpoints are written to a temporary folder, loaded with transformers, evaluated and deleted."""
 
 from __future__ import annotations
@@ -17,10 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-
-from .evaluate import accuracy, anp, load_model, normalized, task_subsets
-from .suite import DEFAULT, SuiteConfig, build_suite
-from .taskset import TaskSuite
+from blockmerge.suite.build import DEFAULT, SuiteConfig, build_suite
+from blockmerge.suite.evaluate import accuracy, anp, load_model, normalized, task_subsets
+from blockmerge.suite.protocol import TaskSuite
 
 # name -> (kind, options); the order is the table's order
 METHODS: dict[str, tuple[str, dict]] = {
@@ -83,12 +82,12 @@ def static_config(
 
 
 class Comparison:
-    """Runs methods on subsets of any TaskSuite (blockmerge.taskset); caches the experts' accuracies (the
+    """Runs methods on subsets of any TaskSuite (blockmerge.suite.protocol); caches the experts' accuracies (the
     normalisers) and the experts' teacher passes."""
 
     def __init__(self, suite: TaskSuite, settings: Settings | None = None, log: Callable[[str], None] | None = None):
         if not isinstance(suite, TaskSuite):
-            raise TypeError(f"{type(suite).__name__} does not implement blockmerge.taskset.TaskSuite")
+            raise TypeError(f"{type(suite).__name__} does not implement blockmerge.suite.protocol.TaskSuite")
         self.suite = suite
         self.s = settings or Settings()
         self.log = log or (lambda m: print(m, file=sys.stderr, flush=True))
@@ -112,7 +111,7 @@ class Comparison:
         return {t: self.accuracy(model, t, split) for t in subset}
 
     def _merge_static(self, method: str, subset, out: Path, lam: float | Sequence[float] = 1.0) -> Path:
-        from .merge import run_merge
+        from blockmerge.merge.run import run_merge
 
         return run_merge(static_config(method, self.suite, subset, self.s, lam), out, force=True, progress=False)
 
@@ -131,7 +130,7 @@ class Comparison:
         return [[self.suite.encode_prompt(p) for p in self.suite.unlabeled(t, self.s.n_unlabeled)] for t in subset]
 
     def _learn(self, opts: dict, subset, out: Path) -> tuple[Path, dict]:
-        from .divmerge import learn, write_merged
+        from blockmerge.learn.full import learn, write_merged
 
         experts = _expert_dirs(self.suite, subset)
         res = learn(
@@ -248,7 +247,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--suite",
         default=None,
-        help="MODULE:FUNCTION returning a blockmerge.taskset.TaskSuite (default: the built-in suite)",
+        help="MODULE:FUNCTION returning a blockmerge.suite.protocol.TaskSuite (default: the built-in suite)",
     )
     p.add_argument(
         "--cache", default=None, help="suite cache folder (default $BLOCKMERGE_CACHE or ~/.cache/blockmerge)"
@@ -286,7 +285,9 @@ def load_suite(spec: str | None, cache=None, seed: int = 0, rebuild: bool = Fals
     except (ImportError, AttributeError) as e:
         raise ValueError(f"--suite {spec!r}: {e}") from None
     if not isinstance(suite, TaskSuite):
-        raise ValueError(f"--suite {spec!r}: {type(suite).__name__} does not implement blockmerge.taskset.TaskSuite")
+        raise ValueError(
+            f"--suite {spec!r}: {type(suite).__name__} does not implement blockmerge.suite.protocol.TaskSuite"
+        )
     return suite
 
 
