@@ -222,3 +222,25 @@ def test_quality_llm_table_marks_partial_cells():
     assert cell(0.9625, 2, 3) == "0.963 (n=2)"
     assert cell(0.9625, 3, 3) == "0.963"
     assert cell(None, None, 3) == ""
+
+
+def test_distributed_merge_benchmark(family, tmp_path):
+    r = run(
+        "distributed_merge.py",
+        "--root",
+        str(family),
+        "--shape",
+        "tiny",
+        "--experts",
+        "2",
+        "--smoke",
+        "--out-dir",
+        str(tmp_path),
+        "--work",
+        str(tmp_path),
+    )
+    rows = read_csv(tmp_path / "distributed_merge.csv")
+    assert [int(x["processes"]) for x in rows] == [1, 2]
+    assert all(x["identical_to_first"] == "True" for x in rows), r.stdout
+    assert all(float(x["peak_rss_GiB_per_rank"]) > 0 and float(x["seconds"]) > 0 for x in rows)
+    assert not list(tmp_path.glob("distributed-merge-*"))  # outputs removed

@@ -67,70 +67,66 @@ def _nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
     return n * torch.empty((), dtype=dtype).element_size()
 
 
-class CheckpointWriter:
-    """with CheckpointWriter(out, [(name, shape, dtype), ...]) as w: w.write(name, t) ...; w.finish(base_dir)
+def plan_shards(
+    tensors: Sequence[tuple[str, tuple[int, ...], torch.dtype]], limit: int, metadata: dict[str, str]
+) -> list[tuple[str, bytes, int, dict[str, _Slot]]]:
+    """(file name, header bytes, file size, {tensor: slot}) per shard: tensors in the order given (block
+    order, so writes are sequential), a new shard when the next tensor would pass `limit`. A pure function of
+    its arguments, so every process of a distributed merge plans the same files."""
+    shards: list[list[tuple[str, tuple[int, ...], torch.dtype]]] = [[]]
+    size = 0
+    for t in tensors:
+        nb = _nbytes(t[1], t[2])
+        if shards[-1] and size + nb > limit:
+            shards.append([])
+            size = 0
+        shards[-1].append(t)
+        size += nb
+    n = len(shards)
+    files = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+    return [_plan_shard(f, shard, metadata) for f, shard in zip(files, shards, strict=True)]
 
-    Holds a claim on OUT (lock, checks, staging folder) from construction to `finish` (commit) or `abort`;
-    `inputs` are the paths read to make the output (OUT may not be, lie in or contain one of them)."""
 
-    def __init__(
-        self,
-        out: str | Path,
-        tensors: list[tuple[str, tuple[int, ...], torch.dtype]],
-        shard_size: int | str = "5GB",
-        force: bool = False,
-        metadata: dict[str, str] | None = None,
-        inputs: Sequence[str | Path] = (),
-    ):
-        limit = parse_size(shard_size)  # before anything exists on disk
+def _plan_shard(fname: str, shard: list, metadata: dict[str, str]) -> tuple[str, bytes, int, dict[str, _Slot]]:
+    header: dict = {"__metadata__": metadata}
+    pos = 0
+    for name, shape, dtype in shard:
+        nb = _nbytes(shape, dtype)
+        header[name] = {"dtype": SAFETENSORS_CODES[dtype], "shape": list(shape), "data_offsets": [pos, pos + nb]}
+        pos += nb
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # data section starts 8-byte aligned
+    head = len(raw).to_bytes(8, "little") + raw
+    slots = {
+        name: _Slot(fname, len(head) + header[name]["data_offsets"][0], tuple(shape), dtype)
+        for name, shape, dtype in shard
+    }
+    return fname, head, len(head) + pos, slots
+
+
+class ShardFiles:
+    """The planned shard files of one output in a staging folder, open for writing tensors at their offsets.
+    `create=True` makes the files (header written, size set); `create=False` opens files another process of a
+    distributed run created, to write the tensors this process merges."""
+
+    def __init__(self, folder: Path, plan: list[tuple[str, bytes, int, dict[str, _Slot]]], create: bool):
+        self.folder = folder
+        self.files = [f for f, _, _, _ in plan]
         self.slots: dict[str, _Slot] = {}
         self._fds: dict[str, int] = {}
-        self.claim = acquire_output(out, force=force, inputs=inputs)
-        self.out = self.claim.out
         try:
-            self.tmp = self.claim.staging()
+            for fname, head, size, slots in plan:
+                flags = os.O_RDWR | (os.O_CREAT | os.O_TRUNC if create else 0)
+                fd = self._fds[fname] = os.open(folder / fname, flags, 0o644)
+                if create:
+                    os.pwrite(fd, head, 0)
+                    os.ftruncate(fd, size)
+                elif os.fstat(fd).st_size != size:
+                    raise OSError(f"{folder / fname}: {os.fstat(fd).st_size} bytes, planned {size}")
+                self.slots.update(slots)
         except BaseException:
-            self.claim.release()
+            self.close()
             raise
-        try:
-            self._plan(tensors, limit, metadata or {"format": "pt"})
-        except BaseException:
-            self.abort()
-            raise
-
-    def _plan(self, tensors: list, limit: int, metadata: dict[str, str]) -> None:
-        shards: list[list[tuple[str, tuple[int, ...], torch.dtype]]] = [[]]
-        size = 0
-        for t in tensors:  # in the order given (block order), so writes are sequential
-            nb = _nbytes(t[1], t[2])
-            if shards[-1] and size + nb > limit:
-                shards.append([])
-                size = 0
-            shards[-1].append(t)
-            size += nb
-        n = len(shards)
-        self.files = (
-            ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
-        )
-        for fname, shard in zip(self.files, shards, strict=True):
-            self._plan_shard(fname, shard, metadata)
-
-    def _plan_shard(self, fname: str, shard: list, metadata: dict[str, str]) -> None:
-        header: dict = {"__metadata__": metadata}
-        pos = 0
-        for name, shape, dtype in shard:
-            nb = _nbytes(shape, dtype)
-            header[name] = {"dtype": SAFETENSORS_CODES[dtype], "shape": list(shape), "data_offsets": [pos, pos + nb]}
-            pos += nb
-        raw = json.dumps(header, separators=(",", ":")).encode()
-        raw += b" " * (-len(raw) % 8)  # data section starts 8-byte aligned
-        data_start = 8 + len(raw)
-        fd = os.open(self.tmp / fname, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
-        self._fds[fname] = fd
-        os.pwrite(fd, len(raw).to_bytes(8, "little") + raw, 0)
-        os.ftruncate(fd, data_start + pos)
-        for name, shape, dtype in shard:
-            self.slots[name] = _Slot(fname, data_start + header[name]["data_offsets"][0], tuple(shape), dtype)
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         slot = self.slots.get(name)
@@ -147,17 +143,68 @@ class CheckpointWriter:
             view, off = view[n:], off + n
         slot.written = True
 
+    def unwritten(self) -> list[str]:
+        return [n for n, s in self.slots.items() if not s.written]
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+
+def write_index(folder: Path, shards: ShardFiles) -> None:
+    """model.safetensors.index.json for a sharded output (nothing for one file)."""
+    if len(shards.files) > 1:
+        index = {
+            "metadata": {"total_size": sum(_nbytes(s.shape, s.dtype) for s in shards.slots.values())},
+            "weight_map": {n: s.file for n, s in shards.slots.items()},
+        }
+        (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+
+class CheckpointWriter:
+    """with CheckpointWriter(out, [(name, shape, dtype), ...]) as w: w.write(name, t) ...; w.finish(base_dir)
+
+    Holds a claim on OUT (lock, checks, staging folder) from construction to `finish` (commit) or `abort`;
+    `inputs` are the paths read to make the output (OUT may not be, lie in or contain one of them)."""
+
+    def __init__(
+        self,
+        out: str | Path,
+        tensors: list[tuple[str, tuple[int, ...], torch.dtype]],
+        shard_size: int | str = "5GB",
+        force: bool = False,
+        metadata: dict[str, str] | None = None,
+        inputs: Sequence[str | Path] = (),
+    ):
+        plan = plan_shards(tensors, parse_size(shard_size), metadata or {"format": "pt"})  # before anything exists
+        self.shards: ShardFiles | None = None
+        self.claim = acquire_output(out, force=force, inputs=inputs)
+        self.out = self.claim.out
+        try:
+            self.tmp = self.claim.staging()
+        except BaseException:
+            self.claim.release()
+            raise
+        try:
+            self.shards = ShardFiles(self.tmp, plan, create=True)
+        except BaseException:
+            self.abort()
+            raise
+
+    @property
+    def slots(self) -> dict[str, _Slot]:
+        return self.shards.slots
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        self.shards.write(name, tensor)
+
     def finish(self, copy_from: str | Path | None = None, extra_json: dict[str, dict] | None = None) -> Path:
-        missing = [n for n, s in self.slots.items() if not s.written]
+        missing = self.shards.unwritten()
         if missing:
             raise RuntimeError(f"output incomplete: tensor {missing[0]} (and {len(missing) - 1} more) never written")
-        self._close()
-        if len(self.files) > 1:
-            index = {
-                "metadata": {"total_size": sum(_nbytes(s.shape, s.dtype) for s in self.slots.values())},
-                "weight_map": {n: s.file for n, s in self.slots.items()},
-            }
-            (self.tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+        self.shards.close()
+        write_index(self.tmp, self.shards)
         if copy_from is not None:
             for f in COPIED_FILES:
                 src = Path(copy_from) / f
@@ -171,11 +218,6 @@ class CheckpointWriter:
             self._release()
         return self.out
 
-    def _close(self) -> None:
-        for fd in self._fds.values():
-            os.close(fd)
-        self._fds.clear()
-
     def _release(self) -> None:
         if self.claim is not None:
             self.claim.release()
@@ -183,7 +225,8 @@ class CheckpointWriter:
 
     def abort(self) -> None:
         """Drop the unfinished output (idempotent)."""
-        self._close()
+        if self.shards is not None:
+            self.shards.close()
         if self.claim is not None:
             self.claim.discard(self.tmp)
             self._release()

@@ -13,6 +13,7 @@ import os
 import sys
 import time
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -29,6 +30,7 @@ from blockmerge.merge.config import (
     load_config,
     resolve_plan,
 )
+from blockmerge.merge.distributed import DistributedWriter, Group, in_job
 from tqdm.auto import tqdm
 
 MergeTensorFn = Callable[[str, torch.Tensor, list[torch.Tensor]], torch.Tensor]
@@ -64,6 +66,7 @@ def stream_merge(
     extra_json: dict[str, dict] | None = None,
     desc: str = "merge",
     inputs: Sequence[str | Path] = (),
+    group: Group | None = None,
 ) -> Path:
     """Write OUT = merge_tensor(name, base[name], [e[name] for e in experts]) for every tensor of the base.
 
@@ -72,7 +75,8 @@ def stream_merge(
     `extra_json` files ({filename: object}) are written last, so they may replace config.json.
     Everything goes to a staging folder beside OUT, renamed into place when complete (writer.OutputClaim);
     OUT may not be, lie in or contain the base, an expert or one of `inputs`. Input tensors with NaN/Inf are
-    an error naming the model and tensor (checkpoint.check_finite)."""
+    an error naming the model and tensor (checkpoint.check_finite). With `group` (a torch.distributed job),
+    this process merges its share of the blocks into the shared output (blockmerge.merge.distributed)."""
     started = time.perf_counter()
     out = Path(out)
     parse_size(shard_size)
@@ -85,8 +89,12 @@ def stream_merge(
     out_dtype = parse_dtype(dtype)
     models = [base, *experts]
     blocks = base.blocks()
+    if group is not None:
+        dev = group.device(dev)
+        blocks = [blocks[i] for i in group.share([sum(base.tensors[n].nbytes for n in b.tensors) for b in blocks])]
+        progress = progress and group.rank == 0
     plan = []
-    for b in blocks:
+    for b in base.blocks():
         for name in b.tensors:
             info = base.tensors[name]
             dt = out_dtype if (out_dtype is not None and info.dtype.is_floating_point) else info.dtype
@@ -98,9 +106,13 @@ def stream_merge(
         if cfg is not None:
             extra["config.json"] = cfg
     extra.update(extra_json or {})
-    total = sum(m.nbytes for m in models)
+    total = sum(base.tensors[n].nbytes for b in blocks for n in b.tensors) * len(models)
     done = 0
-    with CheckpointWriter(out, plan, shard_size=shard_size, force=force, inputs=inputs) as writer:
+    if group is None:
+        writer = CheckpointWriter(out, plan, shard_size=shard_size, force=force, inputs=inputs)
+    else:
+        writer = DistributedWriter(group, out, plan, shard_size=shard_size, force=force, inputs=inputs)
+    with writer:
         bar = tqdm(
             total=total,
             desc=desc,
@@ -226,21 +238,28 @@ def run_merge(
     record = cfg.model_dump(exclude_none=True, exclude={"source_dir"})
     config_file = [config] if isinstance(config, Path) or (isinstance(config, str) and os.path.isfile(config)) else []
     inputs = [base.path, *(e.path for e in experts), *config_file]
-    with claim_output(out, force=force, inputs=inputs):
-        return stream_merge(
-            base,
-            experts,
-            out,
-            fn,
-            force=force,
-            shard_size=shard_size,
-            dtype=out_dtype,
-            device=device,
-            progress=progress,
-            extra_json={"blockmerge_config.json": record},
-            desc=cfg.merge_method,
-            inputs=config_file,
-        )
+    group = Group() if in_job() else None  # launched by torchrun / accelerate: share the blocks
+    try:
+        # rank 0 holds OUT's claim for the whole run; the other ranks write into its staging folder
+        with claim_output(out, force=force, inputs=inputs) if group is None or group.rank == 0 else nullcontext():
+            return stream_merge(
+                base,
+                experts,
+                out,
+                fn,
+                force=force,
+                shard_size=shard_size,
+                dtype=out_dtype,
+                device=device,
+                progress=progress,
+                extra_json={"blockmerge_config.json": record},
+                desc=cfg.merge_method,
+                inputs=config_file,
+                group=group,
+            )
+    finally:
+        if group is not None:
+            group.close()
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
