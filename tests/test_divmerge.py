@@ -10,9 +10,11 @@ import pytest
 import torch
 from blockmerge.cli import main
 from blockmerge.io.checkpoint import Checkpoint, block_name
-from blockmerge.learn.full import StreamedMerge, learn, load_config, make_batch, teacher_folders, write_merged
+from blockmerge.learn.full import StreamedMerge, learn, write_merged
+from blockmerge.learn.learner import make_batch
 from blockmerge.learn.losses import Targets, chunked_head_loss, divergence, topk_targets
-from blockmerge.learn.teacher import TeacherData, TeacherSpec
+from blockmerge.learn.settings import DivMergeConfig, load_config
+from blockmerge.learn.teacher import ExpertTeachers, TeacherData, TeacherSpec, teacher_folders
 from blockmerge.suite.synth import make_family
 from torch.func import functional_call
 from transformers import AutoModelForCausalLM
@@ -82,7 +84,7 @@ def test_streamed_gradient_equals_autograd(
     spec = TeacherSpec(
         max_new_tokens=5, eos_token_id=1, full_vocab_max=full_vocab_max, topk=8, store_dists=objective != "entropy"
     )
-    data = TeacherData(teacher_folders(base, experts, prompts(1), tmp_path, spec, progress=False))
+    data = TeacherData(teacher_folders(ExpertTeachers(experts), prompts(1), tmp_path, spec, progress=False))
     batch = make_batch([(0, 0), (1, 2), (2, 1), (0, 3), (1, 1)], data)
     sm = StreamedMerge(base, experts, token_chunk=7, attn_implementation="sdpa", resident_max_bytes=memory)
     assert sm.graph_fits(batch) == (memory > 0)
@@ -309,4 +311,4 @@ def test_bad_data_and_yaml(families, tmp_path):
         run_divmerge(path, tmp_path / "out", progress=False)
     path.write_text("base_model: [unclosed\n")
     with pytest.raises(ValueError, match="invalid YAML"):
-        load_config(path)
+        load_config(path, DivMergeConfig, "models")

@@ -1,0 +1,64 @@
+"""What the one DivMerge learner (blockmerge.learn.learner) needs from a merged model
+
+    theta(Gamma) = theta_0 + sum_t Gamma[t, block] delta_t          (T task models, blocks of the base)
+
+that is streamed block by block. Two implementations: full task vectors delta_t = theta_t - theta_0
+(blockmerge.learn.full.StreamedMerge) and LoRA factors delta_t = s_t B_t A_t
+(blockmerge.lora.learn.StreamedLoraMerge). Batching, the Adam loop, the teacher pass and its cache, the
+output commit and the `divmerge` flow are the learner's; the maths of one step, the teachers and the
+output format are the implementation's."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import ClassVar, Protocol
+
+import torch
+from blockmerge.io.checkpoint import Block
+from blockmerge.learn.model import StreamedModel
+from blockmerge.learn.teacher import TeacherRun, TeacherSpec
+
+
+class StreamedMergedModel(Protocol):
+    command: ClassVar[str]  # the CLI command ('divmerge', 'lora divmerge'): progress bars and messages
+    entries: ClassVar[tuple[str, str]]  # the YAML's list of task models and its folder field: ('models', 'model')
+    noun: ClassVar[str]  # one task model, in messages: 'expert', 'adapter'
+    settings_type: ClassVar[type]  # the LearnSettings subclass of the Python API
+    config_type: ClassVar[type]  # the YAML's schema: settings_type + base_model + entries
+
+    T: int  # number of tasks (task models)
+    blocks: list[Block]  # the base's blocks: embed, layers.{i}, head
+    block_names: list[str]
+    model: StreamedModel  # the base's streamed skeleton (its config: vocabulary size)
+
+    @classmethod
+    def open(cls, base_dir: Path, dirs: Sequence[Path], settings, budget: int) -> StreamedMergedModel:
+        """The merged model of a base and T task-model folders; `budget`: bytes of blocks kept resident."""
+        ...
+
+    def loss_and_grad(
+        self, gamma: torch.Tensor, batch, objective: str = "js", backward: bool = True
+    ) -> tuple[float, torch.Tensor | None]:
+        """Loss of `batch` (blockmerge.learn.learner.Batch) at coefficients gamma [T, n_blocks] and, with
+        `backward`, dL/dGamma [T, n_blocks]."""
+        ...
+
+    def teacher_key(self, t: int) -> tuple[str, list]:
+        """Task t's teacher: a folder-name prefix and what its outputs depend on besides the prompts and
+        the TeacherSpec (files, fingerprints, settings), hashed into the cache key."""
+        ...
+
+    def teachers(self, tasks: Sequence[int], spec: TeacherSpec) -> Iterator[TeacherRun]:
+        """The streamed forward of the teachers of `tasks`: one TeacherRun per model pass (a run may serve
+        several tasks, picking each row's teacher with `select`)."""
+        ...
+
+    @staticmethod
+    def write(
+        base_dir: Path, dirs: Sequence[Path], coefficients: torch.Tensor, out: Path, settings, *,
+        force: bool, progress: bool, info: dict,
+    ) -> Path:  # fmt: skip
+        """Write the merged model at `coefficients` [T, n_blocks] to OUT (the run has claimed it), with
+        `info` (divmerge.json) beside it."""
+        ...
