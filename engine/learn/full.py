@@ -42,58 +42,39 @@ from blockmerge.kernels import combine, project
 from blockmerge.learn import learner
 from blockmerge.learn.learner import Batch, LearnResult
 from blockmerge.learn.losses import check_objective
-from blockmerge.learn.model import StreamedModel
+from blockmerge.learn.protocol import StreamedBase
 from blockmerge.learn.settings import DivMergeConfig, LearnSettings, with_overrides
 from blockmerge.learn.teacher import ExpertTeachers, TeacherSpec
 
 LOGITS_CHUNK_BYTES = 32 << 20
 
 
-class StreamedMerge:
+class StreamedMerge(StreamedBase):
     """The merged model theta(Gamma) of a base and experts, streamed block by block: loss and dL/dGamma
     (a blockmerge.learn.protocol.StreamedMergedModel; each expert checkpoint is its own teacher)."""
 
     command, entries, noun = "divmerge", ("models", "model"), "expert"
     settings_type, config_type = LearnSettings, DivMergeConfig
 
-    def __init__(
-        self,
-        base_dir: str | Path,
-        expert_dirs: Sequence[str | Path],
-        *,
-        device: str | torch.device = "cpu",
-        dtype: torch.dtype = torch.float32,
-        attn_implementation: str = "sdpa",
-        token_chunk: int | None = None,
-        resident_max_bytes: int = 0,
-        teacher_memory: int | None = None,
-    ):
-        self.base = Checkpoint(base_dir)
+    def __init__(self, base_dir, expert_dirs, *, resident_max_bytes: int = 0, teacher_memory: int | None = None,
+                 **options):  # fmt: skip
+        """`options`: device, dtype (compute), attn_implementation, token_chunk (StreamedBase; default
+        positions of ~LOGITS_CHUNK_BYTES of fp32 logits); `teacher_memory`: the experts' teacher passes'
+        budget (default `resident_max_bytes`)."""
+        super().__init__(base_dir, **options)
         self.experts = [Checkpoint(e) for e in expert_dirs]
         if not self.experts:
             raise ValueError("divmerge needs at least one expert model")
         check_compatible(self.base, self.experts)
-        self.device = torch.device(device)
-        self.dtype = dtype
-        self.model = StreamedModel(self.base, attn_implementation=attn_implementation, device=self.device)
         self.source = BlockSource([self.base, *self.experts], device=self.device, resident_max_bytes=resident_max_bytes)
         self.budget = resident_max_bytes
         vocab = self.model.config.get_text_config().vocab_size
-        # positions per head chunk: default so that one chunk's fp32 logits take ~LOGITS_CHUNK_BYTES
-        self.token_chunk = token_chunk or max(16, LOGITS_CHUNK_BYTES // (4 * vocab))
-        self.blocks = self.model.blocks
-        self.block_names = self.model.block_names
+        self.token_chunk = self.token_chunk or max(16, LOGITS_CHUNK_BYTES // (4 * vocab))
         self.T = len(self.experts)
         self.expert_teachers = ExpertTeachers(
-            expert_dirs, device=self.device, attn_implementation=attn_implementation,
+            expert_dirs, device=self.device, attn_implementation=options.get("attn_implementation", "sdpa"),
             resident_max_bytes=resident_max_bytes if teacher_memory is None else teacher_memory,
         )  # fmt: skip
-
-    @classmethod
-    def open(cls, base_dir: Path, dirs: Sequence[Path], settings: LearnSettings, budget: int) -> StreamedMerge:
-        return cls(base_dir, dirs, device=settings.device, dtype=getattr(torch, settings.compute_dtype),
-                   attn_implementation=settings.attn_implementation, token_chunk=settings.token_chunk,
-                   resident_max_bytes=budget)  # fmt: skip
 
     def teacher_key(self, t: int) -> tuple[str, list]:
         return self.expert_teachers.teacher_key(t)
@@ -307,26 +288,15 @@ def write_merged(
     )
 
 
-def learn(
-    base_dir: str | Path,
-    expert_dirs: Sequence[str | Path],
-    inputs: Sequence[Sequence[Sequence[int]]],
-    settings: LearnSettings | None = None,
-    *,
-    progress: bool = True,
-    num_threads: int | None = None,
-    **overrides,
-) -> LearnResult:
+def learn(base_dir, expert_dirs, inputs, settings: LearnSettings | None = None, **overrides) -> LearnResult:
     """Learn merge coefficients. `inputs[t]` are task t's prompts (lists of token ids, no padding);
     `settings` (LearnSettings, the YAML's fields) with keyword `overrides` of its fields, e.g.
     `learn(base, experts, inputs, level="task", steps=50)`. Returns coefficients [T, n_blocks] (task level:
     the same value in every block of a task). `memory`: bytes (or '8GiB') of base and expert blocks kept
     resident while learning and during each expert's teacher pass; default half of the free memory.
     `cache_dir`: teacher passes, reused across runs; default `<blockmerge cache>/teacher`.
-    `num_threads`: see blockmerge.learn.learner.learn."""
-    settings = with_overrides(settings, LearnSettings, overrides)
-    return learner.learn(StreamedMerge, base_dir, expert_dirs, inputs, settings, progress=progress,
-                         num_threads=num_threads)  # fmt: skip
+    `progress` (default True), `num_threads`: see blockmerge.learn.learner.learn."""
+    return learner.learn(StreamedMerge, base_dir, expert_dirs, inputs, settings, **overrides)
 
 
 def run_divmerge(config, out, *, force=False, steps=None, device=None, progress=True, memory=None):

@@ -22,7 +22,14 @@ from blockmerge.io.checkpoint import Checkpoint
 from blockmerge.io.commit import claim_output
 from blockmerge.io.stream import memory_budget, parse_memory
 from blockmerge.learn.losses import Targets
-from blockmerge.learn.settings import LearnSettings, check_prompts, input_files, load_config, resolve_inputs
+from blockmerge.learn.settings import (
+    LearnSettings,
+    check_prompts,
+    input_files,
+    load_config,
+    resolve_inputs,
+    with_overrides,
+)
 from blockmerge.learn.teacher import TeacherData, TeacherSpec, teacher_folders
 
 SMALL_MODEL_BYTES = 64 << 20
@@ -107,12 +114,14 @@ def teacher_data(merge, inputs, settings: LearnSettings, progress: bool) -> Teac
     return TeacherData(teacher_folders(merge, inputs, cache, teacher_spec(settings), progress))
 
 
-def learn(kind, base_dir, dirs, inputs, settings: LearnSettings, *, progress: bool = True,
-          num_threads: int | None = None) -> LearnResult:  # fmt: skip
+def learn(kind, base_dir, dirs, inputs, settings: LearnSettings | None = None, *, progress: bool = True,
+          num_threads: int | None = None, **overrides) -> LearnResult:  # fmt: skip
     """Learn coefficients of the `kind` (a StreamedMergedModel class) of base + task models `dirs`;
-    `inputs[t]` are task t's prompts (token-id lists). `num_threads`: torch intra-op threads while learning
+    `inputs[t]` are task t's prompts (token-id lists); `settings` (default: `kind.settings_type`'s defaults)
+    with keyword `overrides` of its fields, validated once. `num_threads`: torch intra-op threads while learning
     (restored after); default 1 for models under SMALL_MODEL_BYTES, whose ops are too small to gain from
     threads (and lose badly on a busy CPU), else unchanged."""
+    settings = with_overrides(settings, kind.settings_type, overrides)
     dirs = [Path(d) for d in dirs]
     if len(inputs) != len(dirs):
         raise ValueError(f"inputs: {len(inputs)} prompt lists for {len(dirs)} {kind.noun}s")

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import ClassVar, Protocol
 
 import torch
-from blockmerge.io.checkpoint import Block
+from blockmerge.io.checkpoint import Block, Checkpoint
 from blockmerge.learn.model import StreamedModel
 from blockmerge.learn.teacher import TeacherRun, TeacherSpec
 
@@ -62,3 +62,32 @@ class StreamedMergedModel(Protocol):
         """Write the merged model at `coefficients` [T, n_blocks] to OUT (the run has claimed it), with
         `info` (divmerge.json) beside it."""
         ...
+
+
+class StreamedBase:
+    """What the two implementations share: the base checkpoint and its streamed skeleton on `device`, the
+    compute dtype, the head's chunk of positions, and `open` from the settings."""
+
+    def __init__(
+        self,
+        base_dir: str | Path,
+        *,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+        attn_implementation: str = "sdpa",
+        token_chunk: int | None = None,
+    ):
+        self.base = Checkpoint(base_dir)
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.model = StreamedModel(self.base, attn_implementation=attn_implementation, device=self.device)
+        self.token_chunk = token_chunk
+        self.blocks = self.model.blocks
+        self.block_names = self.model.block_names
+
+    @classmethod
+    def open(cls, base_dir: Path, dirs: Sequence[Path], settings, budget: int, **more):
+        """The merged model of `settings` (a LearnSettings) with `budget` bytes of resident blocks."""
+        return cls(base_dir, dirs, device=settings.device, dtype=getattr(torch, settings.compute_dtype),
+                   attn_implementation=settings.attn_implementation, token_chunk=settings.token_chunk,
+                   resident_max_bytes=budget, **more)  # fmt: skip

@@ -12,12 +12,12 @@ import numbers
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
 import yaml
 from blockmerge.io.stream import parse_memory
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 
 class LearnSettings(BaseModel):
@@ -67,18 +67,22 @@ class ModelEntry(BaseModel):
     data: str
 
 
+def nonempty(what: str) -> AfterValidator:
+    """A YAML list of entries: at least one."""
+
+    def check(v: list) -> list:
+        if not v:
+            raise ValueError(f"at least one {what} is needed")
+        return v
+
+    return AfterValidator(check)
+
+
 class DivMergeConfig(LearnSettings):
     """`blockmerge divmerge` YAML: the settings, the base and the experts with their prompts."""
 
     base_model: str
-    models: list[ModelEntry]
-
-    @field_validator("models")
-    @classmethod
-    def _nonempty(cls, v):
-        if not v:
-            raise ValueError("at least one model is needed")
-        return v
+    models: Annotated[list[ModelEntry], nonempty("model")]
 
 
 def validated(schema: type[LearnSettings], raw: dict, where: str) -> LearnSettings:

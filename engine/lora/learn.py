@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
 from blockmerge.io.checkpoint import Checkpoint, block_name
@@ -27,12 +27,12 @@ from blockmerge.io.stream import BlockSource
 from blockmerge.learn import learner
 from blockmerge.learn.learner import Batch, LearnResult
 from blockmerge.learn.losses import check_objective
-from blockmerge.learn.model import StreamedModel
-from blockmerge.learn.settings import LearnSettings, with_overrides
+from blockmerge.learn.protocol import StreamedBase
+from blockmerge.learn.settings import LearnSettings, nonempty
 from blockmerge.learn.teacher import TeacherRun, TeacherSpec, fingerprint
 from blockmerge.lora.adapters import Adapter, AdapterError, read_adapters
 from blockmerge.lora.lowrank import QUANTIZE, LowRankState, LowRankSumLinear
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field
 
 
 class LoraLearnSettings(LearnSettings):
@@ -56,48 +56,28 @@ class LoraDivMergeConfig(LoraLearnSettings):
     """`blockmerge lora divmerge` YAML: like `blockmerge divmerge`'s, with `adapters:` instead of `models:`."""
 
     base_model: str
-    adapters: list[AdapterEntry]
-
-    @field_validator("adapters")
-    @classmethod
-    def _nonempty(cls, v):
-        if not v:
-            raise ValueError("at least one adapter is needed")
-        return v
+    adapters: Annotated[list[AdapterEntry], nonempty("adapter")]
 
 
-class StreamedLoraMerge:
+class StreamedLoraMerge(StreamedBase):
     """Base model streamed block by block with adapters as low-rank sums: loss and dL/dGamma."""
 
     command, entries, noun = "lora divmerge", ("adapters", "adapter"), "adapter"
     settings_type, config_type = LoraLearnSettings, LoraDivMergeConfig
 
-    def __init__(
-        self,
-        base_dir: str | Path,
-        adapter_dirs: Sequence[str | Path],
-        *,
-        device: str | torch.device = "cpu",
-        dtype: torch.dtype = torch.float32,
-        attn_implementation: str = "sdpa",
-        token_chunk: int = 1024,
-        resident_max_bytes: int = 0,
-        quantize: str | None = None,
-    ):
+    def __init__(self, base_dir, adapter_dirs, *, resident_max_bytes: int = 0, quantize: str | None = None,
+                 **options):  # fmt: skip
+        """`options`: device, dtype (compute), attn_implementation, token_chunk (StreamedBase; default 1024)."""
         if quantize not in QUANTIZE:
             raise ValueError(f"quantize {quantize!r}: expected nf4, int8 or none")
-        self.base = Checkpoint(base_dir)
+        super().__init__(base_dir, **options)
+        self.token_chunk = self.token_chunk or 1024
         self.adapter_dirs = [Path(a) for a in adapter_dirs]
         if not self.adapter_dirs:
             raise AdapterError("divmerge over adapters needs at least one adapter")
         self.adapters, names = read_adapters(self.adapter_dirs, self.base, base_given=True)
-        self.device = torch.device(device)
-        self.dtype = dtype
-        self.model = StreamedModel(self.base, attn_implementation=attn_implementation, device=self.device)
-        self.source = BlockSource([self.base], device=self.device, resident_max_bytes=resident_max_bytes, dtype=dtype)
-        self.token_chunk = token_chunk
-        self.blocks = self.model.blocks
-        self.block_names = self.model.block_names
+        self.source = BlockSource([self.base], device=self.device, resident_max_bytes=resident_max_bytes,
+                                  dtype=self.dtype)  # fmt: skip
         self.T = len(self.adapters)
         self.state = LowRankState(len(self.blocks), quantize)
         self.adapted_blocks: set[int] = set()
@@ -108,9 +88,7 @@ class StreamedLoraMerge:
 
     @classmethod
     def open(cls, base_dir: Path, dirs: Sequence[Path], settings: LoraLearnSettings, budget: int):
-        return cls(base_dir, dirs, device=settings.device, dtype=getattr(torch, settings.compute_dtype),
-                   attn_implementation=settings.attn_implementation, token_chunk=settings.token_chunk,
-                   resident_max_bytes=budget, quantize=settings.quantize)  # fmt: skip
+        return super().open(base_dir, dirs, settings, budget, quantize=settings.quantize)
 
     def _install(self, names: dict[str, str]) -> None:
         sk = self.model.skeleton
@@ -292,22 +270,12 @@ def write_learned(
     return write_adapter(MergedAdapter(config, tensors), out, force=force, info=info, inputs=inputs)
 
 
-def learn(
-    base_dir: str | Path,
-    adapter_dirs: Sequence[str | Path],
-    inputs: Sequence[Sequence[Sequence[int]]],
-    settings: LoraLearnSettings | None = None,
-    *,
-    progress: bool = True,
-    num_threads: int | None = None,
-    **overrides,
-) -> LearnResult:
+def learn(base_dir, adapter_dirs, inputs, settings: LoraLearnSettings | None = None, **overrides) -> LearnResult:
     """Learn adapter coefficients. `inputs[t]` are adapter t's task prompts (token id lists); `settings`
-    (LoraLearnSettings) with keyword `overrides` of its fields, as blockmerge.learn.full.learn.
-    Returns coefficients [T, n_blocks] (blocks without adapted modules keep their initial value)."""
-    settings = with_overrides(settings, LoraLearnSettings, overrides)
-    return learner.learn(StreamedLoraMerge, base_dir, adapter_dirs, inputs, settings, progress=progress,
-                         num_threads=num_threads)  # fmt: skip
+    (LoraLearnSettings) with keyword `overrides` of its fields, `progress` and `num_threads`, as
+    blockmerge.learn.full.learn. Returns coefficients [T, n_blocks] (blocks without adapted modules keep
+    their initial value)."""
+    return learner.learn(StreamedLoraMerge, base_dir, adapter_dirs, inputs, settings, **overrides)
 
 
 def load_config(path: str | Path | dict) -> tuple[LoraDivMergeConfig, Path]:
