@@ -22,13 +22,6 @@ def add_arguments(p) -> None:
 def run(args) -> int:
     from blockmerge.learn.full import run_divmerge
 
-    run_divmerge(
-        args.config,
-        args.out,
-        force=args.force,
-        steps=args.steps,
-        device=args.device,
-        progress=not args.no_progress,
-        memory=args.memory,
-    )
+    run_divmerge(args.config, args.out, force=args.force, steps=args.steps, device=args.device,
+                 progress=not args.no_progress, memory=args.memory)  # fmt: skip
     return 0

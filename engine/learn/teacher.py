@@ -226,6 +226,7 @@ def teacher_folders(teachers, inputs, cache_dir: str | Path, spec: TeacherSpec, 
         with bar(sum(len(prompts[t]) for t in todo), "teacher", unit="seq", disable=not progress) as pbar:
             for run in teachers.teachers(todo, spec):
                 _generate(run, prompts, folders, keys, spec, pbar)
+                del run  # its resident blocks go before the next run's are read
     return folders
 
 

@@ -30,7 +30,16 @@ from blockmerge.learn.losses import check_objective
 from blockmerge.learn.protocol import StreamedBase
 from blockmerge.learn.settings import LearnSettings, nonempty
 from blockmerge.learn.teacher import TeacherRun, TeacherSpec, fingerprint
-from blockmerge.lora.adapters import Adapter, AdapterError, read_adapters
+from blockmerge.lora.adapters import (  # the adapter format, merge into base (public names on the loracli branch)
+    PREFIX,
+    Adapter,
+    AdapterError,
+    MergedAdapter,
+    merge_into_base,
+    read_adapters,
+    write_adapter,
+)
+from blockmerge.lora.adapters import _target_modules as target_modules
 from blockmerge.lora.lowrank import QUANTIZE, LowRankState, LowRankSumLinear
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -230,8 +239,6 @@ def write_learned(
 ) -> Path:
     """The learned merge: a full checkpoint W0 + sum_t Gamma[t, block] s_t B_t A_t (output='base'), or an
     exact cat adapter whose module blocks carry Gamma[t, block(module)] (output='adapter')."""
-    from blockmerge.lora.adapters import PREFIX, MergedAdapter, merge_into_base, write_adapter
-
     inputs = [base_dir, *adapter_dirs]
     if output == "base":
         return merge_into_base(
@@ -262,10 +269,8 @@ def write_learned(
         dt = adapters[0].dtype
         tensors[f"{PREFIX}{mod}.lora_A.weight"] = A.to(dt).contiguous()
         tensors[f"{PREFIX}{mod}.lora_B.weight"] = B.to(dt).contiguous()
-    from blockmerge.lora.adapters import _target_modules
-
     config = dict(adapters[0].config)
-    config.update(r=rank, lora_alpha=rank, target_modules=_target_modules(adapters), alpha_pattern={},
+    config.update(r=rank, lora_alpha=rank, target_modules=target_modules(adapters), alpha_pattern={},
                   rank_pattern={}, use_rslora=False)  # fmt: skip
     return write_adapter(MergedAdapter(config, tensors), out, force=force, info=info, inputs=inputs)
 
@@ -276,12 +281,6 @@ def learn(base_dir, adapter_dirs, inputs, settings: LoraLearnSettings | None = N
     blockmerge.learn.full.learn. Returns coefficients [T, n_blocks] (blocks without adapted modules keep
     their initial value)."""
     return learner.learn(StreamedLoraMerge, base_dir, adapter_dirs, inputs, settings, **overrides)
-
-
-def load_config(path: str | Path | dict) -> tuple[LoraDivMergeConfig, Path]:
-    from blockmerge.learn.settings import load_config as load
-
-    return load(path, LoraDivMergeConfig, "adapters")
 
 
 def run_divmerge(config, out, *, force=False, steps=None, device=None, output=None, progress=True, memory=None):
