@@ -76,15 +76,16 @@ def teacher_speed(experts, prompts, spec, budget, device, work: Path) -> tuple[f
 
 
 def step_seconds(base, experts, folders, budget, device, level, steps, batch_size) -> float:
-    from blockmerge.learn.full import StreamedMerge, optimize
+    from blockmerge.learn.full import StreamedMerge
+    from blockmerge.learn.learner import optimize
+    from blockmerge.learn.settings import LearnSettings
     from blockmerge.learn.teacher import TeacherData
 
     merge = StreamedMerge(base, experts, device=device, resident_max_bytes=budget)
     data = TeacherData(folders)
-    kw = dict(level=level, objective="js", epochs=None, lr=1e-2, batch_size=batch_size, init=None, seed=0,
-              progress=False, config={}, desc="")  # fmt: skip
-    optimize(merge, data, steps=1, **kw)  # warm-up: resident blocks are read here
-    return optimize(merge, data, steps=steps, **kw).seconds_per_step
+    kw = dict(level=level, objective="js", lr=1e-2, batch_size=batch_size, seed=0)
+    optimize(merge, data, LearnSettings(steps=1, **kw), progress=False)  # warm-up: resident blocks are read here
+    return optimize(merge, data, LearnSettings(steps=steps, **kw), progress=False).seconds_per_step
 
 
 def measure(a) -> list[dict]:

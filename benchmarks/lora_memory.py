@@ -38,13 +38,13 @@ from blockmerge.io.report import peak_rss_bytes as peak_rss
 a = json.loads(sys.argv[1])
 torch.set_num_threads(a["threads"])
 from blockmerge.lora.learn import StreamedLoraMerge, learn
-from blockmerge.learn.teacher import TeacherSpec
+from blockmerge.learn.teacher import TeacherSpec, teacher_folders
 t0 = time.perf_counter()
 if a["what"] == "teacher":
     sm = StreamedLoraMerge(a["base"], a["adapters"], token_chunk=a["token_chunk"], quantize=a["quantize"])
     spec = TeacherSpec(max_new_tokens=a["max_new_tokens"], eos_token_id=a["eos"], full_vocab_max=4096, topk=64)
     import pathlib
-    sm.teacher_folders(a["prompts"], pathlib.Path(a["cache"]), spec, progress=False)
+    teacher_folders(sm, a["prompts"], pathlib.Path(a["cache"]), spec, progress=False)
     print(json.dumps({"seconds": time.perf_counter() - t0, "peak_rss": peak_rss()}))
 else:
     res = learn(a["base"], a["adapters"], a["prompts"], level="layer", objective="js", steps=a["steps"],

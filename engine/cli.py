@@ -14,7 +14,7 @@ COMMANDS = {
         "blockmerge.merge.run",
         "static merge from a mergekit-style YAML (linear, task_arithmetic, ties, dare, slerp)",
     ),
-    "divmerge": ("blockmerge.learn.full", "learn merge coefficients by Jensen-Shannon divergence to the experts"),
+    "divmerge": ("blockmerge.learn.cli", "learn merge coefficients by Jensen-Shannon divergence to the experts"),
     "lora": (
         "blockmerge.lora.adapters",
         "merge LoRA adapters into an adapter or a base model, or learn their coefficients",

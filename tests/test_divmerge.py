@@ -10,9 +10,11 @@ import pytest
 import torch
 from blockmerge.cli import main
 from blockmerge.io.checkpoint import Checkpoint, block_name
-from blockmerge.learn.full import StreamedMerge, learn, load_config, make_batch, teacher_folders, write_merged
+from blockmerge.learn.full import StreamedMerge, learn, write_merged
+from blockmerge.learn.learner import make_batch
 from blockmerge.learn.losses import Targets, chunked_head_loss, divergence, topk_targets
-from blockmerge.learn.teacher import TeacherData, TeacherSpec
+from blockmerge.learn.settings import DivMergeConfig, LearnSettings, load_config
+from blockmerge.learn.teacher import ExpertTeachers, TeacherData, TeacherSpec, teacher_folders
 from blockmerge.suite.synth import make_family
 from torch.func import functional_call
 from transformers import AutoModelForCausalLM
@@ -82,7 +84,7 @@ def test_streamed_gradient_equals_autograd(
     spec = TeacherSpec(
         max_new_tokens=5, eos_token_id=1, full_vocab_max=full_vocab_max, topk=8, store_dists=objective != "entropy"
     )
-    data = TeacherData(teacher_folders(base, experts, prompts(1), tmp_path, spec, progress=False))
+    data = TeacherData(teacher_folders(ExpertTeachers(experts), prompts(1), tmp_path, spec, progress=False))
     batch = make_batch([(0, 0), (1, 2), (2, 1), (0, 3), (1, 1)], data)
     sm = StreamedMerge(base, experts, token_chunk=7, attn_implementation="sdpa", resident_max_bytes=memory)
     assert sm.graph_fits(batch) == (memory > 0)
@@ -182,6 +184,21 @@ def test_learning_reduces_loss(families, tmp_path, objective, level):
         assert float(res.coefficients.min()) >= 0 and float(res.coefficients.max()) <= 1
     # full batches: every step sees all sequences, so losses are comparable across steps
     assert res.losses[-1] < res.losses[0] * 0.98
+
+
+def test_settings_object_and_overrides(families, tmp_path):
+    """learn(base, experts, inputs, settings, **overrides): the overrides are validated into the settings
+    model once, and learning with a settings object + overrides is learning with the same keywords."""
+    base, experts = families["llama"]
+    with pytest.raises(ValueError, match="settings: field steps: Input should be greater than or equal to 1"):
+        learn(base, experts, prompts(4, n=2), steps=0)
+    with pytest.raises(ValueError, match="settings: field bogus"):
+        learn(base, experts, prompts(4, n=2), bogus=1)
+    kw = dict(level="task", steps=2, batch_size=6, max_new_tokens=3, eos_token_id=1, cache_dir=tmp_path)
+    a = learn(base, experts, prompts(4, n=4), LearnSettings(**kw, lr=0.5), lr=0.05, progress=False)
+    b = learn(base, experts, prompts(4, n=4), **kw, lr=0.05, progress=False)
+    assert a.config["lr"] == 0.05 and a.config["cache_dir"] == str(tmp_path)
+    assert torch.equal(a.coefficients, b.coefficients) and a.losses == b.losses
 
 
 def test_teacher_cache_is_reused_by_default(families, tmp_path, monkeypatch):
@@ -309,4 +326,4 @@ def test_bad_data_and_yaml(families, tmp_path):
         run_divmerge(path, tmp_path / "out", progress=False)
     path.write_text("base_model: [unclosed\n")
     with pytest.raises(ValueError, match="invalid YAML"):
-        load_config(path)
+        load_config(path, DivMergeConfig, "models")

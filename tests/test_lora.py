@@ -454,8 +454,8 @@ def _dense_loss_and_grad(base_dir, adapter_dirs, gamma, batch, objective, level)
     [("js", "layer", 4096), ("js", "task", 4096), ("kl", "layer", 16), ("entropy", "layer", 4096)],
 )
 def test_lora_divmerge_gradient_equals_autograd(fam, tmp_path, objective, level, full_vocab_max):
-    from blockmerge.learn.full import make_batch
-    from blockmerge.learn.teacher import TeacherData, TeacherSpec
+    from blockmerge.learn.learner import make_batch
+    from blockmerge.learn.teacher import TeacherData, TeacherSpec, teacher_folders
     from blockmerge.lora.learn import StreamedLoraMerge
 
     root, ads, _ = fam
@@ -463,7 +463,7 @@ def test_lora_divmerge_gradient_equals_autograd(fam, tmp_path, objective, level,
     sm = StreamedLoraMerge(base, ads, dtype=torch.float64, token_chunk=7, attn_implementation="eager")
     spec = TeacherSpec(max_new_tokens=4, eos_token_id=1, full_vocab_max=full_vocab_max, topk=8,
                        store_dists=objective != "entropy")  # fmt: skip
-    data = TeacherData(sm.teacher_folders(_prompts(), tmp_path, spec, progress=False))
+    data = TeacherData(teacher_folders(sm, _prompts(), tmp_path, spec, progress=False))
     batch = make_batch([(0, 0), (1, 2), (2, 1), (0, 3), (1, 1)], data)
     nb = len(sm.blocks)
     gamma = torch.rand((3, nb) if level == "layer" else (3,), generator=torch.Generator().manual_seed(5)) * 0.8
@@ -497,10 +497,10 @@ def test_lora_teacher_is_base_plus_adapter(fam, tmp_path):
     torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
     # the cached teacher data (all tasks generated in shared batches, one-hot coefficients per row) holds
     # each adapter's own greedy continuation and distributions
-    from blockmerge.learn.teacher import TeacherData, TeacherSpec
+    from blockmerge.learn.teacher import TeacherData, TeacherSpec, teacher_folders
 
     spec = TeacherSpec(max_new_tokens=4, eos_token_id=1)
-    data = TeacherData(sm.teacher_folders(_prompts(), tmp_path, spec, progress=False))
+    data = TeacherData(teacher_folders(sm, _prompts(), tmp_path, spec, progress=False))
     for t in range(3):
         pm = PeftModel.from_pretrained(tiny_model("llama", seed=0), ads[t]).eval()
         for j in range(data.n_seqs(t)):
@@ -575,12 +575,13 @@ def test_lora_learning_reduces_loss(fam, tmp_path):
 
 
 def test_lora_teacher_cache_is_reused_by_default(fam, tmp_path, monkeypatch):
+    import blockmerge.learn.teacher as teacher
     import blockmerge.lora.learn as lora_learn
 
     monkeypatch.setenv("BLOCKMERGE_CACHE", str(tmp_path))
     calls = []
-    real = lora_learn.continuations
-    monkeypatch.setattr(lora_learn, "continuations", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = teacher.continuations
+    monkeypatch.setattr(teacher, "continuations", lambda *a, **k: calls.append(1) or real(*a, **k))
     root, ads, _ = fam
     kw = dict(level="layer", steps=3, batch_size=6, max_new_tokens=3, eos_token_id=1, progress=False)
     first = lora_learn.learn(root / "base", ads, _prompts(), **kw)
@@ -594,14 +595,14 @@ def test_bitsandbytes_base_on_cpu(fam, tmp_path):
     """Optional quantized base (bitsandbytes nf4 / int8) for the student's forward passes: runs on CPU with
     bitsandbytes >= 0.49 and gives a loss and coefficient gradient close to the full-precision ones."""
     pytest.importorskip("bitsandbytes")
-    from blockmerge.learn.full import make_batch
-    from blockmerge.learn.teacher import TeacherData, TeacherSpec
+    from blockmerge.learn.learner import make_batch
+    from blockmerge.learn.teacher import TeacherData, TeacherSpec, teacher_folders
     from blockmerge.lora.learn import StreamedLoraMerge
 
     root, ads, _ = fam
     ref = StreamedLoraMerge(root / "base", ads, attn_implementation="eager")
     spec = TeacherSpec(max_new_tokens=3, eos_token_id=1)
-    data = TeacherData(ref.teacher_folders(_prompts(), tmp_path, spec, progress=False))
+    data = TeacherData(teacher_folders(ref, _prompts(), tmp_path, spec, progress=False))
     batch = make_batch([(0, 0), (1, 1), (2, 2)], data)
     gamma = torch.full((3, len(ref.blocks)), 0.3)
     loss, grad = ref.loss_and_grad(gamma, batch, "js")

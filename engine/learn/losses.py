@@ -57,6 +57,13 @@ class Targets:
         return Targets(c([p.probs for p in parts]), c([p.ids for p in parts]), c([p.tail for p in parts]))
 
 
+def check_objective(objective: str, targets: Targets | None) -> None:
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective {objective!r}: expected one of {', '.join(OBJECTIVES)}")
+    if objective != "entropy" and targets is None:
+        raise ValueError(f"objective {objective!r} needs teacher distributions")
+
+
 def coarsen(logq: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """Student log-probs over the teacher's k ids + one tail bucket: [N, k+1]."""
     top = logq.gather(-1, ids)

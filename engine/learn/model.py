@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from blockmerge.io.checkpoint import Block, Checkpoint, CheckpointError
 from blockmerge.io.stream import BlockSource
+from blockmerge.learn.losses import chunked_head_loss
 from torch.func import functional_call
 
 
@@ -200,6 +201,31 @@ class StreamedModel:
                 raise ValueError("tied lm_head needs the embed block's tensors")
             local = dict(local, weight=embed_params[self.tokens_weight_name])
         return functional_call(_get(self.skeleton, self.spec.head), local, (y,))
+
+    def block_forward(self, block: Block, params, ids, pos, rows, h, pe, masks):
+        """(h, position embeddings, masks) after the embedding block (which sets the position embeddings
+        and masks, `rows` as in `embed`) or one decoder layer."""
+        if block.name == "embed":
+            h = self.embed(params, ids, pos, rows)
+            return h, self.position_embeddings(h, pos), self.masks(h, pos)
+        return self.layer(block.layer, params, h, position_ids=pos, position_embeddings=pe, masks=masks), pe, masks
+
+    def head_loss(self, params, head_weight, h, batch, objective: str, chunk: int, backward: bool):
+        """Final norm + output projection `head_weight` + divergence at the batch's target positions of h
+        [B, S, H] (blockmerge.learn.losses.chunked_head_loss): the loss and, with `backward`, dL/dh (the
+        gradients of the leaves in `params` and `head_weight` accumulate in their .grad)."""
+        dev = h.device
+        rows, cols = batch.rows.to(dev), batch.cols.to(dev)
+        hsel = h[rows, cols].detach().requires_grad_(backward)
+        norm = lambda x: self.final_norm(params, x)
+        bias = params.get(self.head_bias_name)
+        loss = chunked_head_loss(hsel, batch.weights, batch.targets, objective, norm, head_weight, bias, chunk,
+                                 backward)  # fmt: skip
+        if not backward:
+            return loss, None
+        dh = torch.zeros_like(h)
+        dh.index_put_((rows, cols), hsel.grad, accumulate=True)
+        return loss, dh
 
     # ---- whole passes -----------------------------------------------------------------------------
     def source(self, resident_max_bytes: int = 0, dtype: torch.dtype | None = None) -> BlockSource:

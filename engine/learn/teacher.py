@@ -8,7 +8,10 @@ the compute dtype) for the whole pass, the others are re-read for each token. Ge
 `max_new_tokens`. The distribution recorded at step i is the expert's p(. | x, y<i) from that same pass
 (with the KV cache), i.e. exactly what teacher forcing x + y would give, up to rounding.
 
-Storage, per task: `{expert folder name}-{key}/chunk{c}.pt` files of at most `chunk_seqs` sequences,
+The teachers are the experts' checkpoints (ExpertTeachers) or base + adapter t (blockmerge.lora.learn, all
+tasks in shared passes); `teacher_folders` is the one cache in front of both.
+
+Storage, per task: `{teacher name}-{key}/chunk{c}.pt` files of at most `chunk_seqs` sequences,
 written as they fill and read back memory-mapped (torch.load(mmap=True)), so neither pass holds all
 targets in memory:
   tokens [sum len] int64 (prompt + continuation, concatenated), seq_start [n+1], prompt_len [n],
@@ -24,8 +27,10 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
+from blockmerge.io.stream import BlockSource
 from blockmerge.learn.losses import Targets, topk_targets
 from blockmerge.learn.model import StreamedModel
 
@@ -47,9 +52,10 @@ def fingerprint(path: Path) -> list:
     return [(p.name, p.stat().st_size, int(p.stat().st_mtime)) for p in files]
 
 
-def cache_key(expert_dir: Path, prompts: list[list[int]], spec: TeacherSpec) -> str:
+def cache_key(identity: list, prompts: list[list[int]], spec: TeacherSpec) -> str:
+    """The one key of a teacher pass: what the teacher is (`identity`), the prompts and the spec."""
     h = hashlib.sha256()
-    h.update(json.dumps([str(Path(expert_dir).resolve()), fingerprint(Path(expert_dir)), asdict(spec)]).encode())
+    h.update(json.dumps([*identity, asdict(spec)]).encode())
     h.update(json.dumps(prompts).encode())
     return h.hexdigest()[:20]
 
@@ -187,56 +193,101 @@ def step_targets(config, spec: TeacherSpec):
     return vocab, full, eos, keep
 
 
-def teacher_pass(
-    expert_dir: str | Path,
-    prompts: list[list[int]],
-    cache_root: str | Path,
-    spec: TeacherSpec,
-    *,
-    device="cpu",
-    attn_implementation="sdpa",
-    resident_max_bytes: int = 1 << 29,
-    progress=None,
-) -> Path:
-    """Generate and cache expert `expert_dir`'s continuations of `prompts` in a folder under `cache_root`
-    named by a hash of (expert files, prompts, spec): an existing complete one is reused as is."""
-    key = cache_key(Path(expert_dir), prompts, spec)
-    folder = Path(cache_root) / f"{Path(expert_dir).name}-{key}"
+class TeacherRun(NamedTuple):
+    """One streamed model pass that generates for the teachers of `tasks`."""
+
+    tasks: list[int]
+    model: StreamedModel
+    source: BlockSource
+    dtype: torch.dtype
+    select: Callable[[list[int]], None] | None = None  # before each generation batch: the task of each row
+
+
+def teacher_folders(teachers, inputs, cache_dir: str | Path, spec: TeacherSpec, progress: bool = True) -> list[Path]:
+    """Folders of each task's teacher outputs on its prompts (`inputs[t]`), generated where the cache under
+    `cache_dir` has no complete one: `{name}-{key}`, key = hash of (`teachers.teacher_key(t)`, prompts, spec),
+    so one cache_dir serves any run. `teachers`: a StreamedMergedModel (blockmerge.learn.protocol) or
+    ExpertTeachers."""
+    from blockmerge.io.report import progress as bar
+
+    prompts = [[list(map(int, p)) for p in x] for x in inputs]
+    for t, x in enumerate(prompts):
+        for i, p in enumerate(x):
+            if not p:
+                raise ValueError(f"prompt {i} of task {t} ({teachers.teacher_key(t)[0]}) is empty")
+    folders, keys, todo = [], [], []
+    for t, x in enumerate(prompts):
+        name, identity = teachers.teacher_key(t)
+        keys.append(cache_key(identity, x, spec))
+        folders.append(Path(cache_dir) / f"{name}-{keys[t]}")
+        if not _complete(folders[t], keys[t]):
+            todo.append(t)
+    if todo:
+        with bar(sum(len(prompts[t]) for t in todo), "teacher", unit="seq", disable=not progress) as pbar:
+            for run in teachers.teachers(todo, spec):
+                _generate(run, prompts, folders, keys, spec, pbar)
+                del run  # its resident blocks go before the next run's are read
+    return folders
+
+
+def _complete(folder: Path, key: str) -> bool:
+    """Whether `folder` holds a finished pass for `key`; if not, it is emptied for a new one."""
     manifest = folder / "manifest.json"
-    if manifest.exists():
-        try:
-            if json.loads(manifest.read_text()).get("key") == key:
-                return folder
-        except json.JSONDecodeError:
-            pass
+    try:
+        if manifest.exists() and json.loads(manifest.read_text()).get("key") == key:
+            return True
+    except json.JSONDecodeError:
+        pass
     folder.mkdir(parents=True, exist_ok=True)
     for old in folder.glob("chunk*.pt"):
         old.unlink()
-    for i, p in enumerate(prompts):
-        if not p:
-            raise ValueError(f"prompt {i} of {expert_dir} is empty")
-    model = StreamedModel(expert_dir, attn_implementation=attn_implementation, device=device)
-    source = model.source(resident_max_bytes, dtype=getattr(torch, spec.dtype))
-    vocab, full, eos, keep = step_targets(model.config, spec)
-    writer = ChunkWriter(folder, spec, full)
-    for i, cont, targets in continuations(model, source, prompts, spec, eos, keep):
-        writer.add(i, list(prompts[i]), cont, targets)
-        if progress is not None:
-            progress.update(1)
-    writer.flush()
-    manifest.write_text(
-        json.dumps(
-            {
-                "key": key,
-                "chunks": writer.sizes,
-                "full_vocab": full,
-                "vocab": vocab,
-                "n_seqs": len(prompts),
-                "spec": asdict(spec),
-            }
-        )
-    )
-    return folder
+    manifest.unlink(missing_ok=True)
+    return False
+
+
+def _generate(run: TeacherRun, prompts, folders: list[Path], keys: list[str], spec: TeacherSpec, pbar) -> None:
+    """Continuations and distributions of the run's tasks, written chunk by chunk, then each manifest."""
+    vocab, full, eos, keep = step_targets(run.model.config, spec)
+    writers = {t: ChunkWriter(folders[t], spec, full) for t in run.tasks}
+    pairs = [(t, i) for t in run.tasks for i in range(len(prompts[t]))]
+    select = None if run.select is None else (lambda rows: run.select([pairs[r][0] for r in rows]))
+    flat = [prompts[t][i] for t, i in pairs]
+    for r, cont, targets in continuations(run.model, run.source, flat, spec, eos, keep, select, run.dtype):
+        t, i = pairs[r]
+        writers[t].add(i, prompts[t][i], cont, targets)
+        pbar.update(1)
+    for t in run.tasks:
+        writers[t].flush()
+        info = {"key": keys[t], "chunks": writers[t].sizes, "full_vocab": full, "vocab": vocab,
+                "n_seqs": len(prompts[t]), "spec": asdict(spec)}  # fmt: skip
+        (folders[t] / "manifest.json").write_text(json.dumps(info))
+
+
+class ExpertTeachers:
+    """Teachers that are checkpoints of their own (full experts): each runs alone, streamed from its folder
+    with the blocks that fit in `resident_max_bytes` kept resident."""
+
+    def __init__(self, expert_dirs, *, device="cpu", attn_implementation="sdpa", resident_max_bytes: int = 1 << 29):
+        self.expert_dirs = [Path(e) for e in expert_dirs]
+        self.device, self.attn_implementation, self.budget = device, attn_implementation, resident_max_bytes
+
+    def teacher_key(self, t: int) -> tuple[str, list]:
+        d = self.expert_dirs[t]
+        return d.name, [str(d.resolve()), fingerprint(d)]
+
+    def teachers(self, tasks, spec: TeacherSpec):
+        dtype = getattr(torch, spec.dtype)
+        for t in tasks:
+            model = StreamedModel(self.expert_dirs[t], attn_implementation=self.attn_implementation, device=self.device)
+            yield TeacherRun([t], model, model.source(self.budget, dtype=dtype), dtype)
+
+
+def teacher_pass(expert_dir, prompts, cache_root, spec: TeacherSpec, *, device="cpu", attn_implementation="sdpa",
+                 resident_max_bytes: int = 1 << 29, progress: bool = False) -> Path:  # fmt: skip
+    """The cached teacher pass of one expert checkpoint on `prompts` (see teacher_folders)."""
+    teachers = ExpertTeachers([expert_dir], device=device, attn_implementation=attn_implementation,
+                              resident_max_bytes=resident_max_bytes)  # fmt: skip
+    return teacher_folders(teachers, [prompts], cache_root, spec, progress)[0]
 
 
 class TeacherData:
