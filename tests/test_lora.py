@@ -11,7 +11,9 @@ import shutil
 import pytest
 import torch
 from blockmerge.cli import main as cli_main
-from blockmerge.lora import adapters as lora
+from blockmerge.lora.adapter import read_adapter
+from blockmerge.lora.into_base import merge_into_base
+from blockmerge.lora.merge import dare_mask, merge_adapters
 from blockmerge.suite.synth import tiny_model
 from peft import LoraConfig, PeftModel, get_peft_model
 
@@ -84,11 +86,11 @@ def _direct_delta(adapter_dirs, weights, mod):
 
 def test_read_adapter_scales_and_shapes(fam):
     root, ads, odd = fam
-    a = lora.read_adapter(ads[1])
+    a = read_adapter(ads[1])
     assert len(a.modules) == 3 * len(TARGETS)
     m = a.modules["model.layers.1.mlp.down_proj"]
     assert m.A.shape == (4, 96) and m.B.shape == (48, 4) and m.scale == 16 / 4
-    o = lora.read_adapter(odd)
+    o = read_adapter(odd)
     assert o.modules["model.layers.0.self_attn.q_proj"].scale == pytest.approx(12 / math.sqrt(6))
     pm = _peft(fam, ("odd",))
     layer = pm.base_model.model.model.layers[0].self_attn.q_proj
@@ -97,7 +99,7 @@ def test_read_adapter_scales_and_shapes(fam):
 
 def test_rank_and_alpha_pattern(tmp_path):
     d = _save_adapter(tmp_path / "pat", 4, 8, False, 7, rank_pattern={"q_proj": 2}, alpha_pattern={"down_proj": 3})
-    a = lora.read_adapter(d)
+    a = read_adapter(d)
     assert a.modules["model.layers.0.self_attn.q_proj"].rank == 2
     assert a.modules["model.layers.0.self_attn.q_proj"].scale == 8 / 2
     assert a.modules["model.layers.0.mlp.down_proj"].scale == 3 / 4
@@ -117,13 +119,13 @@ def _peft_masks(pm, adapters, method, density, seed):
         present = [t for t, a in enumerate(adapters) if mod_name in a.modules]
         if method.endswith("svd"):
             delta_shape = tuple(mod.weight.shape)
-            queue += [lora.dare_mask(delta_shape, density, seed, mod_name, t, "delta") for t in present]
+            queue += [dare_mask(delta_shape, density, seed, mod_name, t, "delta") for t in present]
         else:
             for part in ("A", "B"):
                 for t in present:
                     f = adapters[t].modules[mod_name]
                     shape = f.A.shape if part == "A" else f.B.shape
-                    queue += [lora.dare_mask(shape, density, seed, mod_name, t, part)]
+                    queue += [dare_mask(shape, density, seed, mod_name, t, part)]
     return queue
 
 
@@ -147,7 +149,7 @@ def test_merge_equals_peft(fam, monkeypatch, method, density):
     import peft.utils.merge_utils as mu
 
     root, ads, _ = fam
-    adapters = [lora.read_adapter(d) for d in ads]
+    adapters = [read_adapter(d) for d in ads]
     pm = _peft(fam)
     if method.startswith("dare"):
         queue = _peft_masks(pm, adapters, method, density, seed=3)
@@ -163,7 +165,7 @@ def test_merge_equals_peft(fam, monkeypatch, method, density):
     pm.add_weighted_adapter(["ad0", "ad1", "ad2"], WEIGHTS, "m", combination_type=method, **kw)
     if method.startswith("dare"):
         assert queue == []
-    merged = lora.merge_adapters(adapters, WEIGHTS, method, seed=3, **kw)
+    merged = merge_adapters(adapters, WEIGHTS, method, seed=3, **kw)
     theirs = _factors(pm, "m")
     assert merged.config["r"] == pm.peft_config["m"].r
     assert set(theirs) == {
@@ -220,11 +222,11 @@ def test_cat_and_svd_against_direct_formula(fam):
     root, ads, odd = fam
     dirs = [ads[0], odd]
     w = [0.8, -1.3]
-    adapters = [lora.read_adapter(d) for d in dirs]
-    cat = lora.merge_adapters(adapters, w, "cat")
+    adapters = [read_adapter(d) for d in dirs]
+    cat = merge_adapters(adapters, w, "cat")
     assert cat.config["r"] == 10 and cat.config["lora_alpha"] == 10 and cat.config["use_rslora"] is False
-    svd = lora.merge_adapters(adapters, w, "svd", rank=3)
-    svd10 = lora.merge_adapters(adapters, w, "svd", rank=10)
+    svd = merge_adapters(adapters, w, "svd", rank=3)
+    svd10 = merge_adapters(adapters, w, "svd", rank=10)
     for mod in adapters[0].modules:
         ref = _direct_delta(dirs, w, mod)
         got = (
@@ -250,8 +252,8 @@ def test_cat_and_svd_against_direct_formula(fam):
 def test_linear_against_direct_formula(fam):
     """linear merges the factors: A = sum sign(ws) sqrt|ws| A_t, B = sum sqrt|ws| B_t (not the deltas)."""
     root, ads, _ = fam
-    adapters = [lora.read_adapter(d) for d in ads]
-    merged = lora.merge_adapters(adapters, WEIGHTS, "linear")
+    adapters = [read_adapter(d) for d in ads]
+    merged = merge_adapters(adapters, WEIGHTS, "linear")
     mod = "model.layers.2.self_attn.v_proj"
     A = sum(
         math.copysign(math.sqrt(abs(w * a.modules[mod].scale)), w * a.modules[mod].scale) * a.modules[mod].A
@@ -264,10 +266,10 @@ def test_linear_against_direct_formula(fam):
 
 def test_dare_deterministic_and_seeded(fam):
     root, ads, _ = fam
-    adapters = [lora.read_adapter(d) for d in ads]
-    a = lora.merge_adapters(adapters, WEIGHTS, "dare_ties_svd", density=0.5, seed=1)
-    b = lora.merge_adapters(adapters, WEIGHTS, "dare_ties_svd", density=0.5, seed=1)
-    c = lora.merge_adapters(adapters, WEIGHTS, "dare_ties_svd", density=0.5, seed=2)
+    adapters = [read_adapter(d) for d in ads]
+    a = merge_adapters(adapters, WEIGHTS, "dare_ties_svd", density=0.5, seed=1)
+    b = merge_adapters(adapters, WEIGHTS, "dare_ties_svd", density=0.5, seed=1)
+    c = merge_adapters(adapters, WEIGHTS, "dare_ties_svd", density=0.5, seed=2)
     k = "base_model.model.model.layers.0.mlp.up_proj.lora_A.weight"
     torch.testing.assert_close(a.tensors[k], b.tensors[k], atol=0, rtol=0)
     assert not torch.allclose(a.tensors[k].abs(), c.tensors[k].abs())
@@ -277,8 +279,8 @@ def test_union_of_target_modules(fam, tmp_path):
     """Adapters on different module sets: the merge covers the union (PEFT's rule)."""
     root, ads, _ = fam
     only_q = _save_adapter(tmp_path / "q", 4, 8, False, 9, targets=["q_proj"])
-    adapters = [lora.read_adapter(ads[0]), lora.read_adapter(only_q)]
-    m = lora.merge_adapters(adapters, [1.0, 1.0], "cat")
+    adapters = [read_adapter(ads[0]), read_adapter(only_q)]
+    m = merge_adapters(adapters, [1.0, 1.0], "cat")
     assert sorted(m.config["target_modules"]) == sorted(TARGETS)
     mod = "model.layers.0.mlp.up_proj"  # only in the first: second block of the cat factors is zero
     assert torch.count_nonzero(m.tensors[f"base_model.model.{mod}.lora_A.weight"][4:]) == 0
@@ -340,7 +342,7 @@ def test_merge_into_base_equals_merge_and_unload(fam, tmp_path):
 def test_merge_into_base_single_adapter_bf16(fam, tmp_path):
     root, ads, _ = fam
     out = tmp_path / "bf16"
-    lora.merge_into_base(root / "base", [ads[1]], None, out, dtype=torch.bfloat16, progress=False)
+    merge_into_base(root / "base", [ads[1]], None, out, dtype=torch.bfloat16, progress=False)
     from blockmerge.io.checkpoint import Checkpoint
 
     ck = Checkpoint(out)
@@ -437,7 +439,7 @@ def _dense_loss_and_grad(base_dir, adapter_dirs, gamma, batch, objective, level)
     params = dict(model.named_parameters())
     params = {k: v.detach() for k, v in params.items()}
     for t, d in enumerate(adapter_dirs):
-        for mod, m in lora.read_adapter(d).modules.items():
+        for mod, m in read_adapter(d).modules.items():
             k = f"{mod}.weight"
             b = blocks.index(block_name(k))
             params[k] = params[k] + Gf[t, b] * m.scale * (m.B.double() @ m.A.double())
@@ -541,7 +543,7 @@ def test_lora_divmerge_cli_end_to_end(fam, tmp_path):
     assert all(abs(g - 1 / 3) > 1e-4 for g in gam)  # learned: moved from the init
     # the merged checkpoint equals merge-into-base with the learned weights
     ref = tmp_path / "ref"
-    lora.merge_into_base(root / "base", ads, gam, ref, progress=False)
+    merge_into_base(root / "base", ads, gam, ref, progress=False)
     a, b = Checkpoint(out), Checkpoint(ref)
     for n in a.tensors:
         torch.testing.assert_close(a.get(n), b.get(n), atol=1e-6, rtol=1e-6)

@@ -59,7 +59,7 @@ from blockmerge.learn.full import (
 from blockmerge.learn.losses import OBJECTIVES, chunked_head_loss
 from blockmerge.learn.model import StreamedModel
 from blockmerge.learn.teacher import ChunkWriter, TeacherData, TeacherSpec, continuations, fingerprint, step_targets
-from blockmerge.lora.adapters import Adapter, AdapterError, read_adapters
+from blockmerge.lora.adapter import Adapter, AdapterError, read_adapters
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 QUANTIZE = (None, "nf4", "int8")
@@ -511,7 +511,8 @@ def write_learned(
 ) -> Path:
     """The learned merge: a full checkpoint W0 + sum_t Gamma[t, block] s_t B_t A_t (output='base'), or an
     exact cat adapter whose module blocks carry Gamma[t, block(module)] (output='adapter')."""
-    from blockmerge.lora.adapters import PREFIX, MergedAdapter, merge_into_base, write_adapter
+    from blockmerge.lora.adapter import PREFIX, MergedAdapter, write_adapter
+    from blockmerge.lora.into_base import merge_into_base
 
     inputs = [base_dir, *adapter_dirs]
     if output == "base":
@@ -543,7 +544,7 @@ def write_learned(
         dt = adapters[0].dtype
         tensors[f"{PREFIX}{mod}.lora_A.weight"] = A.to(dt).contiguous()
         tensors[f"{PREFIX}{mod}.lora_B.weight"] = B.to(dt).contiguous()
-    from blockmerge.lora.adapters import _target_modules
+    from blockmerge.lora.adapter import target_modules as _target_modules
 
     config = dict(adapters[0].config)
     config.update(r=rank, lora_alpha=rank, target_modules=_target_modules(adapters), alpha_pattern={},
