@@ -614,3 +614,115 @@ def test_bitsandbytes_base_on_cpu(fam, tmp_path):
         assert qloss == pytest.approx(loss, rel=0.3)  # quantization noise: loose on a 48-wide random model
         assert float(qgrad.abs().max()) > 0
         assert float((qgrad - grad).norm() / grad.norm()) < 1.0
+
+
+# ---------------------------------------------------------------------------------------------- lora extract
+
+
+@pytest.fixture(scope="module")
+def extract_fam(tmp_path_factory):
+    """{arch: (base, expert)}: expert = base + a random task vector on every tensor (norms and embeddings too)."""
+    from blockmerge.suite.synth import make_family
+
+    root = tmp_path_factory.mktemp("extract")
+    return {arch: (b, e[0]) for arch in ("llama", "gpt2") for b, e in [make_family(root / arch, arch, n_experts=1)]}
+
+
+def _extract(base, expert, out, rank, *extra):
+    argv = ["lora", "extract", str(out), "--base", str(base), "--model", str(expert), "--rank", str(rank)]
+    assert cli_main([*argv, "--no-progress", *map(str, extra)]) == 0
+    return json.loads((out / "blockmerge_lora.json").read_text())["extract"]
+
+
+def _state(path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path).state_dict()
+
+
+def test_extract_full_rank_reproduces_the_model(extract_fam, tmp_path, capsys):
+    base, expert = extract_fam["llama"]
+    report = _extract(base, expert, tmp_path / "ad", 48)  # 48 = the smallest side of every weight: exact
+    table = capsys.readouterr().out
+    assert "model.layers.2.mlp.down_proj" in table and "largest relative error" in table
+    assert len(report["modules"]) == 3 * 7 and max(m["relative_error"] for m in report["modules"]) < 1e-5
+    assert {"model.embed_tokens.weight", "lm_head.weight", "model.norm.weight"} <= set(report["not_in_adapter"])
+    merge_into_base(base, [tmp_path / "ad"], None, tmp_path / "merged", progress=False)
+    got, want, base_sd = _state(tmp_path / "merged"), _state(expert), _state(base)
+    adapted = {m["module"] + ".weight" for m in report["modules"]}
+    for k, w in want.items():
+        if k in adapted:
+            torch.testing.assert_close(got[k], w, atol=2e-6, rtol=1e-5)
+        else:  # embeddings, norms, head: not in the adapter, so the base's
+            torch.testing.assert_close(got[k], base_sd[k], atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])  # gpt2: Conv1D weights, stored transposed (fan_in_fan_out)
+def test_extract_low_rank_error_and_peft_logits(extract_fam, tmp_path, arch):
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    base, expert = extract_fam[arch]
+    out, rank = tmp_path / "ad", 3
+    report = _extract(base, expert, out, rank)
+    b_sd, e_sd = _state(base), _state(expert)
+    for m in report["modules"]:  # the Eckart-Young tail of the delta's singular values, in float64
+        S = torch.linalg.svdvals(e_sd[m["module"] + ".weight"].double() - b_sd[m["module"] + ".weight"].double())
+        expected = float((S[rank:].square().sum() / S.square().sum()).sqrt())
+        assert m["relative_error"] == pytest.approx(expected, rel=1e-4, abs=1e-6)
+        assert 0.1 < expected < 1  # random task vectors: rank 3 leaves a visible error
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    factors, scale = load_file(str(out / "adapter_model.safetensors")), cfg["lora_alpha"] / cfg["r"]
+    ref = AutoModelForCausalLM.from_pretrained(base).eval()
+    with torch.no_grad():  # transformers' model with W0 + scale B A written into its weights
+        for name, mod in ref.named_modules():
+            if f"base_model.model.{name}.lora_A.weight" in factors:
+                delta = (
+                    scale
+                    * factors[f"base_model.model.{name}.lora_B.weight"]
+                    @ factors[f"base_model.model.{name}.lora_A.weight"]
+                )
+                mod.weight += delta.T if arch == "gpt2" else delta
+    pm = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), out).eval()
+    plain = AutoModelForCausalLM.from_pretrained(base).eval()
+    ids = torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        got, want, before = pm(ids).logits, ref(ids).logits, plain(ids).logits
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert (got - before).abs().max() > 1e-3  # the adapter was loaded and changes the model
+
+
+def test_extract_bad_inputs(extract_fam, tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    base, expert = extract_fam["llama"]
+
+    def err(*extra, model=expert, out=tmp_path / "o"):
+        argv = ["lora", "extract", str(out), "--base", str(base), "--model", str(model), *map(str, extra)]
+        assert cli_main(argv) == 2
+        err = capsys.readouterr().err
+        lines = [ln for ln in err.splitlines() if ": error: " in ln]
+        assert "Traceback" not in err and len(lines) == 1 and lines[0].startswith("blockmerge lora: error: "), err
+        return lines[0]
+
+    assert "--rank must be an integer >= 1, got 0" in err("--rank", "0")
+    assert "--target-modules nope: no linear module" in err("--rank", "2", "--target-modules", "q_proj", "nope")
+    assert "applies to CUDA only" in err("--rank", "2", "--svd-driver", "gesvd")
+    assert "OUT is the input" in err("--rank", "2", out=expert)
+    sd = _state(expert)
+    for name, change in {
+        "missing": lambda sd: sd.pop("model.layers.1.mlp.up_proj.weight"),
+        "shape": lambda sd: sd.update({"model.layers.1.mlp.up_proj.weight": torch.zeros(95, 48)}),
+    }.items():
+        bad = tmp_path / name
+        bad.mkdir()
+        shutil.copy(expert / "config.json", bad / "config.json")
+        broken = dict(sd)
+        change(broken)
+        save_file(broken, str(bad / "model.safetensors"))
+        line = err("--rank", "2", model=bad)
+        assert "tensor model.layers.1.mlp.up_proj.weight" in line and str(bad) in line
+        assert ("is missing" if name == "missing" else "has shape [95, 48], base has [96, 48]") in line
+    (tmp_path / "o").mkdir()
+    assert "already exists (use --force" in err("--rank", "2")
+    assert not (tmp_path / "o" / "adapter_config.json").exists()

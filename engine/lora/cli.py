@@ -9,7 +9,7 @@ import time
 
 from blockmerge.io.checkpoint import Checkpoint
 from blockmerge.io.commit import claim_output
-from blockmerge.io.dtypes import parse_dtype
+from blockmerge.io.dtypes import DTYPE_CHOICES, parse_device, parse_dtype
 from blockmerge.lora.adapter import read_adapters, write_adapter
 from blockmerge.lora.into_base import merge_into_base
 from blockmerge.lora.merge import ADAPTER_METHODS, merge_adapters
@@ -64,6 +64,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     b.add_argument("--no-progress", action="store_true", help="no progress bar or final line")
     b.add_argument("--force", action="store_true", help="overwrite OUT")
 
+    h = "extract a PEFT adapter approximating MODEL - BASE: a truncated SVD per linear module of the layers"
+    e = sub.add_parser("extract", help=h, description=h)
+    _out_arguments(e, "output adapter folder")
+    e.add_argument("--base", required=True, metavar="DIR", help="base checkpoint the adapter will be loaded onto")
+    e.add_argument("--model", required=True, metavar="DIR", help="fine-tuned checkpoint of the same architecture")
+    e.add_argument("--rank", type=int, required=True, help="adapter rank r (each module keeps r singular values)")
+    e.add_argument("--target-modules", nargs="+", default=None, metavar="NAME",
+                   help="modules to adapt, e.g. q_proj v_proj (default: every linear module of the decoder "
+                   "layers; embeddings, norms and the head are never adapted)")  # fmt: skip
+    e.add_argument("--dtype", default=None, choices=DTYPE_CHOICES, help="adapter dtype (default: the model's)")
+    e.add_argument("--device", default=None, help="where the SVDs run: cpu (default) or cuda")
+    e.add_argument("--svd-driver", default=None, choices=("gesvd", "gesvdj", "gesvda"),
+                   help="torch.linalg.svd driver on CUDA (default: torch's choice)")  # fmt: skip
+    e.add_argument("--no-progress", action="store_true", help="no progress bar")
+    e.add_argument("--force", action="store_true", help="overwrite OUT")
+
     h = "learn per-adapter coefficients by JS divergence to base + adapter t (DivMerge)"
     d = sub.add_parser("divmerge", help=h, description=h)
     d.add_argument("config", metavar="CONFIG", help="YAML: base_model, adapters: [{adapter: DIR, data: FILE}], ...")
@@ -95,15 +111,13 @@ def _resolve_out(args: argparse.Namespace) -> None:
 
 def run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
-    if args.lora_command in ("merge", "merge-into-base"):
+    if args.lora_command in ("merge", "merge-into-base", "extract"):
         _resolve_out(args)
     if args.lora_command == "merge":
         inputs = [*args.adapters, *([args.base] if args.base else [])]
         with claim_output(args.out, force=args.force, inputs=inputs):
             return _merge_cli(args, inputs, started)
     if args.lora_command == "merge-into-base":
-        from blockmerge.io.dtypes import parse_device
-
         parse_device(args.device)
         with claim_output(args.out, force=args.force, inputs=[args.base, *args.adapters]):
             merge_into_base(
@@ -118,6 +132,9 @@ def run(args: argparse.Namespace) -> int:
                 progress=not args.no_progress,
             )
         return 0
+    if args.lora_command == "extract":
+        with claim_output(args.out, force=args.force, inputs=[args.base, args.model]):
+            return _extract_cli(args, started)
     if args.lora_command == "divmerge":
         from blockmerge.lora.learn import run_divmerge_cli
 
@@ -153,4 +170,29 @@ def _merge_cli(args: argparse.Namespace, inputs: list[str], started: float) -> i
     }
     out = write_adapter(merged, args.out, force=args.force, info=info, inputs=inputs)
     print(final_line(f"merged {len(adapters)} adapters ({args.method}, r={merged.config['r']}) into {out}", started))
+    return 0
+
+
+def _extract_cli(args: argparse.Namespace, started: float) -> int:
+    from blockmerge.io.report import final_line
+    from blockmerge.lora.extract import extract_adapter, report_json, report_table
+
+    device = parse_device(args.device)
+    if args.svd_driver and device.type != "cuda":
+        raise ValueError(f"--svd-driver {args.svd_driver}: applies to CUDA only (add --device cuda)")
+    extraction = extract_adapter(
+        args.base,
+        args.model,
+        args.rank,
+        target_modules=args.target_modules,
+        dtype=parse_dtype(args.dtype, "--dtype"),
+        device=device,
+        svd_driver=args.svd_driver,
+        progress=not args.no_progress,
+    )
+    print(report_table(extraction))
+    info = report_json(extraction, args.base, args.model)
+    out = write_adapter(extraction.adapter, args.out, force=args.force, info=info, inputs=[args.base, args.model])
+    n = len(extraction.modules)
+    print(final_line(f"extracted a rank-{args.rank} adapter of {n} modules into {out}", started))
     return 0
