@@ -222,3 +222,12 @@ def test_quality_llm_table_marks_partial_cells():
     assert cell(0.9625, 2, 3) == "0.963 (n=2)"
     assert cell(0.9625, 3, 3) == "0.963"
     assert cell(None, None, 3) == ""
+
+
+def test_lora_extract_benchmark(tmp_path):
+    """A row per rank; at full rank (64 on the tiny pair) the error is the bf16 rounding of the factors."""
+    run("lora_extract.py", "--smoke", "--root", str(tmp_path / "pair"), "--out-dir", str(tmp_path))
+    rows = {int(r["rank"]): r for r in read_csv(tmp_path / "lora_extract.csv")}
+    assert set(rows) == {4, 64} and all(int(r["modules"]) == 2 * 7 for r in rows.values())
+    assert all(float(r["seconds"]) > 0 and float(r["peak_rss_MiB"]) > 0 for r in rows.values())
+    assert float(rows[64]["max_rel_error"]) < 1e-2 < 0.5 < float(rows[4]["mean_rel_error"])
