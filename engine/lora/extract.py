@@ -93,7 +93,12 @@ def check_model(base: Checkpoint, model: Checkpoint, tensors: Sequence[str]) -> 
 
 
 def _norm(t: torch.Tensor) -> float:
-    return float(torch.linalg.vector_norm(t.double()))
+    return float(torch.linalg.vector_norm(t.float()))  # fp32 (no copy of a large fp32 tensor): ~1e-7 relative
+
+
+def relative_change(w0: torch.Tensor, w: torch.Tensor) -> float:
+    """||w - w0||_F / ||w0||_F: how much the fine-tune changed a tensor."""
+    return _norm(w.float() - w0.float()) / max(_norm(w0), 1e-30)
 
 
 def extract_module(
@@ -105,10 +110,12 @@ def extract_module(
     dtype: torch.dtype = torch.float32,
     driver: str | None = None,
     module: str = "",
-) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """(A, B, relative error) of one module: B @ A is the best rank-`rank` approximation of the delta; the
-    error is measured on the factors as written (in `dtype`), so it includes their rounding."""
+) -> tuple[torch.Tensor, torch.Tensor, float, float]:
+    """(A, B, relative error, relative change) of one module: B @ A is the best rank-`rank` approximation of
+    the delta; the error is measured on the factors as written (in `dtype`), so it includes their rounding."""
     delta = model_w.to(torch.float32) - base_w.to(torch.float32)
+    norm = _norm(delta)
+    change = norm / max(_norm(base_w), 1e-30)
     if fan_in_fan_out:
         delta = delta.T  # PEFT's factors are [r, in] and [out, r] for Conv1D too
     try:
@@ -116,9 +123,8 @@ def extract_module(
     except torch.linalg.LinAlgError as e:
         raise ValueError(f"module {module}: SVD failed ({' '.join(str(e).split())})") from None
     A, B = A.to(dtype), B.to(dtype)
-    norm = _norm(delta)
     residual = delta.addmm_(B.to(torch.float32), A.to(torch.float32), alpha=-1)
-    return A, B, _norm(residual) / norm if norm > 0 else 0.0
+    return A, B, _norm(residual) / norm if norm > 0 else 0.0, change
 
 
 def extract_adapter(
@@ -154,14 +160,12 @@ def extract_adapter(
                     others.update(_difference(name, w0, mt[name]))
                     continue
                 module, fan = by_tensor[name]
-                A, B, rel = extract_module(
+                A, B, rel, change = extract_module(
                     w0, mt[name], rank, fan_in_fan_out=fan, dtype=out_dtype, driver=svd_driver, module=module
                 )
                 factors[f"{PREFIX}{module}.lora_A.weight"] = A.cpu().contiguous()
                 factors[f"{PREFIX}{module}.lora_B.weight"] = B.cpu().contiguous()
-                shape = tuple(base.tensors[name].shape)
-                change = _norm(mt[name].float() - w0.float()) / max(_norm(w0), 1e-30)
-                errors.append(ModuleError(module, shape, change, rel))
+                errors.append(ModuleError(module, tuple(base.tensors[name].shape), change, rel))
             pbar.update(1)
     errors.sort(key=lambda e: natural_key(e.module))
     leaves = sorted({m.rsplit(".", 1)[-1] for m in modules}) if not target_modules else list(target_modules)
@@ -175,7 +179,7 @@ def _difference(name: str, w0: torch.Tensor, w: torch.Tensor) -> dict[str, float
         return {name: f"shape {list(w.shape)}, base has {list(w0.shape)}"}
     if not w0.is_floating_point() or torch.equal(w, w0.to(w.dtype)):
         return {}
-    return {name: _norm(w.double() - w0.double()) / max(_norm(w0), 1e-30)}
+    return {name: relative_change(w0, w)}
 
 
 def adapter_config(base_dir: str | Path, rank: int, targets: list[str], fan_in_fan_out: bool) -> dict:
