@@ -96,9 +96,14 @@ def _norm(t: torch.Tensor) -> float:
     return float(torch.linalg.vector_norm(t.float()))  # fp32 (no copy of a large fp32 tensor): ~1e-7 relative
 
 
-def relative_change(w0: torch.Tensor, w: torch.Tensor) -> float:
-    """||w - w0||_F / ||w0||_F: how much the fine-tune changed a tensor."""
-    return _norm(w.float() - w0.float()) / max(_norm(w0), 1e-30)
+def relative_change(w0: torch.Tensor, w: torch.Tensor, rows: int = 4096) -> float:
+    """||w - w0||_F / ||w0||_F: how much the fine-tune changed a tensor (in fp32 chunks of rows, so that an
+    embedding matrix is never copied whole)."""
+    diff = base = 0.0
+    for a, b in zip(w0.split(rows), w.split(rows), strict=True):
+        diff += _norm(b.float() - a.float()) ** 2
+        base += _norm(a) ** 2
+    return (diff / max(base, 1e-60)) ** 0.5
 
 
 def extract_module(
