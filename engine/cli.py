@@ -16,7 +16,7 @@ COMMANDS = {
     ),
     "divmerge": ("blockmerge.learn.cli", "learn merge coefficients by Jensen-Shannon divergence to the experts"),
     "lora": (
-        "blockmerge.lora.adapters",
+        "blockmerge.lora.cli",
         "merge LoRA adapters into an adapter or a base model, or learn their coefficients",
     ),
     "import-gguf": ("blockmerge.io.gguf", "convert a GGUF model file into a safetensors Hugging Face checkpoint"),

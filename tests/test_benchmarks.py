@@ -244,3 +244,12 @@ def test_distributed_merge_benchmark(family, tmp_path):
     assert all(x["identical_to_first"] == "True" for x in rows), r.stdout
     assert all(float(x["peak_rss_GiB_per_rank"]) > 0 and float(x["seconds"]) > 0 for x in rows)
     assert not list(tmp_path.glob("distributed-merge-*"))  # outputs removed
+
+
+def test_lora_extract_benchmark(tmp_path):
+    """A row per rank; at full rank (64 on the tiny pair) the error is the bf16 rounding of the factors."""
+    run("lora_extract.py", "--smoke", "--root", str(tmp_path / "pair"), "--out-dir", str(tmp_path))
+    rows = {int(r["rank"]): r for r in read_csv(tmp_path / "lora_extract.csv")}
+    assert set(rows) == {4, 64} and all(int(r["modules"]) == 2 * 7 for r in rows.values())
+    assert all(float(r["seconds"]) > 0 and float(r["peak_rss_MiB"]) > 0 for r in rows.values())
+    assert float(rows[64]["max_rel_error"]) < 1e-2 < 0.5 < float(rows[4]["mean_rel_error"])

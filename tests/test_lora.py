@@ -11,7 +11,9 @@ import shutil
 import pytest
 import torch
 from blockmerge.cli import main as cli_main
-from blockmerge.lora import adapters as lora
+from blockmerge.lora.adapter import read_adapter
+from blockmerge.lora.into_base import merge_into_base
+from blockmerge.lora.merge import dare_mask, merge_adapters
 from blockmerge.suite.synth import tiny_model
 from peft import LoraConfig, PeftModel, get_peft_model
 
@@ -84,11 +86,11 @@ def _direct_delta(adapter_dirs, weights, mod):
 
 def test_read_adapter_scales_and_shapes(fam):
     root, ads, odd = fam
-    a = lora.read_adapter(ads[1])
+    a = read_adapter(ads[1])
     assert len(a.modules) == 3 * len(TARGETS)
     m = a.modules["model.layers.1.mlp.down_proj"]
     assert m.A.shape == (4, 96) and m.B.shape == (48, 4) and m.scale == 16 / 4
-    o = lora.read_adapter(odd)
+    o = read_adapter(odd)
     assert o.modules["model.layers.0.self_attn.q_proj"].scale == pytest.approx(12 / math.sqrt(6))
     pm = _peft(fam, ("odd",))
     layer = pm.base_model.model.model.layers[0].self_attn.q_proj
@@ -97,7 +99,7 @@ def test_read_adapter_scales_and_shapes(fam):
 
 def test_rank_and_alpha_pattern(tmp_path):
     d = _save_adapter(tmp_path / "pat", 4, 8, False, 7, rank_pattern={"q_proj": 2}, alpha_pattern={"down_proj": 3})
-    a = lora.read_adapter(d)
+    a = read_adapter(d)
     assert a.modules["model.layers.0.self_attn.q_proj"].rank == 2
     assert a.modules["model.layers.0.self_attn.q_proj"].scale == 8 / 2
     assert a.modules["model.layers.0.mlp.down_proj"].scale == 3 / 4
@@ -117,13 +119,13 @@ def _peft_masks(pm, adapters, method, density, seed):
         present = [t for t, a in enumerate(adapters) if mod_name in a.modules]
         if method.endswith("svd"):
             delta_shape = tuple(mod.weight.shape)
-            queue += [lora.dare_mask(delta_shape, density, seed, mod_name, t, "delta") for t in present]
+            queue += [dare_mask(delta_shape, density, seed, mod_name, t, "delta") for t in present]
         else:
             for part in ("A", "B"):
                 for t in present:
                     f = adapters[t].modules[mod_name]
                     shape = f.A.shape if part == "A" else f.B.shape
-                    queue += [lora.dare_mask(shape, density, seed, mod_name, t, part)]
+                    queue += [dare_mask(shape, density, seed, mod_name, t, part)]
     return queue
 
 
@@ -147,7 +149,7 @@ def test_merge_equals_peft(fam, monkeypatch, method, density):
     import peft.utils.merge_utils as mu
 
     root, ads, _ = fam
-    adapters = [lora.read_adapter(d) for d in ads]
+    adapters = [read_adapter(d) for d in ads]
     pm = _peft(fam)
     if method.startswith("dare"):
         queue = _peft_masks(pm, adapters, method, density, seed=3)
@@ -163,7 +165,7 @@ def test_merge_equals_peft(fam, monkeypatch, method, density):
     pm.add_weighted_adapter(["ad0", "ad1", "ad2"], WEIGHTS, "m", combination_type=method, **kw)
     if method.startswith("dare"):
         assert queue == []
-    merged = lora.merge_adapters(adapters, WEIGHTS, method, seed=3, **kw)
+    merged = merge_adapters(adapters, WEIGHTS, method, seed=3, **kw)
     theirs = _factors(pm, "m")
     assert merged.config["r"] == pm.peft_config["m"].r
     assert set(theirs) == {
@@ -220,11 +222,11 @@ def test_cat_and_svd_against_direct_formula(fam):
     root, ads, odd = fam
     dirs = [ads[0], odd]
     w = [0.8, -1.3]
-    adapters = [lora.read_adapter(d) for d in dirs]
-    cat = lora.merge_adapters(adapters, w, "cat")
+    adapters = [read_adapter(d) for d in dirs]
+    cat = merge_adapters(adapters, w, "cat")
     assert cat.config["r"] == 10 and cat.config["lora_alpha"] == 10 and cat.config["use_rslora"] is False
-    svd = lora.merge_adapters(adapters, w, "svd", rank=3)
-    svd10 = lora.merge_adapters(adapters, w, "svd", rank=10)
+    svd = merge_adapters(adapters, w, "svd", rank=3)
+    svd10 = merge_adapters(adapters, w, "svd", rank=10)
     for mod in adapters[0].modules:
         ref = _direct_delta(dirs, w, mod)
         got = (
@@ -250,8 +252,8 @@ def test_cat_and_svd_against_direct_formula(fam):
 def test_linear_against_direct_formula(fam):
     """linear merges the factors: A = sum sign(ws) sqrt|ws| A_t, B = sum sqrt|ws| B_t (not the deltas)."""
     root, ads, _ = fam
-    adapters = [lora.read_adapter(d) for d in ads]
-    merged = lora.merge_adapters(adapters, WEIGHTS, "linear")
+    adapters = [read_adapter(d) for d in ads]
+    merged = merge_adapters(adapters, WEIGHTS, "linear")
     mod = "model.layers.2.self_attn.v_proj"
     A = sum(
         math.copysign(math.sqrt(abs(w * a.modules[mod].scale)), w * a.modules[mod].scale) * a.modules[mod].A
@@ -264,10 +266,10 @@ def test_linear_against_direct_formula(fam):
 
 def test_dare_deterministic_and_seeded(fam):
     root, ads, _ = fam
-    adapters = [lora.read_adapter(d) for d in ads]
-    a = lora.merge_adapters(adapters, WEIGHTS, "dare_ties_svd", density=0.5, seed=1)
-    b = lora.merge_adapters(adapters, WEIGHTS, "dare_ties_svd", density=0.5, seed=1)
-    c = lora.merge_adapters(adapters, WEIGHTS, "dare_ties_svd", density=0.5, seed=2)
+    adapters = [read_adapter(d) for d in ads]
+    a = merge_adapters(adapters, WEIGHTS, "dare_ties_svd", density=0.5, seed=1)
+    b = merge_adapters(adapters, WEIGHTS, "dare_ties_svd", density=0.5, seed=1)
+    c = merge_adapters(adapters, WEIGHTS, "dare_ties_svd", density=0.5, seed=2)
     k = "base_model.model.model.layers.0.mlp.up_proj.lora_A.weight"
     torch.testing.assert_close(a.tensors[k], b.tensors[k], atol=0, rtol=0)
     assert not torch.allclose(a.tensors[k].abs(), c.tensors[k].abs())
@@ -277,8 +279,8 @@ def test_union_of_target_modules(fam, tmp_path):
     """Adapters on different module sets: the merge covers the union (PEFT's rule)."""
     root, ads, _ = fam
     only_q = _save_adapter(tmp_path / "q", 4, 8, False, 9, targets=["q_proj"])
-    adapters = [lora.read_adapter(ads[0]), lora.read_adapter(only_q)]
-    m = lora.merge_adapters(adapters, [1.0, 1.0], "cat")
+    adapters = [read_adapter(ads[0]), read_adapter(only_q)]
+    m = merge_adapters(adapters, [1.0, 1.0], "cat")
     assert sorted(m.config["target_modules"]) == sorted(TARGETS)
     mod = "model.layers.0.mlp.up_proj"  # only in the first: second block of the cat factors is zero
     assert torch.count_nonzero(m.tensors[f"base_model.model.{mod}.lora_A.weight"][4:]) == 0
@@ -340,7 +342,7 @@ def test_merge_into_base_equals_merge_and_unload(fam, tmp_path):
 def test_merge_into_base_single_adapter_bf16(fam, tmp_path):
     root, ads, _ = fam
     out = tmp_path / "bf16"
-    lora.merge_into_base(root / "base", [ads[1]], None, out, dtype=torch.bfloat16, progress=False)
+    merge_into_base(root / "base", [ads[1]], None, out, dtype=torch.bfloat16, progress=False)
     from blockmerge.io.checkpoint import Checkpoint
 
     ck = Checkpoint(out)
@@ -437,7 +439,7 @@ def _dense_loss_and_grad(base_dir, adapter_dirs, gamma, batch, objective, level)
     params = dict(model.named_parameters())
     params = {k: v.detach() for k, v in params.items()}
     for t, d in enumerate(adapter_dirs):
-        for mod, m in lora.read_adapter(d).modules.items():
+        for mod, m in read_adapter(d).modules.items():
             k = f"{mod}.weight"
             b = blocks.index(block_name(k))
             params[k] = params[k] + Gf[t, b] * m.scale * (m.B.double() @ m.A.double())
@@ -541,7 +543,7 @@ def test_lora_divmerge_cli_end_to_end(fam, tmp_path):
     assert all(abs(g - 1 / 3) > 1e-4 for g in gam)  # learned: moved from the init
     # the merged checkpoint equals merge-into-base with the learned weights
     ref = tmp_path / "ref"
-    lora.merge_into_base(root / "base", ads, gam, ref, progress=False)
+    merge_into_base(root / "base", ads, gam, ref, progress=False)
     a, b = Checkpoint(out), Checkpoint(ref)
     for n in a.tensors:
         torch.testing.assert_close(a.get(n), b.get(n), atol=1e-6, rtol=1e-6)
@@ -613,3 +615,115 @@ def test_bitsandbytes_base_on_cpu(fam, tmp_path):
         assert qloss == pytest.approx(loss, rel=0.3)  # quantization noise: loose on a 48-wide random model
         assert float(qgrad.abs().max()) > 0
         assert float((qgrad - grad).norm() / grad.norm()) < 1.0
+
+
+# ---------------------------------------------------------------------------------------------- lora extract
+
+
+@pytest.fixture(scope="module")
+def extract_fam(tmp_path_factory):
+    """{arch: (base, expert)}: expert = base + a random task vector on every tensor (norms and embeddings too)."""
+    from blockmerge.suite.synth import make_family
+
+    root = tmp_path_factory.mktemp("extract")
+    return {arch: (b, e[0]) for arch in ("llama", "gpt2") for b, e in [make_family(root / arch, arch, n_experts=1)]}
+
+
+def _extract(base, expert, out, rank, *extra):
+    argv = ["lora", "extract", str(out), "--base", str(base), "--model", str(expert), "--rank", str(rank)]
+    assert cli_main([*argv, "--no-progress", *map(str, extra)]) == 0
+    return json.loads((out / "blockmerge_lora.json").read_text())["extract"]
+
+
+def _state(path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path).state_dict()
+
+
+def test_extract_full_rank_reproduces_the_model(extract_fam, tmp_path, capsys):
+    base, expert = extract_fam["llama"]
+    report = _extract(base, expert, tmp_path / "ad", 48)  # 48 = the smallest side of every weight: exact
+    table = capsys.readouterr().out
+    assert "model.layers.2.mlp.down_proj" in table and "largest relative error" in table
+    assert len(report["modules"]) == 3 * 7 and max(m["relative_error"] for m in report["modules"]) < 1e-5
+    assert {"model.embed_tokens.weight", "lm_head.weight", "model.norm.weight"} <= set(report["not_in_adapter"])
+    merge_into_base(base, [tmp_path / "ad"], None, tmp_path / "merged", progress=False)
+    got, want, base_sd = _state(tmp_path / "merged"), _state(expert), _state(base)
+    adapted = {m["module"] + ".weight" for m in report["modules"]}
+    for k, w in want.items():
+        if k in adapted:
+            torch.testing.assert_close(got[k], w, atol=2e-6, rtol=1e-5)
+        else:  # embeddings, norms, head: not in the adapter, so the base's
+            torch.testing.assert_close(got[k], base_sd[k], atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])  # gpt2: Conv1D weights, stored transposed (fan_in_fan_out)
+def test_extract_low_rank_error_and_peft_logits(extract_fam, tmp_path, arch):
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    base, expert = extract_fam[arch]
+    out, rank = tmp_path / "ad", 3
+    report = _extract(base, expert, out, rank)
+    b_sd, e_sd = _state(base), _state(expert)
+    for m in report["modules"]:  # the Eckart-Young tail of the delta's singular values, in float64
+        S = torch.linalg.svdvals(e_sd[m["module"] + ".weight"].double() - b_sd[m["module"] + ".weight"].double())
+        expected = float((S[rank:].square().sum() / S.square().sum()).sqrt())
+        assert m["relative_error"] == pytest.approx(expected, rel=1e-4, abs=1e-6)
+        assert 0.1 < expected < 1  # random task vectors: rank 3 leaves a visible error
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    factors, scale = load_file(str(out / "adapter_model.safetensors")), cfg["lora_alpha"] / cfg["r"]
+    ref = AutoModelForCausalLM.from_pretrained(base).eval()
+    with torch.no_grad():  # transformers' model with W0 + scale B A written into its weights
+        for name, mod in ref.named_modules():
+            if f"base_model.model.{name}.lora_A.weight" in factors:
+                delta = (
+                    scale
+                    * factors[f"base_model.model.{name}.lora_B.weight"]
+                    @ factors[f"base_model.model.{name}.lora_A.weight"]
+                )
+                mod.weight += delta.T if arch == "gpt2" else delta
+    pm = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), out).eval()
+    plain = AutoModelForCausalLM.from_pretrained(base).eval()
+    ids = torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        got, want, before = pm(ids).logits, ref(ids).logits, plain(ids).logits
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert (got - before).abs().max() > 1e-3  # the adapter was loaded and changes the model
+
+
+def test_extract_bad_inputs(extract_fam, tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    base, expert = extract_fam["llama"]
+
+    def err(*extra, model=expert, out=tmp_path / "o"):
+        argv = ["lora", "extract", str(out), "--base", str(base), "--model", str(model), *map(str, extra)]
+        assert cli_main(argv) == 2
+        err = capsys.readouterr().err
+        lines = [ln for ln in err.splitlines() if ": error: " in ln]
+        assert "Traceback" not in err and len(lines) == 1 and lines[0].startswith("blockmerge lora: error: "), err
+        return lines[0]
+
+    assert "--rank must be an integer >= 1, got 0" in err("--rank", "0")
+    assert "--target-modules nope: no linear module" in err("--rank", "2", "--target-modules", "q_proj", "nope")
+    assert "applies to CUDA only" in err("--rank", "2", "--svd-driver", "gesvd")
+    assert "OUT is the input" in err("--rank", "2", out=expert)
+    sd = _state(expert)
+    for name, change in {
+        "missing": lambda sd: sd.pop("model.layers.1.mlp.up_proj.weight"),
+        "shape": lambda sd: sd.update({"model.layers.1.mlp.up_proj.weight": torch.zeros(95, 48)}),
+    }.items():
+        bad = tmp_path / name
+        bad.mkdir()
+        shutil.copy(expert / "config.json", bad / "config.json")
+        broken = dict(sd)
+        change(broken)
+        save_file(broken, str(bad / "model.safetensors"))
+        line = err("--rank", "2", model=bad)
+        assert "tensor model.layers.1.mlp.up_proj.weight" in line and str(bad) in line
+        assert ("is missing" if name == "missing" else "has shape [95, 48], base has [96, 48]") in line
+    (tmp_path / "o").mkdir()
+    assert "already exists (use --force" in err("--rank", "2")
+    assert not (tmp_path / "o" / "adapter_config.json").exists()

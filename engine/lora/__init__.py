@@ -1,2 +1,3 @@
-"""LoRA adapters: the PEFT adapter format, adapter merges with PEFT semantics, merging into a (quantised)
-base, and DivMerge over adapters."""
+"""LoRA adapters: the PEFT adapter format (adapter), adapter merges with PEFT semantics (merge), merging into
+the base (into_base), extraction from a fine-tune (extract), DivMerge over adapters with an optionally quantised
+base (learn), and the `blockmerge lora` command (cli)."""

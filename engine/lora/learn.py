@@ -30,16 +30,16 @@ from blockmerge.learn.losses import check_objective
 from blockmerge.learn.protocol import StreamedBase
 from blockmerge.learn.settings import LearnSettings, nonempty
 from blockmerge.learn.teacher import TeacherRun, TeacherSpec, fingerprint
-from blockmerge.lora.adapters import (  # the adapter format, merge into base (public names on the loracli branch)
+from blockmerge.lora.adapter import (
     PREFIX,
     Adapter,
     AdapterError,
     MergedAdapter,
-    merge_into_base,
     read_adapters,
+    target_modules,
     write_adapter,
 )
-from blockmerge.lora.adapters import _target_modules as target_modules
+from blockmerge.lora.into_base import merge_into_base
 from blockmerge.lora.lowrank import QUANTIZE, LowRankState, LowRankSumLinear
 from pydantic import BaseModel, ConfigDict, Field
 
