@@ -1,6 +1,6 @@
-"""Static merge methods, one tensor at a time. All arithmetic goes through `blockmerge.kernels.combine`
-(fp32 accumulation inside; output written in `out_dtype`); only TIES thresholds (kernels'
-`magnitude_thresholds`) and slerp's two scalars (norms and a dot product) are computed here.
+"""Static merge methods, one tensor at a time (tensor functions of registry.py). All arithmetic goes through
+`blockmerge.kernels.combine` (fp32 accumulation inside; output written in `out_dtype`); only TIES thresholds
+(kernels' `magnitude_thresholds`) and slerp's two scalars (norms and a dot product) are computed here.
 
 Semantics follow mergekit 0.1.x (generalized_task_arithmetic.py, linear.py, slerp.py):
   tau_t = expert_t - base
@@ -22,9 +22,13 @@ from __future__ import annotations
 import math
 import zlib
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from blockmerge.kernels import combine, magnitude_thresholds
+
+if TYPE_CHECKING:
+    from blockmerge.merge.registry import TensorCall
 
 DOT_THRESHOLD = 0.9995
 SLERP_EPS = 1e-8
@@ -36,45 +40,50 @@ def dare_seed(seed: int, tensor: str) -> int:
     return (int(seed) * 0x9E3779B1 + zlib.crc32(tensor.encode())) & 0xFFFFFFFF
 
 
-def task_arithmetic_family(
-    method: str,
-    name: str,
-    base: torch.Tensor,
-    experts: Sequence[torch.Tensor],
-    weights: Sequence[float],
-    densities: Sequence[float],
-    *,
-    normalize: bool,
-    rescale: bool,
-    lam: float = 1.0,
-    seed: int = 0,
-    out_dtype: torch.dtype | None = None,
-) -> torch.Tensor:
-    """task_arithmetic, ties, dare_ties, dare_linear on one tensor."""
-    kw: dict = {}
-    if method == "ties":
-        if rescale:
-            raise ValueError("ties: rescale=true is not supported (magnitude trimming keeps values unscaled)")
-        if any(d < 1.0 for d in densities):
-            kw["thresholds"] = magnitude_thresholds(base, experts, densities)
-    elif method in ("dare_ties", "dare_linear"):
-        p = [max(0.0, 1.0 - d) for d in densities]
-        if any(x >= 1.0 for x in p):
-            raise ValueError(f"{method}: density must be > 0 (tensor {name})")
-        if any(p):
-            kw.update(drop_p=p, rescale=rescale, seed=dare_seed(seed, name), offset=0)
-    elif method != "task_arithmetic":
-        raise ValueError(f"unknown method {method!r}")
+def _gta(c: TensorCall, *, sign: bool, **kw) -> torch.Tensor:
+    """base + lambda * mix of the task vectors, all in one kernels.combine call."""
     return combine(
-        base,
-        list(experts),
-        list(weights),
-        scale=lam,
-        sign_consensus=method in ("ties", "dare_ties"),
-        normalize=normalize,
-        out_dtype=out_dtype,
+        c.base,
+        c.models,
+        c.each("weight"),
+        scale=c.g["lambda"],
+        sign_consensus=sign,
+        normalize=c.g["normalize"],
+        out_dtype=c.out_dtype,
         **kw,
     )
+
+
+def task_arithmetic(c: TensorCall) -> torch.Tensor:
+    return _gta(c, sign=False)
+
+
+def ties(c: TensorCall) -> torch.Tensor:
+    densities = c.each("density")
+    kw = {"thresholds": magnitude_thresholds(c.base, c.models, densities)} if any(d < 1.0 for d in densities) else {}
+    return _gta(c, sign=True, **kw)
+
+
+def _dare(c: TensorCall, sign: bool) -> torch.Tensor:
+    p = [max(0.0, 1.0 - d) for d in c.each("density")]
+    kw = dict(drop_p=p, rescale=c.g["rescale"], seed=dare_seed(c.g["seed"], c.name), offset=0) if any(p) else {}
+    return _gta(c, sign=sign, **kw)
+
+
+def dare_ties(c: TensorCall) -> torch.Tensor:
+    return _dare(c, sign=True)
+
+
+def dare_linear(c: TensorCall) -> torch.Tensor:
+    return _dare(c, sign=False)
+
+
+def linear_merge(c: TensorCall) -> torch.Tensor:
+    return linear(c.models, c.each("weight"), normalize=c.g["normalize"], out_dtype=c.out_dtype)
+
+
+def slerp_merge(c: TensorCall) -> torch.Tensor:
+    return slerp(c.g["t"], c.base, c.models[0], out_dtype=c.out_dtype)
 
 
 def linear(

@@ -29,6 +29,7 @@ from blockmerge.merge.config import (
     load_config,
     resolve_plan,
 )
+from blockmerge.merge.registry import TensorCall, get_method, methods_help
 from tqdm.auto import tqdm
 
 MergeTensorFn = Callable[[str, torch.Tensor, list[torch.Tensor]], torch.Tensor]
@@ -144,10 +145,9 @@ def plan_merge(
     config: str | Path | dict | MergeConfig, *, seed: int | None = None, dtype=None, extrapolate: bool = False
 ) -> tuple[Checkpoint, list[Checkpoint], MergeTensorFn, torch.dtype | None, MergeConfig]:
     """Parse and check a mergekit-style config, open the checkpoints and build the per-tensor function.
-    Every tensor's parameters are resolved here, before any tensor is read, so config errors come first:
-    numbers finite, density in (0, 1] where it is used, slerp's t in [0, 1] unless `extrapolate`."""
-    from blockmerge.merge import methods
-
+    Every tensor's parameters are resolved and checked here (registry ranges: density in (0, 1] where it is
+    used, slerp's t in [0, 1] unless `extrapolate`, ...), before any tensor is read, so config errors come
+    first. `seed` overrides the config's seed of a randomised method."""
     cfg = load_config(config)
     plan, _ = resolve_plan(cfg)
     base = Checkpoint(plan.base)
@@ -159,47 +159,21 @@ def plan_merge(
             "layers; only a slice equivalent to `models:` is accepted)"
         )
     out_dtype = parse_dtype(dtype) or parse_dtype(plan.out_dtype)
-    resolver = ParameterResolver(cfg, plan, base.num_layers)
-    method = plan.method
+    resolver = ParameterResolver(cfg, plan, base.num_layers, extrapolate=extrapolate)
+    method = get_method(plan.method)
     params: dict[str, tuple[list[dict], dict]] = {}
     for name in base.tensors:
         g = resolver.global_params(name)
         if seed is not None and "seed" in g:
             g["seed"] = seed
         params[name] = (resolver.tensor_params(name), g)
-        if method == "ties" and g.get("rescale"):
-            raise ConfigError("parameters.rescale: rescale=true is not supported for ties")
-        if method == "slerp" and not extrapolate and not 0.0 <= g["t"] <= 1.0:
-            raise ConfigError(
-                f"parameters.t: {g['t']} for tensor {name}, expected 0 <= t <= 1 (--extrapolate to go beyond)"
-            )
-        for i, tp in enumerate(params[name][0]):
-            d = tp.get("density", 1.0)
-            if not 0.0 < d <= 1.0 and method != "task_arithmetic":
-                raise ConfigError(f"models.{i}.parameters.density: {d} for tensor {name}, expected 0 < density <= 1")
 
     def merge_tensor(name: str, b: torch.Tensor, ex: list[torch.Tensor]) -> torch.Tensor:
-        tp, g = params[name]
-        od = out_dtype if (out_dtype is not None and b.dtype.is_floating_point) else b.dtype
         if not b.dtype.is_floating_point:
             return b
-        if method == "linear":
-            return methods.linear([b, *ex], [p["weight"] for p in tp], normalize=g["normalize"], out_dtype=od)
-        if method == "slerp":
-            return methods.slerp(g["t"], b, ex[0], out_dtype=od)
-        return methods.task_arithmetic_family(
-            method,
-            name,
-            b,
-            ex,
-            [p["weight"] for p in tp],
-            [p["density"] for p in tp],
-            normalize=g["normalize"],
-            rescale=g["rescale"],
-            lam=g["lambda"],
-            seed=g["seed"],
-            out_dtype=od,
-        )
+        tp, g = params[name]
+        base_t, models = (b, ex) if plan.has_base else (None, [b, *ex])
+        return method.merge(TensorCall(name, base_t, models, tp, g, out_dtype or b.dtype))
 
     return base, experts, merge_tensor, out_dtype, cfg
 
@@ -244,7 +218,9 @@ def run_merge(
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("config", help="mergekit-style YAML (linear, task_arithmetic, ties, dare_ties, dare_linear, slerp)")
+    p.formatter_class = argparse.RawDescriptionHelpFormatter  # keep the method table's lines
+    p.epilog = methods_help()
+    p.add_argument("config", help="mergekit-style YAML (merge_method: one of the methods below)")
     p.add_argument("out", help="output folder (written to a temporary folder, renamed when complete)")
     p.add_argument("--force", action="store_true", help="replace OUT if it exists")
     p.add_argument("--shard-size", default="5GB", help="maximum shard size, e.g. 5GB, 500MB (default 5GB)")
