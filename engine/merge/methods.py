@@ -2,7 +2,8 @@
 `blockmerge.kernels.combine` (fp32 accumulation inside; output written in `out_dtype`); only TIES thresholds
 (kernels' `magnitude_thresholds`) and slerp's two scalars (norms and a dot product) are computed here.
 
-Semantics follow mergekit 0.1.x (generalized_task_arithmetic.py, linear.py, slerp.py):
+Semantics follow mergekit 0.1.x (generalized_task_arithmetic.py, linear.py, slerp.py, model_stock.py,
+nearswap.py):
   tau_t = expert_t - base
   task_arithmetic  out = base + lambda * mix,  mix = sum w_t tau_t            (/ sum w_t if normalize)
   ties             tau_t trimmed to its top-k magnitudes (k = int(density * numel)), sign elected from
@@ -14,6 +15,9 @@ Semantics follow mergekit 0.1.x (generalized_task_arithmetic.py, linear.py, sler
   linear           out = sum w_i m_i / sum w_i  (normalize) or sum w_i m_i
   slerp            spherical interpolation between base (t = 0) and the other model (t = 1) on the flattened
                    tensors, lerp when |cos| > 0.9995
+  model_stock      base + t * mean_t tau_t, t = N cos / (1 + (N-1) cos), cos the mean pairwise cosine of the
+                   task vectors (per row with filter_wise)
+  nearswap         base + w * (model - base), w = clamp(t / |base - model|, 0, 1) per entry
 Tensors of non-float dtype (integer buffers) are copied from the first input.
 """
 
@@ -134,3 +138,37 @@ def slerp(t: float, v0: torch.Tensor, v1: torch.Tensor, *, out_dtype=None) -> to
     s0, s1 = slerp_scalars(t, v0, v1)
     # combine: base_weight*v0 + w*(v1 - v0) = s0*v0 + s1*v1 with base_weight = s0 + s1, w = s1
     return combine(v0, [v1], [s1], base_weight=s0 + s1, out_dtype=out_dtype)
+
+
+def model_stock(c: TensorCall) -> torch.Tensor:
+    """Model Stock (arXiv 2403.19522): out = t * mean(models) + (1 - t) * base with t = N cos / (1 + (N-1) cos),
+    cos the mean pairwise cosine between task vectors: over the whole tensor (one t, through kernels.combine),
+    or per row with filter_wise (a 1-D tensor is one row)."""
+    n = len(c.models)
+    if not c.g["filter_wise"]:
+        taus = [m.float() - c.base.float() for m in c.models]
+        cos = sum(_cosine(taus[i], taus[j]) for i in range(n) for j in range(i + 1, n)) / (n * (n - 1) // 2)
+        t = n * cos / (1 + (n - 1) * cos)
+        return combine(c.base, c.models, [t / n] * n, out_dtype=c.out_dtype)
+    b = c.base.float().reshape(1, -1) if c.base.dim() < 2 else c.base.float().reshape(c.base.shape[0], -1)
+    taus = [m.float().reshape(b.shape) - b for m in c.models]
+    pairs = [_cosine(taus[i], taus[j], dim=-1) for i in range(n) for j in range(i + 1, n)]
+    cos = torch.stack(pairs).mean(0).unsqueeze(-1)
+    t = n * cos / (1 + (n - 1) * cos)
+    return (b + t * torch.stack(taus).mean(0)).view(c.base.shape).to(c.out_dtype)
+
+
+def _cosine(a: torch.Tensor, b: torch.Tensor, dim: int | None = None):
+    """mergekit's cosine: <a, b> / max(|a||b|, 1e-6), clamped to [-1, 1]; a float, or per row with dim."""
+    if dim is None:
+        na, nb, dot = _norms_and_dot(a, b)
+        return max(-1.0, min(1.0, dot / max(na * nb, 1e-6)))
+    return ((a * b).sum(dim) / (a.norm(dim=dim) * b.norm(dim=dim)).clamp(min=1e-6)).clamp(-1.0, 1.0)
+
+
+def nearswap(c: TensorCall) -> torch.Tensor:
+    """base moved towards the other model where they are close: w = clamp(t / |base - model|, 0, 1) per entry
+    (1 where they are equal), out = base + w * (model - base)."""
+    b, e = c.base.float(), c.models[0].float()
+    w = (c.g["t"] / (b - e).abs()).nan_to_num_(nan=1.0, posinf=1.0).clamp_(0.0, 1.0)
+    return torch.lerp(b, e, w).to(c.out_dtype)

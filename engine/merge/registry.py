@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
-from blockmerge.merge import methods
+from blockmerge.merge import methods, sparse
 
 REQUIRED = object()  # a parameter without a default
 
@@ -115,6 +115,8 @@ class Method:
     models_min: int = 1
     models_max: int | None = None
     random: bool = field(default=False)  # output depends on `seed`
+    # checks across parameters, given one tensor's resolved (per-model list, global dict): ValueError
+    check: Callable[[list[dict[str, Any]], dict[str, Any]], None] | None = None
 
 
 WEIGHT = Param("weight", help="the model's coefficient")
@@ -142,6 +144,8 @@ def _gta(name: str, summary: str, fn, params: tuple[Param, ...], normalize: bool
 
 _DENSITY_ONLY = Param("density", 1.0, "accepted; no sparsification")
 _T = Param("t", help="interpolation factor", low=0.0, high=1.0, extrapolate=True)
+_GAMMA = Param("gamma", 0.01, "fraction of the largest |tau| dropped", low=0.0, high=1.0)
+_EPSILON = Param("epsilon", 0.15, "keep probabilities span density +/- epsilon by magnitude rank", low=0.0)
 
 REGISTRY: dict[str, Method] = {
     m.name: m
@@ -156,8 +160,20 @@ REGISTRY: dict[str, Method] = {
              (DENSITY,), normalize=False, rescale=True, random=True),
         _gta("dare_linear", "random drop (keep prob. density), rescale, weighted sum", methods.dare_linear,
              (DENSITY,), normalize=False, rescale=True, random=True),
+        _gta("breadcrumbs", "drop the largest (gamma) and smallest |tau|, keep density, weighted sum",
+             sparse.breadcrumbs, (DENSITY, _GAMMA), normalize=False, rescale=False),
+        _gta("breadcrumbs_ties", "breadcrumbs' drop, then sign election", sparse.breadcrumbs_ties,
+             (DENSITY, _GAMMA), normalize=False, rescale=False),
+        _gta("della", "drop with keep prob. by magnitude rank (DELLA), rescale, sign election", sparse.della,
+             (DENSITY, _EPSILON), normalize=True, rescale=True, random=True, check=sparse.check_della),
+        _gta("della_linear", "DELLA's drop and rescale, weighted sum", sparse.della_linear,
+             (DENSITY, _EPSILON), normalize=False, rescale=True, random=True, check=sparse.check_della),
         Method("slerp", "spherical interpolation from base_model (t=0) to the other model (t=1)",
                methods.slerp_merge, (), (_T,), models_max=1),
+        Method("model_stock", "base + t * mean task vector, t from the task vectors' angles (Model Stock)",
+               methods.model_stock, (), (Param("filter_wise", False, "one t per row", kind="bool"),), models_min=2),
+        Method("nearswap", "base moved towards the other model where they are within t of each other",
+               methods.nearswap, (), (Param("t", help="closeness scale", low=0.0),), models_max=1),
     )
 }  # fmt: skip
 

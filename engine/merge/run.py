@@ -167,6 +167,11 @@ def plan_merge(
         if seed is not None and "seed" in g:
             g["seed"] = seed
         params[name] = (resolver.tensor_params(name), g)
+        if method.check is not None:
+            try:
+                method.check(*params[name])
+            except ValueError as e:
+                raise ConfigError(f"{e} (tensor {name})") from None
 
     def merge_tensor(name: str, b: torch.Tensor, ex: list[torch.Tensor]) -> torch.Tensor:
         if not b.dtype.is_floating_point:

@@ -1,0 +1,126 @@
+"""Task-vector methods whose sparsification the fused kernels do not express (a per-element rank or keep
+probability, a variance selection): the task vectors are sparsified here in fp32, one tensor at a time, and
+mixed by `blockmerge.kernels.combine` on a zero base (weights, sign election, normalisation, lambda), so the
+mixing is the one every other task-vector method uses.
+
+Semantics follow mergekit (sparsify.py magnitude_outliers / della_magprune, sce.py):
+  breadcrumbs   per task vector, of its n entries ranked by |tau|: drop the int(gamma*n) largest and the
+                smallest, keeping int(density*n) (fewer largest dropped when gamma > 1 - density); rescale:
+                multiply the kept entries by ||tau||_1 / ||kept||_1; then mixed as task_arithmetic (normalize
+                false) or, breadcrumbs_ties, with sign election
+  della         per row (a 1-D tensor is one row), keep probability linear in the rank of |tau| from
+                density - epsilon (smallest) to density + epsilon (largest); kept entries / their keep
+                probability when rescale (DELLA's rescaling: the expected value is tau), then mixed with
+                sign election (della) or without (della_linear); the keep draws come from the counter hash of
+                the kernels (seed, tensor name, task, element index): the same on every device
+  sce           positions whose variance over the task vectors is in the top select_topk fraction (of the
+                positions with non-zero variance) are kept; each task vector's weight is its mean square,
+                normalised over the tasks; sign elected from the unweighted sum; out = base + sum_t w_t m_t tau_t
+                / sum_t w_t m_t (0 -> 1)
+mergekit drops every entry when int(gamma*n) is 0 (an empty slice); here none of the largest is dropped then.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+from blockmerge.kernels import combine, hash_uniform, task_key
+from blockmerge.merge.methods import dare_seed
+
+if TYPE_CHECKING:
+    from blockmerge.merge.registry import TensorCall
+
+
+def task_vectors(c: TensorCall) -> list[torch.Tensor]:
+    b = c.base.float()
+    return [m.float() - b for m in c.models]
+
+
+def mix(c: TensorCall, taus: list[torch.Tensor], sign: bool) -> torch.Tensor:
+    """base + lambda * mix(taus) (weights, sign election, normalize) by kernels.combine on a zero base."""
+    mixed = combine(
+        torch.zeros_like(taus[0]),
+        taus,
+        c.each("weight"),
+        base_weight=0.0,
+        scale=c.g["lambda"],
+        sign_consensus=sign,
+        normalize=c.g["normalize"],
+        out_dtype=torch.float32,
+    )
+    return mixed.add_(c.base).to(c.out_dtype)
+
+
+def outlier_trim(tau: torch.Tensor, density: float, gamma: float, rescale: bool) -> torch.Tensor:
+    """Model Breadcrumbs: keep the int(density*n) entries ranked just below the int(gamma*n) largest |tau|."""
+    if density >= 1.0:
+        return tau
+    n = tau.numel()
+    keep, top = int(density * n), int(gamma * n)
+    bottom = n - keep - top
+    if bottom < 0:  # too few left: drop fewer of the largest
+        top, bottom = top + bottom, 0
+    flat = tau.reshape(-1)
+    order = torch.argsort(flat.abs(), stable=True)[bottom : n - top]
+    out = torch.zeros_like(flat)
+    out[order] = flat[order]
+    return _l1_rescaled(flat, out).view(tau.shape) if rescale else out.view(tau.shape)
+
+
+def _l1_rescaled(tau: torch.Tensor, kept: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
+    before, after = float(tau.abs().sum()), float(kept.abs().sum())
+    return kept if before < eps or after < eps else kept.mul_(before / after)
+
+
+def della_keep_probability(tau: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:
+    """Per entry: density - epsilon + 2 epsilon * rank/(m-1), rank of |tau| within its row of m entries."""
+    rows = tau.reshape(1, -1) if tau.dim() < 2 else tau.reshape(tau.shape[0], -1)
+    m = rows.shape[1]
+    rank = torch.argsort(torch.argsort(rows.abs(), dim=1, stable=True), dim=1).float()
+    frac = rank / (m - 1) if m > 1 else torch.full_like(rank, 0.5)
+    return (density - epsilon + 2 * epsilon * frac).view(tau.shape)
+
+
+def della_prune(tau: torch.Tensor, density: float, epsilon: float, rescale: bool, key: int) -> torch.Tensor:
+    if density >= 1.0:
+        return tau
+    p = della_keep_probability(tau, density, epsilon)
+    u = hash_uniform(key, torch.arange(tau.numel(), device=tau.device)).view(tau.shape)
+    kept = tau * (u >= 1.0 - p)  # as DARE: keep when the draw is at least the drop probability
+    return kept.div_(p) if rescale else kept
+
+
+def check_della(tensor_params: list[dict], g: dict) -> None:
+    """mergekit's rule: every keep probability density +/- epsilon lies in (0, 1)."""
+    for i, p in enumerate(tensor_params):
+        d, e = p["density"], p["epsilon"]
+        if d < 1.0 and not (0.0 < d - e and d + e < 1.0):
+            raise ValueError(
+                f"models.{i}.parameters.epsilon: {e} with density {d}, expected density +/- epsilon in (0, 1)"
+            )
+
+
+def breadcrumbs(c: TensorCall, sign: bool = False) -> torch.Tensor:
+    taus = [
+        outlier_trim(tau, p["density"], p["gamma"], c.g["rescale"])
+        for tau, p in zip(task_vectors(c), c.params, strict=True)
+    ]
+    return mix(c, taus, sign)
+
+
+def breadcrumbs_ties(c: TensorCall) -> torch.Tensor:
+    return breadcrumbs(c, sign=True)
+
+
+def della(c: TensorCall, sign: bool = True) -> torch.Tensor:
+    seed = dare_seed(c.g["seed"], c.name)
+    taus = [
+        della_prune(tau, p["density"], p["epsilon"], c.g["rescale"], task_key(seed, t))
+        for t, (tau, p) in enumerate(zip(task_vectors(c), c.params, strict=True))
+    ]
+    return mix(c, taus, sign)
+
+
+def della_linear(c: TensorCall) -> torch.Tensor:
+    return della(c, sign=False)

@@ -1,0 +1,175 @@
+"""mergekit methods added through the registry (breadcrumbs, della, model_stock, nearswap, ...), each merged
+end to end on a tiny synthetic family and checked tensor by tensor against its formula written here in
+float64 (numpy ranks, stacked task vectors), independently of engine/merge."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from blockmerge.kernels import hash_uniform, task_key
+from blockmerge.merge.config import ConfigError
+from blockmerge.merge.methods import dare_seed
+from blockmerge.merge.run import run_merge
+from blockmerge.suite.synth import make_family
+from safetensors.torch import load_file
+
+
+@pytest.fixture(scope="module")
+def fam(tmp_path_factory):
+    return make_family(tmp_path_factory.mktemp("fam"), "llama", n_experts=3, seed=5, dtype=torch.float32)
+
+
+def load_all(d: Path) -> dict[str, torch.Tensor]:
+    return {k: v for f in sorted(Path(d).glob("*.safetensors")) for k, v in load_file(f).items()}
+
+
+def merge(method, base, experts, tmp_path, per_model=(), **params):
+    per_model = per_model or [{}] * len(experts)
+    models = [{"model": str(e), "parameters": dict(p)} for e, p in zip(experts, per_model, strict=True)]
+    cfg = {"merge_method": method, "base_model": str(base), "models": models, "parameters": params}
+    return load_all(run_merge(cfg, tmp_path / method, progress=False))
+
+
+def inputs(base, experts):
+    return load_all(base), [load_all(e) for e in experts]
+
+
+def ref_mix(base, taus, weights, *, sign, normalize, lam=1.0):
+    """mergekit's generalized task arithmetic on already sparsified task vectors (float64)."""
+    d = torch.stack(taus).double()
+    w = torch.tensor(weights, dtype=torch.float64).view(-1, *([1] * base.dim()))
+    wd = d * w
+    if sign:
+        majority = torch.where(wd.sum(0) >= 0, 1.0, -1.0).double()
+        mask = (torch.sign(wd) == majority).double()
+        mixed, div = (wd * mask).sum(0), (w * mask).sum(0)
+        div[div == 0] = 1
+    else:
+        mixed, div = wd.sum(0), w.sum()
+        div = div if abs(div) >= 1e-8 else 1.0
+    return base.double() + lam * (mixed / div if normalize else mixed)
+
+
+def ref_breadcrumbs(tau, density, gamma):
+    a = tau.double().numpy().reshape(-1)
+    n = a.size
+    keep, top = int(density * n), int(gamma * n)
+    bottom = n - keep - top
+    if bottom < 0:
+        top, bottom = top + bottom, 0
+    ranked = np.argsort(np.abs(a), kind="stable")  # smallest first
+    chosen = ranked[bottom : n - top]
+    assert len(chosen) == keep and (top == 0 or np.abs(a[chosen]).max() <= np.abs(a[ranked[n - top :]]).min())
+    out = np.zeros(n)
+    out[chosen] = a[chosen]
+    return torch.from_numpy(out).view(tau.shape)
+
+
+@pytest.mark.parametrize("method", ["breadcrumbs", "breadcrumbs_ties"])
+def test_breadcrumbs_matches_formula(fam, tmp_path, method):
+    base, experts = fam
+    weights, dens, gammas = [1.0, 0.5, 0.8], [0.6, 0.9, 0.3], [0.05, 0.01, 0.8]  # the last: fewer outliers cut
+    pm = [{"weight": w, "density": d, "gamma": g} for w, d, g in zip(weights, dens, gammas, strict=True)]
+    out = merge(method, base, experts, tmp_path, pm, **{"lambda": 0.9})
+    b, es = inputs(base, experts)
+    for name, got in out.items():
+        taus = [
+            ref_breadcrumbs(e[name].double() - b[name].double(), d, g) for e, d, g in zip(es, dens, gammas, strict=True)
+        ]
+        want = ref_mix(b[name], taus, weights, sign=method.endswith("ties"), normalize=False, lam=0.9)
+        torch.testing.assert_close(got.double(), want, atol=2e-6, rtol=1e-5, msg=name)
+
+
+def ref_della_keep_prob(tau, density, epsilon):
+    rows = tau.double().numpy().reshape(1, -1) if tau.dim() < 2 else tau.double().numpy()
+    m = rows.shape[1]
+    rank = np.empty_like(rows)
+    for r in range(rows.shape[0]):
+        rank[r, np.argsort(np.abs(rows[r]), kind="stable")] = np.arange(m)
+    return torch.from_numpy(density - epsilon + 2 * epsilon * rank / (m - 1)).view(tau.shape)
+
+
+@pytest.mark.parametrize("method", ["della", "della_linear"])
+def test_della_matches_formula_and_is_seeded(fam, tmp_path, method):
+    base, experts = fam
+    weights, dens, eps = [1.0, 0.7, 0.4], [0.5, 0.7, 0.4], [0.2, 0.1, 0.3]
+    pm = [{"weight": w, "density": d, "epsilon": e} for w, d, e in zip(weights, dens, eps, strict=True)]
+    out = merge(method, base, experts, tmp_path, pm, seed=4)
+    b, es = inputs(base, experts)
+    kept = total = 0
+    for name, got in out.items():
+        seed = dare_seed(4, name)
+        taus = []
+        for t, (e, d, ep) in enumerate(zip(es, dens, eps, strict=True)):
+            tau = e[name].double() - b[name].double()
+            p = ref_della_keep_prob(tau, d, ep)
+            u = hash_uniform(task_key(seed, t), torch.arange(tau.numel())).double().view(tau.shape)
+            keep = u >= 1.0 - p.float().double()
+            kept, total = kept + int(keep.sum()), total + keep.numel()
+            taus.append(torch.where(keep, tau / p, 0.0))
+        want = ref_mix(b[name], taus, weights, sign=method == "della", normalize=method == "della")
+        torch.testing.assert_close(got.double(), want, atol=2e-6, rtol=1e-5, msg=name)
+    assert abs(kept / total - sum(dens) / 3) < 0.01  # the keep probabilities average to density
+    again = merge(method, base, experts, tmp_path / "again", pm, seed=4)
+    other = merge(method, base, experts, tmp_path / "other", pm, seed=5)
+    assert all(torch.equal(out[n], again[n]) for n in out)
+    assert not all(torch.equal(out[n], other[n]) for n in out)
+
+
+def test_della_keeps_the_expected_value():
+    """E[della_prune(tau)] = tau: the rescaled keep of each entry, averaged over many keys."""
+    from blockmerge.merge.sparse import della_prune
+
+    tau = torch.randn(8, 64, generator=torch.Generator().manual_seed(0))
+    mean = sum(della_prune(tau, 0.5, 0.2, True, key) for key in range(2000)) / 2000
+    torch.testing.assert_close(mean, tau, atol=0.25, rtol=0.0)
+    assert (mean - tau).abs().mean() < 0.05
+
+
+def test_della_epsilon_out_of_range_is_a_config_error(fam, tmp_path):
+    base, experts = fam
+    pm = [{"weight": 1.0, "density": 0.5, "epsilon": 0.5}] * 3
+    with pytest.raises(ConfigError, match=r"models.0.parameters.epsilon: 0.5 with density 0.5, expected density"):
+        merge("della", base, experts, tmp_path, pm)
+
+
+@pytest.mark.parametrize("filter_wise", [False, True])
+def test_model_stock_matches_formula(fam, tmp_path, filter_wise):
+    base, experts = fam
+    out = merge("model_stock", base, experts, tmp_path, filter_wise=filter_wise)
+    b, es = inputs(base, experts)
+    for name, got in out.items():
+        w0 = b[name].double()
+        shape = (1, -1) if (w0.dim() < 2 or not filter_wise) else (w0.shape[0], -1)
+        taus = [(e[name].double() - w0).reshape(shape) for e in es]
+        coss = []
+        for i in range(3):
+            for j in range(i + 1, 3):
+                c = (taus[i] * taus[j]).sum(-1) / (taus[i].norm(dim=-1) * taus[j].norm(dim=-1)).clamp(min=1e-6)
+                coss.append(c.clamp(-1, 1))
+        cos = torch.stack(coss).mean(0).unsqueeze(-1)
+        t = 3 * cos / (1 + 2 * cos)
+        avg = sum(e[name].double() for e in es).reshape(shape) / 3
+        want = (t * avg + (1 - t) * w0.reshape(shape)).view(w0.shape)
+        torch.testing.assert_close(got.double(), want, atol=2e-6, rtol=1e-5, msg=name)
+
+
+def test_model_stock_needs_two_models(fam, tmp_path):
+    base, experts = fam
+    with pytest.raises(ConfigError, match="model_stock needs at least 2 models besides base_model, got 1"):
+        merge("model_stock", base, experts[:1], tmp_path)
+
+
+def test_nearswap_matches_formula(fam, tmp_path):
+    base, experts = fam
+    out = merge("nearswap", base, experts[:1], tmp_path, t=0.02)
+    b, (e,) = inputs(base, experts[:1])
+    for name, got in out.items():
+        x, y = b[name].double(), e[name].double()
+        diff = (x - y).abs()
+        w = torch.where(diff > 0, (0.02 / diff).clamp(max=1.0), 1.0)
+        torch.testing.assert_close(got.double(), x * (1 - w) + y * w, atol=2e-6, rtol=1e-5, msg=name)
+        assert 0 < (w < 1).float().mean() < 1  # t in the range of the differences: a real mix
