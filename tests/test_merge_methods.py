@@ -173,3 +173,126 @@ def test_nearswap_matches_formula(fam, tmp_path):
         w = torch.where(diff > 0, (0.02 / diff).clamp(max=1.0), 1.0)
         torch.testing.assert_close(got.double(), x * (1 - w) + y * w, atol=2e-6, rtol=1e-5, msg=name)
         assert 0 < (w < 1).float().mean() < 1  # t in the range of the differences: a real mix
+
+
+# ------------------------------------------------------------------------------ spherical: float64 formulas
+
+
+def ref_multislerp(xs, w, normalize=True, eps=1e-8):
+    """Tangent-space barycentre: project the unit vectors to the tangent space at their normalised weighted
+    mean, average there, map back with the exponential map, scale by the weighted mean norm."""
+    x = torch.stack([v.double().reshape(-1) for v in xs])
+    w = torch.tensor(w, dtype=torch.float64)
+    w = w / w.sum() if normalize else w
+    norms = x.norm(dim=-1, keepdim=True)
+    u = x / (norms + eps)
+    mean = (u * w[:, None]).sum(0)
+    mean = mean / mean.norm()
+    tangent = ((u - (u @ mean)[:, None] * mean) * w[:, None]).sum(0)
+    tn = tangent.norm() + eps
+    res = mean * torch.cos(tn) + tangent * torch.sin(tn) / tn
+    return (res * (norms.squeeze(-1) * w).sum()).view(xs[0].shape)
+
+
+def ref_slerp_vectors(t, v0, v1):
+    """slerp of each row (last dimension) of v0, v1; lerp where colinear."""
+    u0 = v0 / v0.norm(dim=-1, keepdim=True).clamp(min=1e-7)
+    u1 = v1 / v1.norm(dim=-1, keepdim=True).clamp(min=1e-7)
+    theta = torch.acos((u0 * u1).sum(-1, keepdim=True).clamp(-1, 1))
+    s = torch.sin(theta)
+    out = (torch.sin((1 - t) * theta) * v0 + torch.sin(t * theta) * v1) / s
+    return torch.where(s.abs() < 1e-8, (1 - t) * v0 + t * v1, out)
+
+
+def ref_karcher(xs, max_iter=10, tol=1e-5):
+    """Fixed-point iteration for the Riemannian mean on the unit sphere (equal weights), times the mean norm."""
+    x = [v.double().reshape(-1) for v in xs]
+    norms = [float(v.norm()) for v in x]
+    units = [v / n for v, n in zip(x, norms, strict=True)]
+    a = 1.0 / len(units)
+    mean = sum(a * u for u in units)
+    mean = mean / mean.norm()
+    for _ in range(max_iter):
+        tangent = torch.zeros_like(mean)
+        for u in units:
+            d = torch.clamp(mean @ u, -1.0, 1.0)
+            theta = torch.arccos(d)
+            if theta >= tol:
+                tangent += a * theta / torch.sin(theta) * (u - d * mean)
+        tn = tangent.norm()
+        if tn < tol:
+            break
+        mean = torch.cos(tn) * mean + torch.sin(tn) * tangent / tn
+        mean = mean / mean.norm()
+    return (sum(norms) / len(norms) * mean).view(xs[0].shape)
+
+
+def merge_no_base(method, models, tmp_path, per_model=(), **params):
+    per_model = per_model or [{}] * len(models)
+    cfg = {"merge_method": method, "parameters": params}
+    cfg["models"] = [{"model": str(m), "parameters": dict(p)} for m, p in zip(models, per_model, strict=True)]
+    return load_all(run_merge(cfg, tmp_path / method, progress=False))
+
+
+@pytest.mark.parametrize("with_base", [False, True], ids=["models", "task_vectors"])
+def test_multislerp_matches_formula(fam, tmp_path, with_base):
+    base, experts = fam
+    w = [0.5, 0.3, 0.9]
+    pm = [{"weight": x} for x in w]
+    if with_base:
+        out = merge("multislerp", base, experts, tmp_path, pm)
+    else:
+        out = merge_no_base("multislerp", experts, tmp_path, pm)
+    b, es = inputs(base, experts)
+    for name, got in out.items():
+        x0 = b[name].double() if with_base else 0.0
+        want = x0 + ref_multislerp([e[name].double() - x0 for e in es], w)
+        torch.testing.assert_close(got.double(), want, atol=2e-6, rtol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("flatten,row_wise,with_base", [(True, False, False), (True, False, True), (False, False, True),
+                                                        (False, True, False)])  # fmt: skip
+def test_nuslerp_matches_formula(fam, tmp_path, flatten, row_wise, with_base):
+    base, experts = fam
+    pm = [{"weight": 0.4}, {"weight": 1.2}]  # t = 0.75
+    g = {"nuslerp_flatten": flatten, "nuslerp_row_wise": row_wise}
+    if with_base:
+        out = merge("nuslerp", base, experts[:2], tmp_path, pm, **g)
+    else:
+        out = merge_no_base("nuslerp", experts[:2], tmp_path, pm, **g)
+    b, es = inputs(base, experts[:2])
+    for name, got in out.items():
+        x0 = b[name].double() if with_base else torch.zeros_like(b[name].double())
+        v0, v1 = (e[name].double() - x0 for e in es)
+        if flatten:
+            want = ref_slerp_vectors(0.75, v0.reshape(1, -1), v1.reshape(1, -1)).view(v0.shape)
+        elif row_wise:  # vectors along the first dimension
+            want = ref_slerp_vectors(0.75, v0.transpose(0, -1), v1.transpose(0, -1)).transpose(0, -1)
+        else:
+            want = ref_slerp_vectors(0.75, v0, v1)
+        torch.testing.assert_close(got.double(), x0 + want, atol=2e-6, rtol=1e-5, msg=name)
+
+
+def test_karcher_matches_formula(fam, tmp_path):
+    base, experts = fam
+    models = [base, *experts]
+    out = merge_no_base("karcher", models, tmp_path, max_iter=20, tol=1e-9)
+    ins = [load_all(m) for m in models]
+    for name, got in out.items():
+        want = ref_karcher([m[name] for m in ins], max_iter=20, tol=1e-9)
+        torch.testing.assert_close(got.double(), want, atol=2e-6, rtol=1e-5, msg=name)
+
+
+def test_karcher_iterates_on_spread_points():
+    """Far-apart points (where the Riemannian mean differs from the normalised average), on a TensorCall."""
+    from blockmerge.merge.registry import TensorCall
+    from blockmerge.merge.spherical import karcher
+
+    gen = torch.Generator().manual_seed(3)
+    xs = [torch.randn(6, 50, generator=gen) * s for s in (1.0, 2.0, 0.5)]
+    xs[1] += 2 * xs[0]
+    got = karcher(TensorCall("w", None, xs, [{}] * 3, {"max_iter": 50, "tol": 1e-9}, torch.float32))
+    want = ref_karcher(xs, max_iter=50, tol=1e-9)
+    torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
+    first = ref_karcher(xs, max_iter=0)  # the normalised average before any step
+    assert (want - first).abs().max() > 1e-2

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
-from blockmerge.merge import methods, sparse
+from blockmerge.merge import methods, sparse, spherical
 
 REQUIRED = object()  # a parameter without a default
 
@@ -174,6 +174,16 @@ REGISTRY: dict[str, Method] = {
                methods.model_stock, (), (Param("filter_wise", False, "one t per row", kind="bool"),), models_min=2),
         Method("nearswap", "base moved towards the other model where they are within t of each other",
                methods.nearswap, (), (Param("t", help="closeness scale", low=0.0),), models_max=1),
+        Method("multislerp", "spherical weighted mean of the models (or task vectors with a base)",
+               spherical.multislerp, (WEIGHT,), (Param("normalize_weights", True, kind="bool"),
+               Param("eps", 1e-8, "numerical floor", low=0.0)), base="optional", models_min=2),
+        Method("nuslerp", "slerp of two models (or task vectors with a base) at t = w1 / (w0 + w1)",
+               spherical.nuslerp, (WEIGHT,), (Param("nuslerp_flatten", True, "whole tensor", kind="bool"),
+               Param("nuslerp_row_wise", False, "per row, not per column", kind="bool")), base="optional",
+               models_min=2, models_max=2),
+        Method("karcher", "Riemannian (Karcher) mean of the models on the sphere, times their mean norm",
+               spherical.karcher, (), (Param("max_iter", 10, kind="int", low=0), Param("tol", 1e-5, low=0.0)),
+               base="template", models_min=2),
     )
 }  # fmt: skip
 
