@@ -296,3 +296,23 @@ def test_karcher_iterates_on_spread_points():
     torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
     first = ref_karcher(xs, max_iter=0)  # the normalised average before any step
     assert (want - first).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("select_topk", [1.0, 0.3])
+def test_sce_matches_formula(fam, tmp_path, select_topk):
+    base, experts = fam
+    out = merge("sce", base, experts, tmp_path, select_topk=select_topk)
+    b, es = inputs(base, experts)
+    for name, got in out.items():
+        x0 = b[name].double()
+        d = np.stack([(e[name].double() - x0).numpy().reshape(-1) for e in es])
+        if select_topk < 1:
+            var = d.var(axis=0)
+            k = int(select_topk * np.count_nonzero(var))
+            d[:, np.argsort(-var, kind="stable")[k:]] = 0.0
+        w = (d**2).mean(axis=1)
+        w = w / w.sum()
+        agree = np.sign(d) == np.where(d.sum(axis=0) >= 0, 1.0, -1.0)
+        num, den = (d * w[:, None] * agree).sum(0), (w[:, None] * agree).sum(0)
+        want = x0 + torch.from_numpy(num / np.where(den == 0, 1.0, den)).view(x0.shape)
+        torch.testing.assert_close(got.double(), want, atol=2e-6, rtol=1e-5, msg=name)

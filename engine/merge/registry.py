@@ -168,6 +168,8 @@ REGISTRY: dict[str, Method] = {
              (DENSITY, _EPSILON), normalize=True, rescale=True, random=True, check=sparse.check_della),
         _gta("della_linear", "DELLA's drop and rescale, weighted sum", sparse.della_linear,
              (DENSITY, _EPSILON), normalize=False, rescale=True, random=True, check=sparse.check_della),
+        Method("sce", "variance top-k positions, mean-square weights, sign election (SCE)", sparse.sce, (),
+               (INT8_MASK, Param("select_topk", 1.0, "fraction of positions kept", low=0.0, high=1.0))),
         Method("slerp", "spherical interpolation from base_model (t=0) to the other model (t=1)",
                methods.slerp_merge, (), (_T,), models_max=1),
         Method("model_stock", "base + t * mean task vector, t from the task vectors' angles (Model Stock)",

@@ -124,3 +124,22 @@ def della(c: TensorCall, sign: bool = True) -> torch.Tensor:
 
 def della_linear(c: TensorCall) -> torch.Tensor:
     return della(c, sign=False)
+
+
+def sce(c: TensorCall) -> torch.Tensor:
+    """Select (variance top-k positions), Calculate (mean-square weights), Erase (minority signs); torch, as
+    the sign is elected from the unweighted sum while the mix is weighted (the kernels elect on the weighted)."""
+    taus = torch.stack(task_vectors(c))
+    if c.g["select_topk"] < 1.0:
+        var = taus.var(0, unbiased=False).reshape(-1)
+        k = int(c.g["select_topk"] * int(torch.count_nonzero(var)))
+        keep = torch.zeros_like(var)
+        keep[torch.topk(var, k).indices] = 1.0
+        taus *= keep.view(taus.shape[1:])
+    mean_sq = taus.reshape(len(taus), -1).pow(2).mean(1).double()
+    w = mean_sq / mean_sq.sum() if float(mean_sq.sum()) > 0 else torch.full_like(mean_sq, 1.0 / len(taus))
+    elected = torch.where(taus.sum(0) >= 0, 1.0, -1.0)
+    ew = (torch.sign(taus) == elected).float() * w.float().view(-1, *([1] * (taus.dim() - 1)))
+    div = ew.sum(0)
+    div[div == 0] = 1.0
+    return ((taus * ew).sum(0).div_(div) + c.base).to(c.out_dtype)
