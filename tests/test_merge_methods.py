@@ -316,3 +316,38 @@ def test_sce_matches_formula(fam, tmp_path, select_topk):
         num, den = (d * w[:, None] * agree).sum(0), (w[:, None] * agree).sum(0)
         want = x0 + torch.from_numpy(num / np.where(den == 0, 1.0, den)).view(x0.shape)
         torch.testing.assert_close(got.double(), want, atol=2e-6, rtol=1e-5, msg=name)
+
+
+def test_arcee_fusion_matches_formula(fam, tmp_path):
+    base, experts = fam
+    out = merge("arcee_fusion", base, experts[:1], tmp_path)
+    b, (e,) = inputs(base, experts[:1])
+    fused = 0
+    for name, got in out.items():
+        x, y = b[name].double().numpy(), e[name].double().numpy()
+        px = np.exp(y - y.max(-1, keepdims=True))
+        px = px / px.sum(-1, keepdims=True) + 1e-8
+        qx = np.exp(x - x.max(-1, keepdims=True))
+        qx = qx / qx.sum(-1, keepdims=True) + 1e-8
+        imp = np.abs(y - x) * (px * np.log(px / qx)).sum(-1, keepdims=True)
+        srt = np.sort(imp.reshape(-1))
+        q1, med, q3 = (srt[int(f * (srt.size - 1))] for f in (0.25, 0.5, 0.75))
+        thr = med + 1.5 * (q3 - q1)
+        mask = imp >= thr
+        fused += mask.sum()
+        sure = torch.from_numpy(np.abs(imp - thr) > 1e-5 * thr)  # fp32 rounding may flip the ties at thr
+        assert sure.float().mean() > 0.99
+        want = torch.from_numpy(np.where(mask, y, x))
+        torch.testing.assert_close(got.double()[sure], want[sure], atol=1e-7, rtol=0, msg=name)
+    assert fused > 0
+
+
+def test_passthrough_scales_one_model(fam, tmp_path):
+    base, experts = fam
+    scale = [{"filter": "mlp", "value": 0.5}, {"value": 1.0}]
+    out = merge_no_base("passthrough", experts[:1], tmp_path, [{"scale": scale}])
+    (e,) = [load_all(experts[0])]
+    for name, got in out.items():
+        torch.testing.assert_close(got, e[name] * (0.5 if "mlp" in name else 1.0), msg=name)
+    with pytest.raises(ConfigError, match="passthrough merges at most 1 model, got 2"):
+        merge_no_base("passthrough", experts[:2], tmp_path / "two")

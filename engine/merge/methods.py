@@ -3,7 +3,7 @@
 (kernels' `magnitude_thresholds`) and slerp's two scalars (norms and a dot product) are computed here.
 
 Semantics follow mergekit 0.1.x (generalized_task_arithmetic.py, linear.py, slerp.py, model_stock.py,
-nearswap.py):
+nearswap.py, arcee_fusion.py, passthrough.py):
   tau_t = expert_t - base
   task_arithmetic  out = base + lambda * mix,  mix = sum w_t tau_t            (/ sum w_t if normalize)
   ties             tau_t trimmed to its top-k magnitudes (k = int(density * numel)), sign elected from
@@ -18,6 +18,8 @@ nearswap.py):
   model_stock      base + t * mean_t tau_t, t = N cos / (1 + (N-1) cos), cos the mean pairwise cosine of the
                    task vectors (per row with filter_wise)
   nearswap         base + w * (model - base), w = clamp(t / |base - model|, 0, 1) per entry
+  arcee_fusion     the model's entries whose importance is an upper outlier, the base's elsewhere
+  passthrough      one model's tensors, each times `scale`
 Tensors of non-float dtype (integer buffers) are copied from the first input.
 """
 
@@ -172,3 +174,32 @@ def nearswap(c: TensorCall) -> torch.Tensor:
     b, e = c.base.float(), c.models[0].float()
     w = (c.g["t"] / (b - e).abs()).nan_to_num_(nan=1.0, posinf=1.0).clamp_(0.0, 1.0)
     return torch.lerp(b, e, w).to(c.out_dtype)
+
+
+def arcee_fusion(c: TensorCall) -> torch.Tensor:
+    """The other model's entries where they matter: importance = |model - base| * KL(softmax(model) ||
+    softmax(base)) of the entry's row (last dimension); entries with importance >= median + 1.5 IQR (quantiles
+    at index int(q * (n - 1)) of the sorted importances) take the model's value, the rest the base's."""
+    b, m = c.base.float(), c.models[0].float()
+    importance = (m - b).abs().mul_(_row_kl(m, b))
+    ranked = importance.reshape(-1).sort().values
+    q1, median, q3 = (ranked[int(f * (ranked.numel() - 1))] for f in (0.25, 0.5, 0.75))
+    keep = importance >= median + 1.5 * (q3 - q1)
+    return torch.where(keep, m, b).to(c.out_dtype)
+
+
+def _row_kl(m: torch.Tensor, b: torch.Tensor, rows: int = 1024) -> torch.Tensor:
+    """KL(softmax(m) + 1e-8 || softmax(b) + 1e-8) of every row (last dimension), [..., 1] fp32: computed in
+    float64 a slab of rows at a time (in fp32 the small KLs lose about three digits to cancellation)."""
+    m2, b2 = m.reshape(-1, m.shape[-1]), b.reshape(-1, b.shape[-1])
+    out = torch.empty(m2.shape[0], 1, dtype=torch.float32)
+    for s in range(0, m2.shape[0], rows):
+        p = torch.softmax(m2[s : s + rows].double(), dim=-1) + 1e-8
+        q = torch.softmax(b2[s : s + rows].double(), dim=-1) + 1e-8
+        out[s : s + rows] = (p * (p / q).log()).sum(-1, keepdim=True)
+    return out.view(*m.shape[:-1], 1)
+
+
+def passthrough(c: TensorCall) -> torch.Tensor:
+    """The one model's tensor, times its `scale`."""
+    return linear(c.models, c.each("scale"), normalize=False, out_dtype=c.out_dtype)
