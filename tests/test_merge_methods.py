@@ -351,3 +351,29 @@ def test_passthrough_scales_one_model(fam, tmp_path):
         torch.testing.assert_close(got, e[name] * (0.5 if "mlp" in name else 1.0), msg=name)
     with pytest.raises(ConfigError, match="passthrough merges at most 1 model, got 2"):
         merge_no_base("passthrough", experts[:2], tmp_path / "two")
+
+
+@pytest.mark.parametrize("method", ["ram", "ramplus_tl"])
+def test_ram_matches_formula(fam, tmp_path, method):
+    base, experts = fam
+    params = {"epsilon": 2e-3} | ({"r": 0.5, "alpha": 0.9} if method == "ramplus_tl" else {})
+    out = merge(method, base, experts, tmp_path, **params)
+    b, es = inputs(base, experts)
+    kinds = np.zeros(4, dtype=int)  # entries changed by 0, 1, 2, 3 models
+    for name, got in out.items():
+        x0 = b[name].double().numpy().reshape(-1)
+        d = np.stack([e[name].double().numpy().reshape(-1) - x0 for e in es])
+        on = np.abs(d) > 2e-3
+        count = on.sum(0)
+        kinds += np.bincount(count, minlength=4)
+        merged = np.zeros_like(x0)
+        for t in range(len(d)):
+            boost = 1.0
+            if method == "ramplus_tl":
+                shared, unique = (on[t] & (count > 1)).sum(), (on[t] & (count == 1)).sum()
+                boost = 1 + 0.5 * min(max(shared / max(unique, 2e-3), 0.0), 0.9)
+            for i in np.nonzero(on[t])[0]:
+                merged[i] += d[t, i] * (boost if count[i] == 1 else 1.0 / count[i])
+        want = torch.from_numpy(x0 + merged).view(b[name].shape)
+        torch.testing.assert_close(got.double(), want, atol=2e-6, rtol=1e-5, msg=name)
+    assert (kinds > 0).all(), kinds  # every case (unchanged, unique, shared) occurs

@@ -145,6 +145,7 @@ def _gta(name: str, summary: str, fn, params: tuple[Param, ...], normalize: bool
 _DENSITY_ONLY = Param("density", 1.0, "accepted; no sparsification")
 _T = Param("t", help="interpolation factor", low=0.0, high=1.0, extrapolate=True)
 _GAMMA = Param("gamma", 0.01, "fraction of the largest |tau| dropped", low=0.0, high=1.0)
+_RAM_EPS = Param("epsilon", 1e-5, "|tau| above which an entry counts as changed", low=0.0)
 _EPSILON = Param("epsilon", 0.15, "keep probabilities span density +/- epsilon by magnitude rank", low=0.0)
 
 REGISTRY: dict[str, Method] = {
@@ -170,6 +171,10 @@ REGISTRY: dict[str, Method] = {
              (DENSITY, _EPSILON), normalize=False, rescale=True, random=True, check=sparse.check_della),
         Method("sce", "variance top-k positions, mean-square weights, sign election (SCE)", sparse.sce, (),
                (INT8_MASK, Param("select_topk", 1.0, "fraction of positions kept", low=0.0, high=1.0))),
+        Method("ram", "mean of the task vectors over the models that change each entry (> epsilon)", sparse.ram,
+               (), (_RAM_EPS,)),
+        Method("ramplus_tl", "ram, with the entries only one model changes scaled up by its overlap ratio",
+               sparse.ramplus_tl, (), (Param("r", 0.1, low=0.0), Param("alpha", 0.2, low=0.0), _RAM_EPS)),
         Method("slerp", "spherical interpolation from base_model (t=0) to the other model (t=1)",
                methods.slerp_merge, (), (_T,), models_max=1),
         Method("model_stock", "base + t * mean task vector, t from the task vectors' angles (Model Stock)",

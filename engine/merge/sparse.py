@@ -17,6 +17,10 @@ Semantics follow mergekit (sparsify.py magnitude_outliers / della_magprune, sce.
                 positions with non-zero variance) are kept; each task vector's weight is its mean square,
                 normalised over the tasks; sign elected from the unweighted sum; out = base + sum_t w_t m_t tau_t
                 / sum_t w_t m_t (0 -> 1)
+  ram           entries with |tau_t| > epsilon count as changed by t; out = base + sum_t of the changed entries
+                / the number of models changing that entry (arXiv 2601.13572)
+  ramplus_tl    as ram, with each model's entries that only it changes scaled by 1 + r * clamp(rho_t, 0, alpha),
+                rho_t = (its entries also changed by others) / (its entries only it changes)
 mergekit drops every entry when int(gamma*n) is 0 (an empty slice); here none of the largest is dropped then.
 """
 
@@ -143,3 +147,26 @@ def sce(c: TensorCall) -> torch.Tensor:
     div = ew.sum(0)
     div[div == 0] = 1.0
     return ((taus * ew).sum(0).div_(div) + c.base).to(c.out_dtype)
+
+
+def _changed(c: TensorCall) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """RAM's task vectors with the entries at most epsilon zeroed, which entries changed, and by how many."""
+    taus = torch.stack(task_vectors(c))
+    changed = taus.abs() > c.g["epsilon"]
+    return taus.mul_(changed), changed, changed.sum(0)
+
+
+def ram(c: TensorCall) -> torch.Tensor:
+    taus, _, count = _changed(c)
+    return (taus.sum(0).div_(count.clamp(min=1)) + c.base).to(c.out_dtype)
+
+
+def ramplus_tl(c: TensorCall) -> torch.Tensor:
+    taus, changed, count = _changed(c)
+    dims = tuple(range(1, taus.dim()))
+    shared = (changed & (count > 1)).sum(dims).double()
+    unique = (changed & (count == 1)).sum(dims).double()
+    rho = shared / unique.clamp(min=c.g["epsilon"])
+    boost = (1 + c.g["r"] * rho.clamp(0.0, c.g["alpha"])).float().view(-1, *([1] * len(dims)))
+    scale = torch.where(count == 1, boost, 1.0 / count.clamp(min=1))
+    return ((taus * scale).sum(0) + c.base).to(c.out_dtype)
