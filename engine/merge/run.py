@@ -231,7 +231,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shard-size", default="5GB", help="maximum shard size, e.g. 5GB, 500MB (default 5GB)")
     p.add_argument("--dtype", default=None, choices=DTYPE_CHOICES, help="output dtype (default: config's or base's)")
     p.add_argument("--device", default=None, help="where tensors are combined: cpu (default) or cuda")
-    p.add_argument("--seed", type=int, default=None, help="DARE seed (overrides parameters.seed; default 0)")
+    p.add_argument(
+        "--seed", type=int, default=None, help="seed of dare_*, della* (overrides parameters.seed; default 0)"
+    )
     p.add_argument("--extrapolate", action="store_true", help="allow slerp's t outside [0, 1]")
     p.add_argument("--no-progress", action="store_true", help="no progress bar or final line")
 
