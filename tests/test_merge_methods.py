@@ -377,3 +377,49 @@ def test_ram_matches_formula(fam, tmp_path, method):
         want = torch.from_numpy(x0 + merged).view(b[name].shape)
         torch.testing.assert_close(got.double(), want, atol=2e-6, rtol=1e-5, msg=name)
     assert (kinds > 0).all(), kinds  # every case (unchanged, unique, shared) occurs
+
+
+# ------------------------------------------------------------------------------ frankenmerges (slices)
+
+
+def test_passthrough_slices_stack_layers(fam, tmp_path):
+    """Layers 0-1 of expert 0 then layers 1-2 of expert 1 (scaled 0.5 in the mlp): 4 layers that load with
+    transformers, each tensor the planned source's."""
+    from transformers import AutoModelForCausalLM
+
+    base, experts = fam
+    cfg = {
+        "merge_method": "passthrough",
+        "slices": [
+            {"sources": [{"model": str(experts[0]), "layer_range": [0, 2]}]},
+            {"sources": [{"model": str(experts[1]), "layer_range": [1, 3], "parameters": {"scale": [
+                {"filter": "mlp", "value": 0.5}, {"value": 1.0}]}}]},
+        ],
+        "dtype": "bfloat16",
+    }  # fmt: skip
+    out = run_merge(cfg, tmp_path / "franken", progress=False)
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert model.config.num_hidden_layers == 4 and len(model.model.layers) == 4
+    got = load_all(out)
+    e0, e1 = load_all(experts[0]), load_all(experts[1])
+    want = {n: v for n, v in e0.items() if ".layers." not in n or ".layers.0." in n or ".layers.1." in n}
+    for src, dst in ((1, 2), (2, 3)):
+        for n, v in e1.items():
+            if f".layers.{src}." in n:
+                want[n.replace(f".layers.{src}.", f".layers.{dst}.")] = v * (0.5 if "mlp" in n else 1.0)
+    for n in ("model.norm.weight", "lm_head.weight"):
+        if n in e1:
+            want[n] = e1[n]
+    assert set(got) == set(want)
+    for n, v in got.items():
+        assert v.dtype == torch.bfloat16 and torch.equal(v, want[n].to(torch.bfloat16)), n
+    with torch.no_grad():
+        assert torch.isfinite(model(torch.tensor([[1, 2, 3]])).logits).all()
+
+
+def test_passthrough_slices_bad_range_is_a_config_error(fam, tmp_path):
+    base, experts = fam
+    cfg = {"merge_method": "passthrough", "slices": [{"sources": [{"model": str(base), "layer_range": [2, 5]}]}]}
+    with pytest.raises(ConfigError, match=r"slices.0.sources.0.layer_range: \[2, 5\] is not a range of the 3"):
+        run_merge(cfg, tmp_path / "o", progress=False)
+    assert not (tmp_path / "o").exists()

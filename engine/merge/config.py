@@ -3,7 +3,8 @@
 Supported (mergekit 0.1.x meaning): merge_method (any method of registry.REGISTRY); base_model;
 models: [{model: DIR, parameters: {...}}]; parameters: {...} (defaults for every model plus the method's
 global parameters); dtype / out_dtype (output dtype); tokenizer_source: base.
-`slices` is accepted only in the trivial form that is equivalent to `models:` (one slice whose sources all
+`slices`: with merge_method passthrough, layer ranges of any models stacked into a new model (slices.py);
+with the other methods only the trivial form that is equivalent to `models:` (one slice whose sources all
 cover every layer); anything else is a clear "not supported" error.
 
 Parameter values, as mergekit evaluates them (mergekit/config.py `evaluate_setting`):
@@ -210,7 +211,7 @@ class ResolvedPlan(BaseModel):
     layer_range: tuple[int, int] | None = None  # from a `slices:` config: must cover every layer
 
 
-def _resolve_path(ref: str, cfg: MergeConfig, field: str) -> Path:
+def resolve_path(ref: str, cfg: MergeConfig, field: str) -> Path:
     p = Path(ref).expanduser()
     cands = [p] if p.is_absolute() else [Path.cwd() / p] + ([Path(cfg.source_dir) / p] if cfg.source_dir else [])
     for c in cands:
@@ -281,8 +282,8 @@ def resolve_plan(cfg: MergeConfig) -> tuple[ResolvedPlan, list[ModelEntry]]:
     if not models:
         raise ConfigError("models: at least one model is required")
     m = get_method(cfg.merge_method)
-    paths = [_resolve_path(e.model, cfg, f"models.{i}.model") for i, e in enumerate(models)]
-    base = _resolve_path(cfg.base_model, cfg, "base_model") if cfg.base_model else None
+    paths = [resolve_path(e.model, cfg, f"models.{i}.model") for i, e in enumerate(models)]
+    base = resolve_path(cfg.base_model, cfg, "base_model") if cfg.base_model else None
     _check_parameter_names(cfg, models, m)
     if m.base == "required" and base is None:
         raise ConfigError(f"base_model: required for {m.name}")

@@ -30,6 +30,7 @@ from blockmerge.merge.config import (
     resolve_plan,
 )
 from blockmerge.merge.registry import TensorCall, get_method, methods_help
+from blockmerge.merge.slices import config_inputs, is_frankenmerge, run_frankenmerge
 from tqdm.auto import tqdm
 
 MergeTensorFn = Callable[[str, torch.Tensor, list[torch.Tensor]], torch.Tensor]
@@ -201,9 +202,14 @@ def run_merge(
     parse_device(device)
     if os.path.lexists(out) and not force:  # before any work (checked again under the lock and at commit)
         raise OutputExistsError(f"{out}: output already exists (use --force to overwrite)")
-    base, experts, fn, out_dtype, cfg = plan_merge(config, seed=seed, dtype=dtype, extrapolate=extrapolate)
+    config_file = config_inputs(config)
+    cfg = load_config(config)
+    if is_frankenmerge(cfg):
+        return run_frankenmerge(
+            cfg, out, force=force, shard_size=shard_size, dtype=dtype, inputs=config_file, progress=progress
+        )
+    base, experts, fn, out_dtype, cfg = plan_merge(cfg, seed=seed, dtype=dtype, extrapolate=extrapolate)
     record = cfg.model_dump(exclude_none=True, exclude={"source_dir"})
-    config_file = [config] if isinstance(config, Path) or (isinstance(config, str) and os.path.isfile(config)) else []
     inputs = [base.path, *(e.path for e in experts), *config_file]
     with claim_output(out, force=force, inputs=inputs):
         return stream_merge(
