@@ -212,7 +212,8 @@ def methods_help() -> str:
     for m in REGISTRY.values():
         base = {"required": "needs base_model", "optional": "base_model optional", "template": "no base"}[m.base]
         n = f"{m.models_min}" + ("+" if m.models_max is None else f"-{m.models_max}" * (m.models_max != m.models_min))
-        lines.append(f"  {m.name:<17}{m.summary} ({base}; {n} model{'s' * (n != '1')})")
+        seeded = "; random, from seed" if m.random else ""
+        lines.append(f"  {m.name:<17}{m.summary} ({base}; {n} model{'s' * (n != '1')}{seeded})")
         if m.tensor_params:
             lines.append(f"  {'':<17}per model: {', '.join(p.describe() for p in m.tensor_params)}")
         if m.global_params:
