@@ -356,6 +356,8 @@ def test_dispatch(monkeypatch):
     assert calls == ["combine_triton", "project_triton"]
     monkeypatch.setenv("BLOCKMERGE_KERNELS", "torch")
     assert K.backend(SimpleNamespace(is_cuda=True)) == "torch"
+    monkeypatch.setenv("BLOCKMERGE_KERNELS", "eager")  # the eager backend's own name, the same path
+    assert K.backend(SimpleNamespace(is_cuda=True)) == "torch"
     monkeypatch.setenv("BLOCKMERGE_KERNELS", "compiled")
     assert K.backend(SimpleNamespace(is_cuda=True)) == "compiled"
     monkeypatch.setenv("BLOCKMERGE_KERNELS", "cuda")
