@@ -39,7 +39,7 @@ from blockmerge.kernels import (  # noqa: E402
     project,
     project_torch,
 )
-from blockmerge.kernels.reference import _run_chunks  # noqa: E402
+from blockmerge.kernels.cpu import run_chunks  # noqa: E402
 
 OPS = ("combine", "project", "dare", "ties")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -141,7 +141,7 @@ def peak_extra_bytes(fn, device: torch.device) -> int | None:
 
 def pooled_copy(dst: torch.Tensor, src: torch.Tensor) -> None:
     """dst.copy_(src) chunk by chunk on the worker pool of the CPU kernels (same threading as combine)."""
-    _run_chunks(src.numel(), src.device, lambda i, s, e: dst[s:e].copy_(src[s:e]))
+    run_chunks(src.numel(), src.device, lambda i, s, e: dst[s:e].copy_(src[s:e]))
 
 
 def unfused_combine(base, experts, weights):

@@ -114,25 +114,31 @@ def input_files(dirs: list[Path]) -> list[str]:
 
 
 def merge_config(method: str, base: Path, experts: list[Path], density: float) -> dict:
-    if method == "linear":
-        return {
-            "merge_method": "linear",
-            "models": [{"model": str(m), "parameters": {"weight": 1.0}} for m in [base, *experts]],
-        }
-    params = {"weight": 1.0 / len(experts)}
-    if method != "task_arithmetic":
+    """A config for any registered method: weights 1/N, the given density where the method sparsifies, 0.5 for
+    a required global (slerp's and nearswap's t); template methods merge the base too."""
+    from blockmerge.merge.registry import REQUIRED, get_method
+
+    m = get_method(method)
+    models = [base, *experts] if m.base == "template" else list(experts)
+    models = models[: m.models_max] if m.models_max else models
+    per_model = {p.name for p in m.tensor_params}
+    params = {"weight": 1.0 / len(models)} if "weight" in per_model else {}
+    if "density" in per_model and method != "task_arithmetic":
         params["density"] = density
-    return {
+    cfg = {
         "merge_method": method,
-        "base_model": str(base),
-        "models": [{"model": str(e), "parameters": dict(params)} for e in experts],
+        "models": [{"model": str(e), "parameters": dict(params)} for e in models],
+        "parameters": {p.name: 0.5 for p in m.global_params if p.default is REQUIRED},
     }
+    return cfg if m.base == "template" else {**cfg, "base_model": str(base)}
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--root", default="/tmp/synth1b", help="family folder (base, expert0..), reused if DONE exists")
-    ap.add_argument("--methods", default="linear,ties,dare_ties", help="comma-separated merge methods")
+    ap.add_argument(
+        "--methods", default="linear,ties,dare_ties", help="comma-separated merge methods (any of `blockmerge merge`)"
+    )
     ap.add_argument("--density", type=float, default=0.5)
     ap.add_argument("--experts", type=int, default=3)
     ap.add_argument("--shape", default="1b", help="synthetic family: 1b (the benchmark) or tiny (a smoke run)")

@@ -12,7 +12,7 @@ COMMANDS = {
     "demo": ("blockmerge.suite.demo", "build the built-in synthetic-task suite and compare merge methods"),
     "merge": (
         "blockmerge.merge.run",
-        "static merge from a mergekit-style YAML (linear, task_arithmetic, ties, dare, slerp)",
+        "static merge from a mergekit-style YAML (20 methods: `blockmerge merge --help` lists them)",
     ),
     "divmerge": ("blockmerge.learn.cli", "learn merge coefficients by Jensen-Shannon divergence to the experts"),
     "lora": (
@@ -23,7 +23,7 @@ COMMANDS = {
 }
 
 
-KERNELS = ("auto", "compiled", "torch", "triton")  # BLOCKMERGE_KERNELS values (blockmerge.kernels.backend)
+KERNELS = ("auto", "compiled", "eager", "torch", "triton")  # BLOCKMERGE_KERNELS values (blockmerge.kernels.backend)
 # every command also takes these (before or after its own arguments)
 COMMON = {
     "--debug": "show the traceback of an error (default: one line `blockmerge COMMAND: error: ...`)",
@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         choices=KERNELS,
         default=None,
         help="task-vector kernels (sets BLOCKMERGE_KERNELS): auto = Triton on GPU, on CPU torch.compile'd for "
-        "large tensors (about 4 s of start-up per process) and the eager reference for small ones; torch = "
+        "large tensors (about 4 s of start-up per process) and the eager reference for small ones; torch (or eager) = "
         "always the eager reference (quicker for small linear merges)",
     )
     for flag, help_ in COMMON.items():

@@ -1,9 +1,10 @@
 """Fused task-vector kernels behind one dispatch point: Triton for CUDA tensors; on CPU the torch formulas
 compiled by torch.compile (compiled.py) for tensors of at least compiled.MIN_NUMEL elements, and the eager
-torch reference (reference.py) for smaller ones or where torch.compile cannot build.
-BLOCKMERGE_KERNELS=auto|compiled|torch|triton forces a path (triton on CPU needs TRITON_INTERPRET=1 set
-before triton is first imported). Inputs are not differentiated through (no autograd): project gives the
-gradient with respect to the coefficients."""
+torch backend (eager.py) for smaller ones or where torch.compile cannot build. Every backend takes the same
+arguments, checked once by spec.combine_spec. BLOCKMERGE_KERNELS=auto|compiled|torch|triton forces a path
+(`eager` is accepted for `torch`; triton on CPU needs TRITON_INTERPRET=1 set before triton is first
+imported). Inputs are not differentiated through (no autograd): project gives the gradient with respect to
+the coefficients."""
 
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ from collections.abc import Sequence
 import torch
 
 from . import compiled
-from .reference import combine_torch, dare_keep, hash_uniform, magnitude_thresholds, project_torch, task_key
+from .eager import combine_torch, magnitude_thresholds, project_torch
+from .spec import combine_spec, dare_keep, hash_uniform, task_key
 
 __all__ = [
     "backend",
@@ -22,6 +24,7 @@ __all__ = [
     "combine_torch",
     "project_torch",
     "compiled",
+    "combine_spec",
     "magnitude_thresholds",
     "dare_keep",
     "hash_uniform",
@@ -30,22 +33,24 @@ __all__ = [
 
 
 BACKENDS = ("triton", "compiled", "torch")
+ALIASES = {"eager": "torch"}  # the eager backend's module name, accepted beside the public `torch`
 
 
 def backend(t: torch.Tensor) -> str:
     """'triton', 'compiled' or 'torch' for a tensor, honouring BLOCKMERGE_KERNELS."""
     forced = os.environ.get("BLOCKMERGE_KERNELS", "auto").lower()
+    forced = ALIASES.get(forced, forced)
     if forced in BACKENDS:
         return forced
     if forced != "auto":
-        raise ValueError(f"BLOCKMERGE_KERNELS={forced!r}: expected auto, {', '.join(BACKENDS)}")
+        raise ValueError(f"BLOCKMERGE_KERNELS={forced!r}: expected auto, {', '.join(BACKENDS)} or eager")
     if t.is_cuda:
         return "triton"
     return "compiled" if compiled.available() and t.numel() >= compiled.MIN_NUMEL else "torch"
 
 
 def combine(base: torch.Tensor, experts: Sequence[torch.Tensor], weights, **kw) -> torch.Tensor:
-    """out = base_weight*base + scale*mix(expert_t - base); see reference.py for every option."""
+    """out = base_weight*base + scale*mix(expert_t - base); options as spec.combine_spec."""
     bk = backend(base)
     if bk == "triton":
         from .triton_kernels import combine_triton

@@ -1,13 +1,13 @@
-"""CPU kernels for combine and project: the formulas of reference.py written as plain torch expressions and
+"""CPU kernels for combine and project: the formulas of spec.py written as plain torch expressions and
 compiled by torch.compile (Inductor's C++ backend with OpenMP) into one vectorised loop per call. Each input
 is read once, converted to fp32 in registers and never stored as a temporary: the fused loop runs at memory
-speed, where the eager reference pays one pass over an fp32 buffer per torch op (see benchmarks/kernels.py).
+speed, where the eager backend pays one pass over an fp32 buffer per torch op (see benchmarks/kernels.py).
 
-Same signatures and semantics as reference.combine_torch / project_torch (the eager reference, which stays
-the fallback when torch.compile cannot build: no C++ compiler, unsupported platform). A failed build is
-retried once in a fresh cache directory first (a poisoned or unwritable Inductor cache), then the process
-falls back to the eager path with one warning. Rounding may differ
-from the eager path by an ulp (operation order, fused multiply-adds): tests hold them to per-dtype tolerances.
+Same arguments (spec.py) and semantics as the eager backend (eager.py), which stays the fallback when
+torch.compile cannot build (no C++ compiler, unsupported platform). A failed build is retried once in a
+fresh cache directory first (a poisoned or unwritable Inductor cache), then the process falls back to the
+eager path with one warning. Rounding may differ from the eager path by an ulp (operation order, fused
+multiply-adds): tests hold them to per-dtype tolerances.
 
 One compiled graph per structure (number of experts, dtypes, which options are on); the numbers (weights,
 DARE probabilities, thresholds, seed keys, offsets) are tensors, and shapes are dynamic, so a merge compiles
@@ -28,9 +28,11 @@ from collections.abc import Sequence
 
 import torch
 
-from .reference import _M1, _M2, _as_list, _s32, check_experts, new_output, task_key
+from .cpu import new_output
+from .eager import combine_eager, project_torch
+from .spec import M1, M2, CombineSpec, check_project, combine_spec, s32, task_key
 
-# The dispatch sends smaller tensors to the eager reference, which is as fast there (per-call overheads
+# The dispatch sends smaller tensors to the eager backend, which is as fast there (per-call overheads
 # dominate both): a process with only small tensors (tests, tiny models) never pays torch.compile's start-up,
 # about 4 s for importing Inductor and loading the cached kernels, plus a few seconds per graph when cold.
 MIN_NUMEL = 1 << 18
@@ -44,13 +46,13 @@ _fresh_cache_dir: str | None = None  # the new Inductor cache this process switc
 
 
 def hash_uniform32(key: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """reference.hash_uniform in int32 arithmetic that wraps mod 2^32 (vectorises; int64 multiplies do not on
+    """spec.hash_uniform in int32 arithmetic that wraps mod 2^32 (vectorises; int64 multiplies do not on
     AVX2): logical shifts as arithmetic shifts + masks, constants as their int32 bit patterns."""
     x = idx ^ key
     x = x ^ ((x >> 16) & 0xFFFF)
-    x = x * _s32(_M1)
+    x = x * s32(M1)
     x = x ^ ((x >> 15) & 0x1FFFF)
-    x = x * _s32(_M2)
+    x = x * s32(M2)
     x = x ^ ((x >> 16) & 0xFFFF)
     return ((x >> 8) & 0xFFFFFF).to(torch.float32) * (1.0 / (1 << 24))
 
@@ -69,7 +71,7 @@ def combine_formula(
     simple: bool,
     out_dtype: torch.dtype,
 ) -> torch.Tensor:
-    """The reference.py formula on flat tensors. coef (fp32): [base_weight, scale, divisor, w_t..., p_t...,
+    """The spec.py formula on flat tensors. coef (fp32): [base_weight, scale, divisor, w_t..., p_t...,
     rescale_t..., thr_t...]; in the simple case (no DARE/TIES/normalize) coef[0] is the base's own coefficient
     base_weight - scale*sum(w) and w_t are scale*w_t, so every input is one multiply-add."""
     T = len(experts)
@@ -92,7 +94,7 @@ def combine_formula(
             tau = tau * (tau.abs() >= coef[THR + t]).float()
         x = tau * coef[W + t]
         acc = x if acc is None else acc + x
-        if sign:  # running sums of the positive / negative parts and of their weights (see reference.py)
+        if sign:  # running sums of the positive / negative parts and of their weights (see eager.py)
             sp = x.clamp(min=0.0) if sp is None else sp + x.clamp(min=0.0)
             sn = x.clamp(max=0.0) if sn is None else sn + x.clamp(max=0.0)
             if normalize:
@@ -154,11 +156,11 @@ def _call(name: str, fn, *args, **kw):
 
 @functools.lru_cache(maxsize=64)
 def _keys(seed: int, T: int) -> torch.Tensor:
-    return torch.tensor([_s32(task_key(seed, t)) for t in range(T)], dtype=torch.int32)
+    return torch.tensor([s32(task_key(seed, t)) for t in range(T)], dtype=torch.int32)
 
 
 def available() -> bool:
-    """False once torch.compile has failed in this process (the dispatch then uses the eager reference)."""
+    """False once torch.compile has failed in this process (the dispatch then uses the eager backend)."""
     return _broken is None
 
 
@@ -212,73 +214,46 @@ def _fallback(err: Exception) -> None:
     )
 
 
-def combine_compiled(
-    base: torch.Tensor,
-    experts: Sequence[torch.Tensor],
-    weights: Sequence[float] | torch.Tensor,
-    *,
-    base_weight: float = 1.0,
-    scale: float = 1.0,
-    drop_p: Sequence[float] | float | None = None,
-    rescale: bool = True,
-    seed: int = 0,
-    offset: int = 0,
-    thresholds: Sequence[float] | None = None,
-    sign_consensus: bool = False,
-    normalize: bool = False,
-    out_dtype: torch.dtype | None = None,
-) -> torch.Tensor:
-    """Fused combine; see reference.combine_torch for the semantics (identical keyword arguments)."""
-    from .reference import combine_torch
+def combine_compiled(base: torch.Tensor, experts: Sequence[torch.Tensor], weights, **options) -> torch.Tensor:
+    """Fused combine; options and semantics as spec.combine_spec."""
+    return combine_fused(base, experts, combine_spec(base, experts, weights, **options))
 
-    opts = dict(
-        base_weight=base_weight, scale=scale, drop_p=drop_p, rescale=rescale, seed=seed, offset=offset,
-        thresholds=thresholds, sign_consensus=sign_consensus, normalize=normalize, out_dtype=out_dtype,
-    )  # fmt: skip
-    T, n = len(experts), base.numel()
-    w = _as_list(weights, T, "weights")
-    p = _as_list(drop_p, T, "drop_p")
-    thr = _as_list(thresholds, T, "thresholds") if thresholds is not None else None
-    check_experts(base, experts)
+
+def combine_fused(base: torch.Tensor, experts: Sequence[torch.Tensor], spec: CombineSpec) -> torch.Tensor:
+    """combine for a checked spec in compiled calls (the eager backend when torch.compile is unavailable)."""
+    T, n = spec.T, base.numel()
     if T == 0 or n == 0 or not available():
-        return combine_torch(base, experts, weights, **opts)
-    simple = not any(p) and thr is None and not sign_consensus and not normalize
-    if simple:  # base_weight*b + scale*sum w (e - b) = (base_weight - scale*sum w)*b + sum scale*w*e
-        head, w = [base_weight - scale * sum(w), 1.0, 1.0], [scale * v for v in w]
+        return combine_eager(base, experts, spec)
+    if spec.simple:  # every input one multiply-add: base_coef*b + sum scale*w*e
+        head, w = [spec.base_coef, 1.0, 1.0], [spec.scale * v for v in spec.weights]
     else:
-        sw = sum(w)
-        head = [base_weight, scale, sw if normalize and abs(sw) >= 1e-8 else 1.0]
-    keep_scale = [1.0 / (1.0 - v) if rescale and v > 0 else 1.0 for v in p]
-    coef = torch.tensor(head + w + p + keep_scale + (thr or [0.0] * T), dtype=torch.float32)
-    keys = _keys(seed, T)
-    out_dtype = out_dtype or base.dtype
-    spec = dict(
-        dare=tuple(v > 0 for v in p), trim=thr is not None, sign=bool(sign_consensus), normalize=bool(normalize),
-        simple=simple, out_dtype=out_dtype,
+        head, w = [spec.base_weight, spec.scale, spec.div_const], list(spec.weights)
+    thr = list(spec.thresholds or [0.0] * T)
+    coef = torch.tensor(head + w + list(spec.drop_p) + list(spec.keep_scale) + thr, dtype=torch.float32)
+    keys = _keys(spec.seed, T)
+    flags = dict(
+        dare=tuple(v > 0 for v in spec.drop_p), trim=spec.thresholds is not None, sign=spec.sign_consensus,
+        normalize=spec.normalize, simple=spec.simple, out_dtype=spec.out_dtype,
     )  # fmt: skip
     b, es = base.reshape(-1), [e.reshape(-1) for e in experts]
     # the output is allocated here, not by Inductor, so that it gets huge pages before its first touch
     # (4 KiB page faults doubled the time of a 64M-element fp32 combine); the loop writes into it directly
-    out = new_output(base.shape, out_dtype, base.device)
+    out = new_output(base.shape, spec.out_dtype, base.device)
     flat = out.view(-1)
 
     def run():
         for s in range(0, n, CALL_MAX):  # one call unless the int32 DARE counter would overflow
-            stop, off = min(s + CALL_MAX, n), torch.tensor(_s32(offset + s), dtype=torch.int32)
-            _call("combine", combine_into, flat[s:stop], b[s:stop], [e[s:stop] for e in es], coef, keys, off, **spec)
+            stop, off = min(s + CALL_MAX, n), torch.tensor(s32(spec.offset + s), dtype=torch.int32)
+            _call("combine", combine_into, flat[s:stop], b[s:stop], [e[s:stop] for e in es], coef, keys, off, **flags)
         return out
 
     res = _run(run)  # None: compiler missing or broken (the inputs were checked above)
-    return combine_torch(base, experts, weights, **opts) if res is None else res
+    return combine_eager(base, experts, spec) if res is None else res
 
 
 def project_compiled(grad: torch.Tensor, base: torch.Tensor, experts: Sequence[torch.Tensor]) -> torch.Tensor:
-    """g_t = <grad, expert_t - base> for every task, fp32 [T]; see reference.project_torch."""
-    from .reference import project_torch
-
-    if grad.shape != base.shape:
-        raise ValueError(f"grad shape {list(grad.shape)} != base shape {list(base.shape)}")
-    check_experts(base, experts)
+    """g_t = <grad, expert_t - base> for every task, fp32 [T]; see eager.project_torch."""
+    check_project(grad, base, experts)
     T, n = len(experts), grad.numel()
     if T == 0 or n == 0 or not available():
         return project_torch(grad, base, experts)

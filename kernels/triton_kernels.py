@@ -1,8 +1,8 @@
-"""Fused Triton kernels for combine and project (same signatures and semantics as reference.py).
+"""Fused Triton kernels for combine and project (arguments and semantics: kernels/spec.py).
 
 combine: one pass over base and all experts per launch; everything in fp32 registers (loads cast to fp32);
-DARE keep-masks from the same lowbias32 counter hash as reference.hash_uniform (keys computed on the host);
-TIES trim with per-task thresholds (computed once per tensor, by reference.magnitude_thresholds) and sign
+DARE keep-masks from the same lowbias32 counter hash as spec.hash_uniform (keys computed on the host);
+TIES trim with per-task thresholds (computed once per tensor, by eager.magnitude_thresholds) and sign
 election from running sums (S, S+, S-, W+, W-), so any number of tasks needs O(1) registers.
 Up to MAX_T experts go in one launch (tuple-of-pointers argument, T a constexpr); more experts are done in
 groups of MAX_T that carry the running sums through an fp32 scratch buffer ([1 or 5, n]) between launches,
@@ -24,24 +24,23 @@ import torch
 import triton
 import triton.language as tl
 
-from .reference import _as_list, check_experts, task_key
+from .spec import M1, M2, CombineSpec, check_experts, check_project, combine_spec, s32, task_key
 
 MAX_T = 8  # experts per launch
 BLOCK_COMBINE = 1024
 BLOCK_PROJECT = 2048
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-_M1, _M2 = 0x7FEB352D, 0x846CA68B
+_M1, _M2 = tl.constexpr(M1), tl.constexpr(M2)  # jit code reads globals only as constexpr
 
 
 @triton.jit
 def _hash_uniform(key, idx):
-    """reference.hash_uniform: lowbias32 of (idx mod 2^32) ^ key, top 24 bits as a float in [0, 1)."""
+    """spec.hash_uniform: lowbias32 of (idx mod 2^32) ^ key, top 24 bits as a float in [0, 1)."""
     x = idx.to(tl.uint32) ^ key
     x = x ^ (x >> 16)
-    x = x * tl.full([], 0x7FEB352D, tl.uint32)
+    x = x * tl.full([], _M1, tl.uint32)
     x = x ^ (x >> 15)
-    x = x * tl.full([], 0x846CA68B, tl.uint32)
+    x = x * tl.full([], _M2, tl.uint32)
     x = x ^ (x >> 16)
     return (x >> 8).to(tl.float32) * (1.0 / 16777216.0)
 
@@ -169,92 +168,46 @@ def _check(base: torch.Tensor, experts: Sequence[torch.Tensor]) -> None:
         )
 
 
-def _i32(key: int) -> int:
-    return key - (1 << 32) if key >= 1 << 31 else key
-
-
-def combine_triton(
-    base: torch.Tensor,
-    experts: Sequence[torch.Tensor],
-    weights: Sequence[float] | torch.Tensor,
-    *,
-    base_weight: float = 1.0,
-    scale: float = 1.0,
-    drop_p: Sequence[float] | float | None = None,
-    rescale: bool = True,
-    seed: int = 0,
-    offset: int = 0,
-    thresholds: Sequence[float] | None = None,
-    sign_consensus: bool = False,
-    normalize: bool = False,
-    out_dtype: torch.dtype | None = None,
-) -> torch.Tensor:
-    """Fused combine; see reference.combine_torch for the semantics (identical keyword arguments)."""
-    T = len(experts)
-    w = _as_list(weights, T, "weights")
-    p = _as_list(drop_p, T, "drop_p")
-    thr = _as_list(thresholds, T, "thresholds") if thresholds is not None else None
+def combine_triton(base: torch.Tensor, experts: Sequence[torch.Tensor], weights, **options) -> torch.Tensor:
+    """Fused combine; options and semantics as spec.combine_spec."""
+    spec = combine_spec(base, experts, weights, **options)
     _check(base, experts)
-    dev = base.device
-    out = torch.empty(base.shape, dtype=out_dtype or base.dtype, device=dev)
-    n = base.numel()
-    if n == 0:
+    out = torch.empty(base.shape, dtype=spec.out_dtype, device=base.device)
+    if base.numel() == 0:
         return out
-    b = base.contiguous()
-    if T == 0:  # no task vectors: out = base_weight * base
-        return out.copy_(b.float().mul_(base_weight).view(base.shape))
-    es = [e.contiguous() for e in experts]
-    dare = any(v > 0 for v in p)
-    sign = bool(sign_consensus) and T > 0
-    div_const = 1.0
-    if normalize and not sign:
-        sw = sum(w)
-        div_const = sw if abs(sw) >= 1e-8 else 1.0
-    groups = [range(i, min(i + MAX_T, T)) for i in range(0, T, MAX_T)] or [range(0)]
-    acc = None
-    if len(groups) > 1:
-        acc = torch.empty((5 if sign else 1) * n, dtype=torch.float32, device=dev)
-    grid = (triton.cdiv(n, BLOCK_COMBINE),)
-    for gi, g in enumerate(groups):
-        idx = list(g)
-        par = (
-            [w[i] for i in idx]
-            + [p[i] for i in idx]
-            + [1.0 - p[i] for i in idx]
-            + [(thr[i] if thr is not None else 0.0) for i in idx]
-        )
-        par_t = torch.tensor(par or [0.0], dtype=torch.float32).to(dev, non_blocking=True)
-        keys = [_i32(task_key(seed, i)) for i in idx] or [0]
-        keys_t = torch.tensor(keys, dtype=torch.int32).to(dev, non_blocking=True)
-        _combine_kernel[grid](
-            b,
-            tuple(es[i] for i in idx),
-            out,
-            acc if acc is not None else out,
-            par_t,
-            keys_t,
-            n,
-            offset,
-            float(base_weight),
-            float(scale),
-            float(div_const),
-            T=len(idx),
-            DARE=dare,
-            RESCALE=bool(rescale),
-            TRIM=thr is not None,
-            SIGN=sign,
-            NORMALIZE=bool(normalize),
-            FIRST=gi == 0,
-            LAST=gi == len(groups) - 1,
-            BLOCK=BLOCK_COMBINE,
-        )
+    if spec.T == 0:  # no task vectors: out = base_weight * base
+        return out.copy_(base.float().mul_(spec.base_weight))
+    _launch_combine(base.contiguous(), [e.contiguous() for e in experts], spec, out)
     return out
 
 
+def _launch_combine(b: torch.Tensor, es: list[torch.Tensor], spec: CombineSpec, out: torch.Tensor) -> None:
+    """One launch per group of MAX_T experts, the running sums carried between groups in an fp32 buffer."""
+    T, n, dev = spec.T, b.numel(), b.device
+    thr = spec.thresholds or (0.0,) * T
+    groups = [range(i, min(i + MAX_T, T)) for i in range(0, T, MAX_T)]
+    acc = None
+    if len(groups) > 1:
+        acc = torch.empty((5 if spec.sign_consensus else 1) * n, dtype=torch.float32, device=dev)
+    grid = (triton.cdiv(n, BLOCK_COMBINE),)
+    for gi, g in enumerate(groups):
+        idx = list(g)
+        par = [spec.weights[i] for i in idx] + [spec.drop_p[i] for i in idx]
+        par += [1.0 - spec.drop_p[i] for i in idx] + [thr[i] for i in idx]
+        par_t = torch.tensor(par, dtype=torch.float32).to(dev, non_blocking=True)
+        keys_t = torch.tensor([s32(task_key(spec.seed, i)) for i in idx], dtype=torch.int32).to(dev, non_blocking=True)
+        _combine_kernel[grid](
+            b, tuple(es[i] for i in idx), out, acc if acc is not None else out, par_t, keys_t, n, spec.offset,
+            spec.base_weight, spec.scale, spec.div_const,
+            T=len(idx), DARE=spec.dare, RESCALE=spec.rescale, TRIM=spec.thresholds is not None,
+            SIGN=spec.sign_consensus, NORMALIZE=spec.normalize, FIRST=gi == 0, LAST=gi == len(groups) - 1,
+            BLOCK=BLOCK_COMBINE,
+        )  # fmt: skip
+
+
 def project_triton(grad: torch.Tensor, base: torch.Tensor, experts: Sequence[torch.Tensor]) -> torch.Tensor:
-    """g_t = <grad, expert_t - base> for every task, fp32 [T]; see reference.project_torch."""
-    if grad.shape != base.shape:
-        raise ValueError(f"grad shape {list(grad.shape)} != base shape {list(base.shape)}")
+    """g_t = <grad, expert_t - base> for every task, fp32 [T]; see eager.project_torch."""
+    check_project(grad, base, experts)
     _check(base, experts)
     T = len(experts)
     n = grad.numel()

@@ -238,7 +238,7 @@ def test_mismatched_shape(cli_setup, capsys, tmp_path):
 def test_unknown_method(cli_setup, capsys, tmp_path):
     base, experts, outs = cli_setup
     rc, err = run_cli(
-        ["merge", str(ties_yaml(tmp_path / "c.yml", base, experts, method="model_stock")), str(outs / "m")], capsys
+        ["merge", str(ties_yaml(tmp_path / "c.yml", base, experts, method="model_soup")), str(outs / "m")], capsys
     )
     assert rc == 2 and "c.yml: invalid merge config: merge_method: Input should be 'linear'" in err
     assert left_in(outs) == []

@@ -13,7 +13,9 @@ import blockmerge.kernels as K
 import pytest
 import torch
 from blockmerge.kernels import compiled as C
-from blockmerge.kernels import reference as R
+from blockmerge.kernels import cpu as CPU
+from blockmerge.kernels import eager as E
+from blockmerge.kernels import spec as S
 
 triton = pytest.importorskip("triton")
 
@@ -80,14 +82,14 @@ def _naive(
     normalize=False,
     out_dtype=None,
 ):
-    """The reference.py docstring formula written directly on stacked fp32 task vectors."""
+    """The spec.py docstring formula written directly on stacked fp32 task vectors."""
     T = len(experts)
     b = base.reshape(-1).float()
     tau = torch.stack([e.reshape(-1).float() - b for e in experts])
     p = [0.0] * T if drop_p is None else ([drop_p] * T if isinstance(drop_p, float) else list(drop_p))
     for t in range(T):
         if p[t] > 0:
-            keep = R.dare_keep(seed, t, p[t], offset, b.numel())
+            keep = S.dare_keep(seed, t, p[t], offset, b.numel())
             tau[t] = torch.where(keep, tau[t] / (1 - p[t]) if rescale else tau[t], 0.0)
         if thresholds is not None:
             tau[t] = torch.where(tau[t].abs() >= thresholds[t], tau[t], 0.0)
@@ -127,7 +129,7 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 def _kwargs(opt, base, experts):
     kw = dict(OPTIONS[opt])
     if kw.get("thresholds") == "auto":
-        kw["thresholds"] = R.magnitude_thresholds(base, experts, [0.5] * len(experts))
+        kw["thresholds"] = E.magnitude_thresholds(base, experts, [0.5] * len(experts))
     return kw
 
 
@@ -145,7 +147,7 @@ def _compare_combine(fn, opt: str, cases, i: int, seed0: int = 0) -> None:
         shape = SHAPES[(i + k) % len(SHAPES)]
         base, experts, w = _inputs(shape, dtype, T, seed=seed0 + i * 10 + k)
         kw = _kwargs(opt, base, experts)
-        ref = R.combine_torch(base, experts, w, **kw)
+        ref = E.combine_torch(base, experts, w, **kw)
         got = fn(base, experts, w, **kw)
         assert got.dtype == ref.dtype and got.shape == ref.shape
         _close(got, ref)
@@ -158,14 +160,14 @@ def test_interp_combine_more_experts_than_one_launch(opt):
     T = TK.MAX_T + 3
     base, experts, w = _inputs((1000,), torch.float32, T, seed=5)
     kw = _kwargs(opt, base, experts)
-    _close(TK.combine_triton(base, experts, w, **kw), R.combine_torch(base, experts, w, **kw))
+    _close(TK.combine_triton(base, experts, w, **kw), E.combine_torch(base, experts, w, **kw))
 
 
 @interp
 def test_interp_combine_weights_as_tensor_and_negative():
     base, experts, _ = _inputs((513,), torch.float32, 3)
     w = torch.tensor([0.5, -0.25, 1.5])
-    _close(TK.combine_triton(base, experts, w), R.combine_torch(base, experts, w))
+    _close(TK.combine_triton(base, experts, w), E.combine_torch(base, experts, w))
     _close(TK.combine_triton(base, [], []), base)
 
 
@@ -176,30 +178,30 @@ def test_interp_mixed_dtypes_and_strided_inputs():
     experts = [(base + 0.1 * torch.randn(64, 40, generator=g)).bfloat16() for _ in range(3)]
     bt, et = base.t(), [e.t() for e in experts]  # non-contiguous views, fp32 base with bf16 experts
     kw = {"thresholds": [0.05] * 3, "sign_consensus": True, "out_dtype": torch.bfloat16}
-    _close(TK.combine_triton(bt, et, [0.3, 0.3, 0.4], **kw), R.combine_torch(bt, et, [0.3, 0.3, 0.4], **kw))
+    _close(TK.combine_triton(bt, et, [0.3, 0.3, 0.4], **kw), E.combine_torch(bt, et, [0.3, 0.3, 0.4], **kw))
     grad = torch.randn(40, 64, generator=g)
-    torch.testing.assert_close(TK.project_triton(grad, bt, et), R.project_torch(grad, bt, et), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(TK.project_triton(grad, bt, et), E.project_torch(grad, bt, et), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("opt", list(OPTIONS))
 def test_reference_matches_naive_formula(opt, monkeypatch):
     """The chunked, threaded CPU path against the formula (n spans several chunks and uses the pool)."""
     monkeypatch.setenv("BLOCKMERGE_CPU_THREADS", "2")
-    base, experts, w = _inputs((2 * R.CHUNK + 77,), torch.float32, 3, seed=11)
+    base, experts, w = _inputs((2 * CPU.CHUNK + 77,), torch.float32, 3, seed=11)
     kw = _kwargs(opt, base, experts)
-    got = R.combine_torch(base, experts, w, **kw)
+    got = E.combine_torch(base, experts, w, **kw)
     _close(got, _naive(base, experts, w, **kw))
     monkeypatch.setenv("BLOCKMERGE_CPU_THREADS", "1")
-    assert torch.equal(R.combine_torch(base, experts, w, **kw), got)  # elementwise: chunking-independent
+    assert torch.equal(E.combine_torch(base, experts, w, **kw), got)  # elementwise: chunking-independent
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_reference_16bit_inputs(dtype):
     base, experts, w = _inputs((70001,), dtype, 4, seed=2)
-    _close(R.combine_torch(base, experts, w), _naive(base, experts, w))
+    _close(E.combine_torch(base, experts, w), _naive(base, experts, w))
     w1 = [0.125, 0.375, 0.25, 0.25]  # sums to 1: the base coefficient is 0 and base is not read
-    _close(R.combine_torch(base, experts, w1), _naive(base, experts, w1))
-    out32 = R.combine_torch(base, experts, w, out_dtype=torch.float32)
+    _close(E.combine_torch(base, experts, w1), _naive(base, experts, w1))
+    out32 = E.combine_torch(base, experts, w, out_dtype=torch.float32)
     _close(out32, _naive(base, experts, w, out_dtype=torch.float32))  # fp32 accumulation, no 16-bit rounding
 
 
@@ -213,8 +215,8 @@ def test_interp_dare_mask_identical_on_both_paths(offset):
     w = [1.0, 2.0, 4.0]
     kw = dict(drop_p=p, rescale=False, seed=seed, offset=offset)
     tri = TK.combine_triton(base, experts, w, **kw)
-    ref = R.combine_torch(base, experts, w, **kw)
-    want = sum(R.dare_keep(seed, t, p[t], offset, n).float() * w[t] for t in range(T))
+    ref = E.combine_torch(base, experts, w, **kw)
+    want = sum(S.dare_keep(seed, t, p[t], offset, n).float() * w[t] for t in range(T))
     assert torch.equal(tri, want)
     assert torch.equal(ref, want)
     for t in range(T):  # each task kept about 1 - p of the elements
@@ -226,23 +228,23 @@ def test_interp_dare_mask_identical_on_both_paths(offset):
 def test_fast_chunk_hash_is_bit_identical(start):
     """The int32 hash used inside the CPU combine equals the int64 spec, across 2^31 / 2^32 and odd tails."""
     m = 1003
-    for key in (R.task_key(0, 0), R.task_key(5, 3), 0xFFFFFFFF, 0):
-        got = R._hash_uniform_chunk(key, start, m, torch.empty(m))
-        assert torch.equal(got, R.hash_uniform(key, torch.arange(start, start + m)))
+    for key in (S.task_key(0, 0), S.task_key(5, 3), 0xFFFFFFFF, 0):
+        got = E.hash_uniform_chunk(key, start, m, torch.empty(m))
+        assert torch.equal(got, S.hash_uniform(key, torch.arange(start, start + m)))
 
 
 def test_hash_is_counter_based():
     idx = torch.arange(1000, 3000)
-    u = R.hash_uniform(R.task_key(3, 1), idx)
-    assert torch.equal(u[500:700], R.hash_uniform(R.task_key(3, 1), idx[500:700]))
+    u = S.hash_uniform(S.task_key(3, 1), idx)
+    assert torch.equal(u[500:700], S.hash_uniform(S.task_key(3, 1), idx[500:700]))
     assert 0.0 <= u.min().item() and u.max().item() < 1.0
-    assert not torch.equal(u, R.hash_uniform(R.task_key(3, 2), idx))
+    assert not torch.equal(u, S.hash_uniform(S.task_key(3, 2), idx))
     # known values pin the hash (lowbias32) so no path can drift
-    x = (5 ^ R.task_key(0, 0)) & 0xFFFFFFFF
-    for sh, m in ((16, R._M1), (15, R._M2)):
+    x = (5 ^ S.task_key(0, 0)) & 0xFFFFFFFF
+    for sh, m in ((16, S.M1), (15, S.M2)):
         x = ((x ^ (x >> sh)) * m) & 0xFFFFFFFF
     x ^= x >> 16
-    assert R.hash_uniform(R.task_key(0, 0), torch.tensor([5])).item() == (x >> 8) / 2**24
+    assert S.hash_uniform(S.task_key(0, 0), torch.tensor([5])).item() == (x >> 8) / 2**24
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -254,35 +256,35 @@ def test_interp_project_matches(dtype, T):
     grad = torch.randn(shape).to(dtype)
     exact = torch.stack([(grad.double() * (e.double() - base.double())).sum() for e in experts]).float()
     tri = TK.project_triton(grad, base, experts)
-    ref = R.project_torch(grad, base, experts)
+    ref = E.project_torch(grad, base, experts)
     assert tri.dtype == ref.dtype == torch.float32 and tri.shape == (T,)
     torch.testing.assert_close(tri, exact, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(ref, exact, rtol=1e-5, atol=1e-5)
 
 
 def test_project_reference_large_is_deterministic(monkeypatch):
-    base, experts, _ = _inputs((3 * R.CHUNK + 3,), torch.bfloat16, 3, seed=9)
+    base, experts, _ = _inputs((3 * CPU.CHUNK + 3,), torch.bfloat16, 3, seed=9)
     grad = torch.randn(base.shape).to(torch.bfloat16)
     exact = torch.stack([(grad.double() * (e.double() - base.double())).sum() for e in experts]).float()
     monkeypatch.setenv("BLOCKMERGE_CPU_THREADS", "2")
-    a = R.project_torch(grad, base, experts)
-    assert torch.equal(a, R.project_torch(grad, base, experts))
+    a = E.project_torch(grad, base, experts)
+    assert torch.equal(a, E.project_torch(grad, base, experts))
     torch.testing.assert_close(a, exact, rtol=1e-5, atol=1e-4)
 
 
 def test_large_output_with_hugepage_hint(monkeypatch):
-    monkeypatch.setattr(R, "_HUGE_MIN", 1 << 16)  # exercise the madvise path on a small tensor
-    base, experts, w = _inputs((3 * R._GRAIN + 5,), torch.float32, 2, seed=3)
+    monkeypatch.setattr(CPU, "HUGE_MIN", 1 << 16)  # exercise the madvise path on a small tensor
+    base, experts, w = _inputs((3 * CPU.GRAIN + 5,), torch.float32, 2, seed=3)
     want = _naive(base, experts, w)
-    _close(R.combine_torch(base, experts, w), want)
+    _close(E.combine_torch(base, experts, w), want)
     monkeypatch.setenv("BLOCKMERGE_HUGEPAGES", "0")
-    _close(R.combine_torch(base, experts, w), want)
+    _close(E.combine_torch(base, experts, w), want)
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
 def test_pool_survives_fork():
-    base, experts, w = _inputs((4 * R._GRAIN,), torch.float32, 2)
-    want = R.combine_torch(base, experts, w)  # starts the pool in this process
+    base, experts, w = _inputs((4 * CPU.GRAIN,), torch.float32, 2)
+    want = E.combine_torch(base, experts, w)  # starts the pool in this process
     pid = os.fork()
     if pid == 0:  # child: a fresh pool (the parent's threads do not exist here)
         import faulthandler
@@ -290,7 +292,7 @@ def test_pool_survives_fork():
         faulthandler.dump_traceback_later(60, exit=True)
         torch.set_num_threads(1)  # libgomp (torch's own OpenMP) is not fork-safe: keep it out of the child
         os.environ["BLOCKMERGE_CPU_THREADS"] = "2"
-        ok = torch.equal(R.combine_torch(base, experts, w), want)
+        ok = torch.equal(E.combine_torch(base, experts, w), want)
         os._exit(0 if ok else 3)
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
@@ -298,11 +300,11 @@ def test_pool_survives_fork():
 
 def test_magnitude_thresholds_topk():
     base, experts, _ = _inputs((10007,), torch.float32, 2, seed=4)
-    thr = R.magnitude_thresholds(base, experts, [0.3, 1.0])
+    thr = E.magnitude_thresholds(base, experts, [0.3, 1.0])
     mag = (experts[0] - base).abs()
     assert thr[0] == mag.topk(int(0.3 * mag.numel())).values[-1].item()
     assert thr[1] == 0.0
-    assert R.magnitude_thresholds(base, experts[:1], [0.0]) == [float("inf")]
+    assert E.magnitude_thresholds(base, experts[:1], [0.0]) == [float("inf")]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
@@ -310,7 +312,7 @@ def test_magnitude_thresholds_radix_select_is_exact(dtype, monkeypatch):
     """The two-pass radix select over pool chunks equals a sort, with many ties (bf16), tiny and huge
     magnitudes, zeros, and any density."""
     monkeypatch.setenv("BLOCKMERGE_CPU_THREADS", "2")
-    n = 3 * R.CHUNK + 5
+    n = 3 * CPU.CHUNK + 5
     base, experts, _ = _inputs((n,), dtype, 1, seed=6)
     e = experts[0].clone()
     e[:1000] = base[:1000]  # zero deltas
@@ -319,7 +321,7 @@ def test_magnitude_thresholds_radix_select_is_exact(dtype, monkeypatch):
     mag = (e.float() - base.float()).abs().sort(descending=True).values
     for d in (2e-6, 1e-5, 0.01, 0.3, 0.5, 0.77, 0.999, 1 - 1e-5):
         k = int(d * n)
-        assert R.magnitude_thresholds(base, [e], [d]) == [mag[k - 1].item()], d
+        assert E.magnitude_thresholds(base, [e], [d]) == [mag[k - 1].item()], d
 
 
 def test_dispatch(monkeypatch):
@@ -354,6 +356,8 @@ def test_dispatch(monkeypatch):
     assert calls == ["combine_triton", "project_triton"]
     monkeypatch.setenv("BLOCKMERGE_KERNELS", "torch")
     assert K.backend(SimpleNamespace(is_cuda=True)) == "torch"
+    monkeypatch.setenv("BLOCKMERGE_KERNELS", "eager")  # the eager backend's own name, the same path
+    assert K.backend(SimpleNamespace(is_cuda=True)) == "torch"
     monkeypatch.setenv("BLOCKMERGE_KERNELS", "compiled")
     assert K.backend(SimpleNamespace(is_cuda=True)) == "compiled"
     monkeypatch.setenv("BLOCKMERGE_KERNELS", "cuda")
@@ -372,7 +376,7 @@ def test_triton_on_cpu_without_interpreter_is_a_clear_error(monkeypatch):
 @interp
 def test_interp_bad_arguments():
     base, experts, _ = _inputs((8,), torch.float32, 2)
-    for fn in (R.combine_torch, TK.combine_triton):
+    for fn in (E.combine_torch, TK.combine_triton):
         with pytest.raises(ValueError, match="weights"):
             fn(base, experts, [1.0])
         with pytest.raises(ValueError, match="shape"):
@@ -439,10 +443,10 @@ def test_compiled_hash_is_bit_identical():
     """The int32 hash inside the compiled combine equals the int64 spec across 2^31 and 2^32."""
     for start in (0, 2**31 - 333, 2**32 - 1000):
         idx = torch.arange(start, start + 1003)
-        idx32 = torch.tensor([R._s32(v) for v in idx.tolist()], dtype=torch.int32)
-        for key in (R.task_key(0, 0), R.task_key(5, 3), 0xFFFFFFFF, 0):
-            got = C.hash_uniform32(torch.tensor(R._s32(key), dtype=torch.int32), idx32)
-            assert torch.equal(got, R.hash_uniform(key, idx))
+        idx32 = torch.tensor([S.s32(v) for v in idx.tolist()], dtype=torch.int32)
+        for key in (S.task_key(0, 0), S.task_key(5, 3), 0xFFFFFFFF, 0):
+            got = C.hash_uniform32(torch.tensor(S.s32(key), dtype=torch.int32), idx32)
+            assert torch.equal(got, S.hash_uniform(key, idx))
 
 
 @pytest.mark.parametrize("call_max", [None, 1000])
@@ -455,7 +459,7 @@ def test_compiled_dare_mask_identical(call_max, compiled_on, monkeypatch):
     for offset in (0, 5, 2**32 - 700):
         kw = dict(drop_p=p, rescale=False, seed=seed, offset=offset)
         got = C.combine_compiled(torch.zeros(n), [torch.ones(n)] * T, w, **kw)
-        want = sum(R.dare_keep(seed, t, p[t], offset, n).float() * w[t] for t in range(T))
+        want = sum(S.dare_keep(seed, t, p[t], offset, n).float() * w[t] for t in range(T))
         assert torch.equal(got, want)
     assert C.available()
 
@@ -477,16 +481,16 @@ def test_compiled_project_matches(dtype, compiled_on, monkeypatch):
 def test_compiled_writes_into_a_hugepage_output(compiled_on, monkeypatch):
     """The compiled combine stores into an output it allocated and hinted (not Inductor's buffer), for the
     plain and the option-heavy graphs, whole or split into several calls."""
-    monkeypatch.setattr(R, "_HUGE_MIN", 1 << 12)  # exercise the madvise path on a small tensor
+    monkeypatch.setattr(CPU, "HUGE_MIN", 1 << 12)  # exercise the madvise path on a small tensor
     hinted = []
-    hint = R._madvise_hugepages
-    monkeypatch.setattr(R, "_madvise_hugepages", lambda t: (hinted.append(t.numel()), hint(t)))
+    hint = CPU.madvise_hugepages
+    monkeypatch.setattr(CPU, "madvise_hugepages", lambda t: (hinted.append(t.numel()), hint(t)))
     base, experts, w = _inputs((33, 129), torch.bfloat16, 3, seed=11)
     ties = {"thresholds": [0.01] * 3, "sign_consensus": True, "normalize": True, "drop_p": 0.3, "seed": 2}
     for call_max in (C.CALL_MAX, 1000):
         monkeypatch.setattr(C, "CALL_MAX", call_max)
         for kw in ({}, ties):
-            want = R.combine_torch(base, experts, w, **kw)
+            want = E.combine_torch(base, experts, w, **kw)
             hinted.clear()
             got = C.combine_compiled(base, experts, w, **kw)
             assert hinted == [base.numel()]  # one hinted output per call, whole or split
@@ -503,9 +507,9 @@ def test_compiled_mixed_dtypes_and_strided_inputs(compiled_on):
     kw = {"thresholds": [0.05] * 3, "sign_consensus": True, "out_dtype": torch.bfloat16}
     got = C.combine_compiled(bt, et, [0.3, 0.3, 0.4], **kw)
     assert got.shape == bt.shape
-    _close(got, R.combine_torch(bt, et, [0.3, 0.3, 0.4], **kw))
+    _close(got, E.combine_torch(bt, et, [0.3, 0.3, 0.4], **kw))
     grad = torch.randn(40, 64, generator=g)
-    torch.testing.assert_close(C.project_compiled(grad, bt, et), R.project_torch(grad, bt, et), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(C.project_compiled(grad, bt, et), E.project_torch(grad, bt, et), rtol=1e-5, atol=1e-5)
     _close(C.combine_compiled(base, [], []), base)  # no experts: base_weight * base
     with pytest.raises(ValueError, match="weights"):
         C.combine_compiled(base, experts, [1.0])

@@ -511,3 +511,36 @@ def test_top_level_defaults_and_model_overrides(fam32, tmp_path):
         masks=masks,
     )
     torch.testing.assert_close(out[name].double(), ref, atol=1e-6, rtol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------ method registry
+
+
+def test_registry_drives_validation_planning_and_help(fam32, tmp_path, monkeypatch, capsys):
+    """A method is one registry entry and one tensor function: a toy method added at run time is accepted
+    by the config, planned (its parameters resolved, ranges checked) and listed by `merge --help`."""
+    from blockmerge.merge import registry
+
+    def shift(c):  # out = base + offset * (model - base)
+        return (c.base.double() + c.g["offset"] * (c.models[0].double() - c.base.double())).to(c.out_dtype)
+
+    toy = registry.Method(
+        "toy_shift", "base moved towards one model", shift, (), (registry.Param("offset", 0.5, low=0.0),), models_max=1
+    )
+    monkeypatch.setitem(registry.REGISTRY, "toy_shift", toy)
+    base, experts = fam32
+    cfg = {"merge_method": "toy_shift", "base_model": str(base), "models": [{"model": str(experts[0])}]}
+    out = load_all(run_merge({**cfg, "parameters": {"offset": 0.25}}, tmp_path / "o", progress=False))
+    b, e = load_all(base), load_all(experts[0])
+    for name, v in out.items():
+        torch.testing.assert_close(v.double(), b[name].double() + 0.25 * (e[name].double() - b[name].double()))
+    with pytest.raises(ConfigError, match=r"parameters.offset: -1.0 for tensor .*, expected 0 <= offset"):
+        run_merge({**cfg, "parameters": {"offset": -1.0}}, tmp_path / "bad", progress=False)
+    with pytest.raises(ConfigError, match="toy_shift merges base_model with exactly one other model, got 2 others"):
+        run_merge({**cfg, "models": [{"model": str(x)} for x in experts[:2]]}, tmp_path / "bad", progress=False)
+    with pytest.raises(SystemExit):
+        main(["merge", "--help"])
+    help_text = capsys.readouterr().out
+    for name, m in registry.REGISTRY.items():
+        assert f"  {name} " in help_text and m.summary in help_text
+    assert "offset=0.5 [0 <= offset]" in help_text

@@ -1,9 +1,10 @@
 """mergekit-style merge configurations: YAML -> pydantic models, and per-tensor parameter resolution.
 
-Supported (mergekit 0.1.x meaning): merge_method linear | task_arithmetic | ties | dare_ties | dare_linear |
-slerp; base_model; models: [{model: DIR, parameters: {...}}]; parameters: {...} (defaults for every model
-plus the method's global parameters); dtype / out_dtype (output dtype); tokenizer_source: base.
-`slices` is accepted only in the trivial form that is equivalent to `models:` (one slice whose sources all
+Supported (mergekit 0.1.x meaning): merge_method (any method of registry.REGISTRY); base_model;
+models: [{model: DIR, parameters: {...}}]; parameters: {...} (defaults for every model plus the method's
+global parameters); dtype / out_dtype (output dtype); tokenizer_source: base.
+`slices`: with merge_method passthrough, layer ranges of any models stacked into a new model (slices.py);
+with the other methods only the trivial form that is equivalent to `models:` (one slice whose sources all
 cover every layer); anything else is a clear "not supported" error.
 
 Parameter values, as mergekit evaluates them (mergekit/config.py `evaluate_setting`):
@@ -20,31 +21,14 @@ Model paths are local folders: absolute, relative to the working directory, or r
 from __future__ import annotations
 
 import fnmatch
-import math
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 import yaml
 from blockmerge.io.checkpoint import block_name
 from blockmerge.io.dtypes import DTYPES
+from blockmerge.merge.registry import REGISTRY, REQUIRED, Method, Param, get_method
 from pydantic import AfterValidator, BaseModel, ConfigDict, ValidationError, field_validator
-
-METHODS = ("linear", "task_arithmetic", "ties", "dare_ties", "dare_linear", "slerp")
-
-# Per-model ("tensor") parameters and global parameters of every method, with defaults; REQUIRED = no default.
-REQUIRED = object()
-_GTA_GLOBAL = {"int8_mask": False, "lambda": 1.0, "seed": 0}
-METHOD_PARAMS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
-    "linear": ({"weight": REQUIRED}, {"normalize": True}),
-    "task_arithmetic": (
-        {"weight": REQUIRED, "density": 1.0},
-        {**_GTA_GLOBAL, "normalize": False, "rescale": False},
-    ),
-    "ties": ({"weight": REQUIRED, "density": 1.0}, {**_GTA_GLOBAL, "normalize": True, "rescale": False}),
-    "dare_ties": ({"weight": REQUIRED, "density": 1.0}, {**_GTA_GLOBAL, "normalize": False, "rescale": True}),
-    "dare_linear": ({"weight": REQUIRED, "density": 1.0}, {**_GTA_GLOBAL, "normalize": False, "rescale": True}),
-    "slerp": ({}, {"t": REQUIRED}),
-}
 
 
 class ConfigError(ValueError):
@@ -105,7 +89,7 @@ class SliceDef(_Strict):
 
 
 class MergeConfig(_Strict):
-    merge_method: Literal["linear", "task_arithmetic", "ties", "dare_ties", "dare_linear", "slerp"]
+    merge_method: str
     base_model: str | None = None
     models: list[ModelEntry] = []
     slices: list[SliceDef] | None = None
@@ -116,6 +100,14 @@ class MergeConfig(_Strict):
     name: str | None = None
     # folder relative model paths are also looked up in (the YAML's folder); not part of the YAML
     source_dir: str | None = None
+
+    @field_validator("merge_method")
+    @classmethod
+    def _method(cls, v: str) -> str:
+        if v not in REGISTRY:
+            names = [repr(n) for n in REGISTRY]
+            raise ValueError(f"Input should be {', '.join(names[:-1])} or {names[-1]}")
+        return v
 
     @field_validator("dtype", "out_dtype")
     @classmethod
@@ -211,13 +203,15 @@ class ResolvedPlan(BaseModel):
     method: str
     base: Path  # template: config/tokenizer copied from it; the first input of every merge_tensor call
     experts: list[Path]
-    # parameters of each expert as written (model-level dicts), in expert order
+    # parameters of each merged model as written (model-level dicts): the experts, or with has_base False
+    # every model (the template first)
     expert_params: list[dict[str, Any]]
+    has_base: bool = True  # False: `base` is only the template and is merged like the other models
     out_dtype: str | None
     layer_range: tuple[int, int] | None = None  # from a `slices:` config: must cover every layer
 
 
-def _resolve_path(ref: str, cfg: MergeConfig, field: str) -> Path:
+def resolve_path(ref: str, cfg: MergeConfig, field: str) -> Path:
     p = Path(ref).expanduser()
     cands = [p] if p.is_absolute() else [Path.cwd() / p] + ([Path(cfg.source_dir) / p] if cfg.source_dir else [])
     for c in cands:
@@ -250,6 +244,33 @@ def _models_from_slices(cfg: MergeConfig) -> tuple[list[ModelEntry], tuple[int, 
     return out, next(iter(ranges))
 
 
+def _check_parameter_names(cfg: MergeConfig, models: list[ModelEntry], m: Method) -> None:
+    per_model = {p.name for p in m.tensor_params}
+    for i, entry in enumerate(models):
+        for k in entry.parameters:
+            if k not in per_model:
+                allowed = ", ".join(sorted(per_model)) or "none"
+                raise ConfigError(f"models.{i}.parameters.{k}: unknown parameter for {m.name} (per model: {allowed})")
+    allowed_global = per_model | {p.name for p in m.global_params}
+    for k in cfg.parameters:
+        if k not in allowed_global:
+            raise ConfigError(
+                f"parameters.{k}: unknown parameter for {m.name} (allowed: {', '.join(sorted(allowed_global))})"
+            )
+
+
+def _check_count(m: Method, n: int, has_base: bool) -> None:
+    others = " besides base_model" if has_base else ""
+    if m.models_max == m.models_min == 1 and n != 1 and has_base:
+        raise ConfigError(f"models: {m.name} merges base_model with exactly one other model, got {n} others")
+    if n < m.models_min:
+        need = "at least one model" if m.models_min == 1 else f"at least {m.models_min} models"
+        raise ConfigError(f"models: {m.name} needs {need}{others}, got {n}")
+    if m.models_max is not None and n > m.models_max:
+        most = f"{m.models_max} model{'s' * (m.models_max != 1)}"
+        raise ConfigError(f"models: {m.name} merges at most {most}{others}, got {n}")
+
+
 def resolve_plan(cfg: MergeConfig) -> tuple[ResolvedPlan, list[ModelEntry]]:
     """Check the method's structural rules and find every folder; no tensor is read here."""
     models = list(cfg.models)
@@ -260,108 +281,68 @@ def resolve_plan(cfg: MergeConfig) -> tuple[ResolvedPlan, list[ModelEntry]]:
         models, layer_range = _models_from_slices(cfg)
     if not models:
         raise ConfigError("models: at least one model is required")
-    method = cfg.merge_method
-    paths = [_resolve_path(m.model, cfg, f"models.{i}.model") for i, m in enumerate(models)]
-    base = _resolve_path(cfg.base_model, cfg, "base_model") if cfg.base_model else None
-    out_dtype = cfg.out_dtype or cfg.dtype
-    tensor_names = set(METHOD_PARAMS[method][0])
-    for i, m in enumerate(models):
-        for k in m.parameters:
-            if k not in tensor_names:
-                allowed = ", ".join(sorted(tensor_names)) or "none"
-                raise ConfigError(f"models.{i}.parameters.{k}: unknown parameter for {method} (per model: {allowed})")
-    allowed_global = set(METHOD_PARAMS[method][0]) | set(METHOD_PARAMS[method][1])
-    for k in cfg.parameters:
-        if k not in allowed_global:
-            raise ConfigError(
-                f"parameters.{k}: unknown parameter for {method} (allowed: {', '.join(sorted(allowed_global))})"
-            )
-    if method == "linear":
-        # linear averages the listed models; base_model (if listed) only decides the config/tokenizer template
-        order = list(range(len(models)))
+    m = get_method(cfg.merge_method)
+    paths = [resolve_path(e.model, cfg, f"models.{i}.model") for i, e in enumerate(models)]
+    base = resolve_path(cfg.base_model, cfg, "base_model") if cfg.base_model else None
+    _check_parameter_names(cfg, models, m)
+    if m.base == "required" and base is None:
+        raise ConfigError(f"base_model: required for {m.name}")
+    if m.base == "template" or base is None:
+        # every model is merged; base_model (if listed) only decides the config/tokenizer template
+        keep = list(range(len(models)))
         if base is not None and base in paths:
             j = paths.index(base)
-            order = [j] + [i for i in order if i != j]
-        plan = ResolvedPlan(
-            method=method,
-            base=paths[order[0]],
-            experts=[paths[i] for i in order[1:]],
-            expert_params=[models[i].parameters for i in order],  # includes the template model first
-            out_dtype=out_dtype,
-            layer_range=layer_range,
-        )
-        return plan, [models[i] for i in order]
-    if base is None:
-        raise ConfigError(f"base_model: required for {method}")
-    keep = [i for i, p in enumerate(paths) if p != base]
-    if method == "slerp" and len(keep) != 1:
-        raise ConfigError(f"models: slerp merges base_model with exactly one other model, got {len(keep)} others")
-    if not keep:
-        raise ConfigError(f"models: {method} needs at least one model besides base_model")
+            keep = [j] + [i for i in keep if i != j]
+        _check_count(m, len(keep), has_base=False)
+        template, experts, has_base = paths[keep[0]], [paths[i] for i in keep[1:]], False
+    else:
+        keep = [i for i, p in enumerate(paths) if p != base]
+        _check_count(m, len(keep), has_base=True)
+        template, experts, has_base = base, [paths[i] for i in keep], True
     plan = ResolvedPlan(
-        method=method,
-        base=base,
-        experts=[paths[i] for i in keep],
+        method=m.name,
+        base=template,
+        experts=experts,
         expert_params=[models[i].parameters for i in keep],
-        out_dtype=out_dtype,
+        has_base=has_base,
+        out_dtype=cfg.out_dtype or cfg.dtype,
         layer_range=layer_range,
     )
     return plan, [models[i] for i in keep]
 
 
 class ParameterResolver:
-    """Per-tensor parameter values for a plan: model-level value, else top-level value, else the default."""
+    """Per-tensor parameter values for a plan: model-level value, else top-level value, else the default;
+    each converted and range-checked by its registry.Param."""
 
-    def __init__(self, cfg: MergeConfig, plan: ResolvedPlan, num_layers: int):
-        self.cfg, self.plan, self.num_layers = cfg, plan, num_layers
-        self.tensor_defs, self.global_defs = METHOD_PARAMS[plan.method]
+    def __init__(self, cfg: MergeConfig, plan: ResolvedPlan, num_layers: int, *, extrapolate: bool = False):
+        self.cfg, self.plan, self.num_layers, self.extrapolate = cfg, plan, num_layers, extrapolate
+        self.method = get_method(plan.method)
 
-    def _value(self, key: str, model_params: dict | None, tensor: str, t: float, default: Any, where: str) -> Any:
-        if model_params is not None and key in model_params:
-            v = evaluate_setting(model_params[key], tensor, t)
-            if v is not None:
-                return v
-        if key in self.cfg.parameters:
-            v = evaluate_setting(self.cfg.parameters[key], tensor, t)
-            if v is not None:
-                return v
-        if default is REQUIRED:
-            raise ConfigError(f"{where}: parameter {key!r} is required for {self.plan.method} (tensor {tensor})")
-        return default
+    def _value(self, p: Param, model_params: dict | None, tensor: str, t: float, where: str) -> Any:
+        v = None
+        if model_params is not None and p.name in model_params:
+            v = evaluate_setting(model_params[p.name], tensor, t)
+        if v is None and p.name in self.cfg.parameters:
+            v = evaluate_setting(self.cfg.parameters[p.name], tensor, t)
+        if v is None:
+            if p.default is REQUIRED:
+                raise ConfigError(f"{where}: parameter {p.name!r} is required for {self.method.name} (tensor {tensor})")
+            return p.default
+        field = f"{where}.parameters.{p.name}" if model_params is not None else f"parameters.{p.name}"
+        try:
+            return p.check(v, field, tensor, self.method.name, self.extrapolate)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
 
     def tensor_params(self, tensor: str) -> list[dict[str, Any]]:
-        """One dict per input (linear: every model; other methods: every non-base model)."""
+        """One dict per merged model (ResolvedPlan.expert_params order)."""
         t = layer_t(tensor, self.num_layers)
-        out = []
-        for i, mp in enumerate(self.plan.expert_params):
-            d = {}
-            for key, default in self.tensor_defs.items():
-                v = self._value(key, mp, tensor, t, default, f"models.{i}")
-                d[key] = _number(v, f"models.{i}.parameters.{key}", tensor)
-            out.append(d)
-        return out
+        return [
+            {p.name: self._value(p, mp, tensor, t, f"models.{i}") for p in self.method.tensor_params}
+            for i, mp in enumerate(self.plan.expert_params)
+        ]
 
     def global_params(self, tensor: str) -> dict[str, Any]:
         t = layer_t(tensor, self.num_layers)
-        d = {}
-        for key, default in self.global_defs.items():
-            v = self._value(key, None, tensor, t, default, "parameters")
-            if key in ("normalize", "rescale", "int8_mask"):
-                if not isinstance(v, (bool, int)):
-                    raise ConfigError(f"parameters.{key}: expected true/false, got {v!r}")
-                v = bool(v)
-            elif key == "seed":
-                if isinstance(v, bool) or not isinstance(v, int):
-                    raise ConfigError(f"parameters.seed: expected an integer, got {v!r}")
-            else:
-                v = _number(v, f"parameters.{key}", tensor)
-            d[key] = v
-        return d
-
-
-def _number(v: Any, where: str, tensor: str) -> float:
-    if isinstance(v, bool) or not isinstance(v, (int, float)):
-        raise ConfigError(f"{where}: expected a number for tensor {tensor}, got {v!r}")
-    if not math.isfinite(v):
-        raise ConfigError(f"{where}: {v} for tensor {tensor}, expected a finite number")
-    return float(v)
+        return {p.name: self._value(p, None, tensor, t, "parameters") for p in self.method.global_params}

@@ -31,6 +31,8 @@ from blockmerge.merge.config import (
     resolve_plan,
 )
 from blockmerge.merge.distributed import DistributedWriter, Group, in_job
+from blockmerge.merge.registry import TensorCall, get_method, methods_help
+from blockmerge.merge.slices import config_inputs, is_frankenmerge, run_frankenmerge
 from tqdm.auto import tqdm
 
 MergeTensorFn = Callable[[str, torch.Tensor, list[torch.Tensor]], torch.Tensor]
@@ -156,10 +158,9 @@ def plan_merge(
     config: str | Path | dict | MergeConfig, *, seed: int | None = None, dtype=None, extrapolate: bool = False
 ) -> tuple[Checkpoint, list[Checkpoint], MergeTensorFn, torch.dtype | None, MergeConfig]:
     """Parse and check a mergekit-style config, open the checkpoints and build the per-tensor function.
-    Every tensor's parameters are resolved here, before any tensor is read, so config errors come first:
-    numbers finite, density in (0, 1] where it is used, slerp's t in [0, 1] unless `extrapolate`."""
-    from blockmerge.merge import methods
-
+    Every tensor's parameters are resolved and checked here (registry ranges: density in (0, 1] where it is
+    used, slerp's t in [0, 1] unless `extrapolate`, ...), before any tensor is read, so config errors come
+    first. `seed` overrides the config's seed of a randomised method."""
     cfg = load_config(config)
     plan, _ = resolve_plan(cfg)
     base = Checkpoint(plan.base)
@@ -171,47 +172,26 @@ def plan_merge(
             "layers; only a slice equivalent to `models:` is accepted)"
         )
     out_dtype = parse_dtype(dtype) or parse_dtype(plan.out_dtype)
-    resolver = ParameterResolver(cfg, plan, base.num_layers)
-    method = plan.method
+    resolver = ParameterResolver(cfg, plan, base.num_layers, extrapolate=extrapolate)
+    method = get_method(plan.method)
     params: dict[str, tuple[list[dict], dict]] = {}
     for name in base.tensors:
         g = resolver.global_params(name)
         if seed is not None and "seed" in g:
             g["seed"] = seed
         params[name] = (resolver.tensor_params(name), g)
-        if method == "ties" and g.get("rescale"):
-            raise ConfigError("parameters.rescale: rescale=true is not supported for ties")
-        if method == "slerp" and not extrapolate and not 0.0 <= g["t"] <= 1.0:
-            raise ConfigError(
-                f"parameters.t: {g['t']} for tensor {name}, expected 0 <= t <= 1 (--extrapolate to go beyond)"
-            )
-        for i, tp in enumerate(params[name][0]):
-            d = tp.get("density", 1.0)
-            if not 0.0 < d <= 1.0 and method != "task_arithmetic":
-                raise ConfigError(f"models.{i}.parameters.density: {d} for tensor {name}, expected 0 < density <= 1")
+        if method.check is not None:
+            try:
+                method.check(*params[name])
+            except ValueError as e:
+                raise ConfigError(f"{e} (tensor {name})") from None
 
     def merge_tensor(name: str, b: torch.Tensor, ex: list[torch.Tensor]) -> torch.Tensor:
-        tp, g = params[name]
-        od = out_dtype if (out_dtype is not None and b.dtype.is_floating_point) else b.dtype
         if not b.dtype.is_floating_point:
             return b
-        if method == "linear":
-            return methods.linear([b, *ex], [p["weight"] for p in tp], normalize=g["normalize"], out_dtype=od)
-        if method == "slerp":
-            return methods.slerp(g["t"], b, ex[0], out_dtype=od)
-        return methods.task_arithmetic_family(
-            method,
-            name,
-            b,
-            ex,
-            [p["weight"] for p in tp],
-            [p["density"] for p in tp],
-            normalize=g["normalize"],
-            rescale=g["rescale"],
-            lam=g["lambda"],
-            seed=g["seed"],
-            out_dtype=od,
-        )
+        tp, g = params[name]
+        base_t, models = (b, ex) if plan.has_base else (None, [b, *ex])
+        return method.merge(TensorCall(name, base_t, models, tp, g, out_dtype or b.dtype))
 
     return base, experts, merge_tensor, out_dtype, cfg
 
@@ -234,9 +214,16 @@ def run_merge(
     parse_device(device)
     if os.path.lexists(out) and not force:  # before any work (checked again under the lock and at commit)
         raise OutputExistsError(f"{out}: output already exists (use --force to overwrite)")
-    base, experts, fn, out_dtype, cfg = plan_merge(config, seed=seed, dtype=dtype, extrapolate=extrapolate)
+    config_file = config_inputs(config)
+    cfg = load_config(config)
+    if is_frankenmerge(cfg):
+        if in_job():
+            raise ValueError("slices: a frankenmerge runs in one process (launch it without torchrun)")
+        return run_frankenmerge(
+            cfg, out, force=force, shard_size=shard_size, dtype=dtype, inputs=config_file, progress=progress
+        )
+    base, experts, fn, out_dtype, cfg = plan_merge(cfg, seed=seed, dtype=dtype, extrapolate=extrapolate)
     record = cfg.model_dump(exclude_none=True, exclude={"source_dir"})
-    config_file = [config] if isinstance(config, Path) or (isinstance(config, str) and os.path.isfile(config)) else []
     inputs = [base.path, *(e.path for e in experts), *config_file]
     group = Group() if in_job() else None  # launched by torchrun / accelerate: share the blocks
     try:
@@ -263,13 +250,17 @@ def run_merge(
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("config", help="mergekit-style YAML (linear, task_arithmetic, ties, dare_ties, dare_linear, slerp)")
+    p.formatter_class = argparse.RawDescriptionHelpFormatter  # keep the method table's lines
+    p.epilog = methods_help()
+    p.add_argument("config", help="mergekit-style YAML (merge_method: one of the methods below)")
     p.add_argument("out", help="output folder (written to a temporary folder, renamed when complete)")
     p.add_argument("--force", action="store_true", help="replace OUT if it exists")
     p.add_argument("--shard-size", default="5GB", help="maximum shard size, e.g. 5GB, 500MB (default 5GB)")
     p.add_argument("--dtype", default=None, choices=DTYPE_CHOICES, help="output dtype (default: config's or base's)")
     p.add_argument("--device", default=None, help="where tensors are combined: cpu (default) or cuda")
-    p.add_argument("--seed", type=int, default=None, help="DARE seed (overrides parameters.seed; default 0)")
+    p.add_argument(
+        "--seed", type=int, default=None, help="seed of dare_*, della* (overrides parameters.seed; default 0)"
+    )
     p.add_argument("--extrapolate", action="store_true", help="allow slerp's t outside [0, 1]")
     p.add_argument("--no-progress", action="store_true", help="no progress bar or final line")
 
