@@ -285,7 +285,7 @@ def test_karcher_matches_formula(fam, tmp_path):
 
 def test_karcher_iterates_on_spread_points():
     """Far-apart points (where the Riemannian mean differs from the normalised average), on a TensorCall."""
-    from blockmerge.merge.registry import TensorCall
+    from blockmerge.merge.call import TensorCall
     from blockmerge.merge.spherical import karcher
 
     gen = torch.Generator().manual_seed(3)

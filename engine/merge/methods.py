@@ -28,13 +28,10 @@ from __future__ import annotations
 import math
 import zlib
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
 import torch
 from blockmerge.kernels import combine, magnitude_thresholds
-
-if TYPE_CHECKING:
-    from blockmerge.merge.registry import TensorCall
+from blockmerge.merge.call import TensorCall
 
 DOT_THRESHOLD = 0.9995
 SLERP_EPS = 1e-8

@@ -17,6 +17,7 @@ from typing import Any, Literal
 
 import torch
 from blockmerge.merge import methods, sparse, spherical
+from blockmerge.merge.call import TensorCall
 
 REQUIRED = object()  # a parameter without a default
 
@@ -81,22 +82,6 @@ def _number(v: Any, where: str, tensor: str) -> float:
 
 def _yaml(v: Any) -> str:
     return str(v).lower() if isinstance(v, bool) else f"{v:g}" if isinstance(v, float) else str(v)
-
-
-@dataclass(frozen=True)
-class TensorCall:
-    """One tensor's merge: inputs and resolved parameters."""
-
-    name: str
-    base: torch.Tensor | None  # None: the method merges `models` without a base
-    models: list[torch.Tensor]
-    params: list[dict[str, Any]]  # per model, in `models` order
-    g: dict[str, Any]  # global parameters
-    out_dtype: torch.dtype
-
-    def each(self, key: str) -> list[Any]:
-        """One per-model parameter over the models."""
-        return [p[key] for p in self.params]
 
 
 @dataclass(frozen=True)

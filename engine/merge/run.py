@@ -23,6 +23,7 @@ from blockmerge.io.dtypes import DTYPE_CHOICES, parse_device, parse_dtype
 from blockmerge.io.report import final_line
 from blockmerge.io.stream import stream_blocks
 from blockmerge.io.writer import CheckpointWriter, parse_size
+from blockmerge.merge.call import TensorCall
 from blockmerge.merge.config import (
     ConfigError,
     MergeConfig,
@@ -31,7 +32,7 @@ from blockmerge.merge.config import (
     resolve_plan,
 )
 from blockmerge.merge.distributed import DistributedWriter, Group, in_job
-from blockmerge.merge.registry import TensorCall, get_method, methods_help
+from blockmerge.merge.registry import get_method, methods_help
 from blockmerge.merge.slices import config_inputs, is_frankenmerge, run_frankenmerge
 from tqdm.auto import tqdm
 

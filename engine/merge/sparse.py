@@ -26,14 +26,10 @@ mergekit drops every entry when int(gamma*n) is 0 (an empty slice); here none of
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 from blockmerge.kernels import combine, hash_uniform, task_key
+from blockmerge.merge.call import TensorCall
 from blockmerge.merge.methods import dare_seed
-
-if TYPE_CHECKING:
-    from blockmerge.merge.registry import TensorCall
 
 
 def task_vectors(c: TensorCall) -> list[torch.Tensor]:

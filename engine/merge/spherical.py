@@ -18,14 +18,11 @@ result then added to the base.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
 
 import torch
 from blockmerge.kernels import combine
+from blockmerge.merge.call import TensorCall
 from blockmerge.merge.methods import linear
-
-if TYPE_CHECKING:
-    from blockmerge.merge.registry import TensorCall
 
 _CHUNK = 1 << 20
 
