@@ -87,5 +87,6 @@ def test_the_checks_see_what_they_claim():
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b", "c"}, "b": {"c"}, "c": set()}) is None
     # function-level and `from package import module` imports are seen
-    assert "blockmerge.merge.methods" in _imports("blockmerge.merge.run")
+    assert "blockmerge.merge.methods" in _imports("blockmerge.merge.registry")  # from blockmerge.merge import methods
+    assert "blockmerge.lora.learn" in _imports("blockmerge.lora.cli")  # inside a function
     assert "blockmerge.io.checkpoint" in _imports("blockmerge.merge.config")
