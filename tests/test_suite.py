@@ -161,7 +161,8 @@ def micro_suite(tmp_path_factory):
 
 
 def test_micro_suite_build_and_reuse(micro_suite):
-    from blockmerge.suite.build import build_suite, fingerprint
+    from blockmerge.suite.build import build_suite
+    from blockmerge.suite.manifest import fingerprint
     from blockmerge.suite.protocol import TaskSuite
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -200,7 +201,8 @@ def test_micro_suite_is_the_same_under_any_thread_count(micro_suite, tmp_path):
 
 
 def test_cached_suite_failing_its_check_is_rebuilt(micro_suite, tmp_path):
-    from blockmerge.suite.build import build_suite, check_manifest, load_cached
+    from blockmerge.suite.build import build_suite, load_cached
+    from blockmerge.suite.manifest import check_manifest
 
     s = micro_suite
     cfg = micro_config(target_acc=0.9, base_max_acc=0.2)
@@ -242,7 +244,7 @@ def test_suite_build_fails_naming_the_expert_short_of_its_target(tmp_path):
 
 
 def test_suite_protocol_and_task_vector_stats(micro_suite):
-    from blockmerge.suite.build import task_vector_stats
+    from blockmerge.suite.manifest import task_vector_stats
 
     s = micro_suite
     test, val = s.pairs("add", "test"), s.pairs("add", "val")
