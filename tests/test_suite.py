@@ -379,6 +379,8 @@ def test_comparison_takes_any_task_suite(micro_suite):
         load_suite("nocolon")
     with pytest.raises(ValueError, match="--suite 'no_such_module_xyz:f'"):
         load_suite("no_such_module_xyz:f")
+    with pytest.raises(ValueError, match="suite variant 'tiny': expected one of default, small"):
+        load_suite(None, variant="tiny")
 
 
 # The margins by which layer-level DivMerge must beat task arithmetic on the small variant (mean ANP over the
