@@ -8,6 +8,7 @@ merges sampled subsets of k tasks for k=2..8
   benchmarks/out/quality.png   ANP against k per method
 
 Usage: python benchmarks/quality.py [--ks 2,3,4,5,6,7,8] [--subsets 3] [--steps 60] [--cache DIR] [--oracle]
+       [--variant small] [--seed N]
 (--oracle adds task_oracle: per-task coefficients searched on the validation split, an upper reference)
 """
 
@@ -86,13 +87,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--methods", default=",".join(DEFAULT_METHODS))
     p.add_argument("--oracle", action="store_true", help="add task_oracle (slow)")
     p.add_argument("--suite", default=None, help="MODULE:FUNCTION returning a TaskSuite (default: built-in)")
+    p.add_argument("--variant", default="default", help="built-in suite: default or small (the CI test's)")
     p.add_argument("--cache", default=None)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="built-in suite's seed, subsets and DARE seed")
     p.add_argument("--out", default=str(OUT))
     args = p.parse_args(argv)
     started = time.perf_counter()
     quiet_transformers()
-    suite = load_suite(args.suite, args.cache)
+    suite = load_suite(args.suite, args.cache, args.seed, variant=args.variant)
     ks = [int(k) for k in args.ks.split(",")]
     methods = [m for m in args.methods.split(",") if m] + (["task_oracle"] if args.oracle else [])
     settings = Settings(seed=args.seed)
@@ -112,6 +114,8 @@ def main(argv: list[str] | None = None) -> int:
         f"Command: `python benchmarks/quality.py --ks {args.ks} --subsets {args.subsets}"
         + (f" --steps {args.steps}" if args.steps is not None else "")
         + (" --oracle" if args.oracle else "")
+        + (f" --variant {args.variant}" if args.variant != "default" else "")
+        + (f" --seed {args.seed}" if args.seed else "")
         + "`"
     )
     out = Path(args.out)

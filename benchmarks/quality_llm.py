@@ -34,6 +34,7 @@ from pathlib import Path
 
 import torch
 from blockmerge.suite import llm as ls
+from blockmerge.suite import llm_diagnose, llm_train
 from blockmerge.suite.demo import Settings, quiet_transformers, static_config
 from blockmerge.suite.evaluate import anp, normalized, task_subsets
 
@@ -75,7 +76,9 @@ def parse_args(argv):
     p.add_argument("--out", default=str(OUT), help="results folder (default benchmarks/results)")
     p.add_argument("--time-limit", type=float, default=None, help="seconds for the whole run; stops cleanly")
     p.add_argument("--smoke", action="store_true", help="tiny random model, 3 tasks, k=2, a few steps")
-    p.add_argument("--smoke-shape", default="tiny", choices=list(ls.TINY_SHAPES), help="smoke base: tiny or 135m")
+    p.add_argument(
+        "--smoke-shape", default="tiny", choices=list(llm_train.TINY_SHAPES), help="smoke base: tiny or 135m"
+    )
     p.add_argument("--report-only", action="store_true", help="only rewrite the table and plot from the CSV")
     p.add_argument("--tasks", default=None, help=f"comma-separated tasks (default all: {','.join(ls.TASKS)})")
     p.add_argument("--methods", default=",".join(METHODS))
@@ -430,7 +433,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # 1. the base
     if args.smoke:
-        base = ls.build_tiny_base(args.cache / "base", args.tasks, args.seed, args.smoke_shape)
+        base = llm_train.build_tiny_base(args.cache / "base", args.tasks, args.seed, args.smoke_shape)
     else:
         base = import_base(Path(args.gguf), args.cache / "base")
     sizes = ls.SuiteSizes(n_test=args.n_test, n_val=args.n_val, seed=args.seed, max_prompt_tokens=args.seq_len)
@@ -438,7 +441,7 @@ def main(argv: list[str] | None = None) -> int:
     print_plan(args, {k: task_subsets(list(args.tasks), k, n, args.seed) for k, n in args.plan})
 
     # 2. experts: full fine-tunes that must reach the target test accuracy
-    ft = ls.FinetuneSettings(lr=args.ft_lr, batch_size=args.ft_batch, max_steps=args.ft_max_steps,
+    ft = llm_train.FinetuneSettings(lr=args.ft_lr, batch_size=args.ft_batch, max_steps=args.ft_max_steps,
                              check_every=args.ft_check, target=args.target, seed=args.seed,
                              eval_batch=args.eval_batch)  # fmt: skip
     expert_info, dropped = {}, {}
@@ -447,8 +450,8 @@ def main(argv: list[str] | None = None) -> int:
             log(f"time limit: stopping before expert {t}")
             return finish(args, {}, clock)
         try:
-            expert_info[t] = ls.train_expert(suite, t, ft, args.device, log)
-        except ls.TargetNotReached as e:
+            expert_info[t] = llm_train.train_expert(suite, t, ft, args.device, log)
+        except llm_train.TargetNotReached as e:
             if args.on_miss == "fail":
                 raise
             log(f"DROPPED TASK {t}: {e}")
@@ -479,7 +482,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # 5. LoRA adapters and DivMerge over them
     if not args.no_lora and args.lora_k <= len(args.tasks):
-        lora_ft = ls.FinetuneSettings(lr=args.lora_lr, batch_size=args.ft_batch, max_steps=args.ft_max_steps,
+        lora_ft = llm_train.FinetuneSettings(lr=args.lora_lr, batch_size=args.ft_batch, max_steps=args.ft_max_steps,
                                       check_every=args.ft_check, target=max(args.target, 1e-9), seed=args.seed,
                                       eval_batch=args.eval_batch)  # fmt: skip
         subset = task_subsets(list(args.tasks), args.lora_k, 1, args.seed)[0]
@@ -487,7 +490,7 @@ def main(argv: list[str] | None = None) -> int:
             if not clock.fits(30) and not suite.adapter(t).exists():
                 log(f"time limit: stopping before LoRA adapter {t}")
                 return finish(args, models, clock)
-            models.setdefault("adapter_test", {})[t] = ls.train_adapter(suite, t, lora_ft, args.device,
+            models.setdefault("adapter_test", {})[t] = llm_train.train_adapter(suite, t, lora_ft, args.device,
                                                                         args.lora_rank, log)["test"]  # fmt: skip
         write_models(args, models)
         merger.adapter_test = models["adapter_test"]
@@ -572,7 +575,7 @@ def run_one(args, merger: Merger, method: str, subset, done, csv_path, clock: Cl
 
 def diagnose(args, suite: ls.LlmSuite, merger: Merger, subset, clock: Clock) -> None:
     """Item 3 of issue 10 on the first pair: searched task-level optimum vs learned coefficients, JS by
-    position kind (blockmerge.suite.llm.diagnose_pair); written to quality_llm_diagnosis.json."""
+    position kind (blockmerge.suite.llm_diagnose.diagnose_pair); written to quality_llm_diagnosis.json."""
     path = args.out / "quality_llm_diagnosis.json"
     folder = args.cache / "learned"
     records = {m: json.loads((folder / f"{m}-{'+'.join(subset)}.json").read_text()) for m in LEARNED
@@ -587,8 +590,8 @@ def diagnose(args, suite: ls.LlmSuite, merger: Merger, subset, clock: Clock) -> 
     for t in subset:
         if t not in merger.expert_val:
             merger.expert_val[t] = merger.evaluate(suite.expert(t), [t], "val")[t]
-    res = ls.diagnose_pair(suite, subset, records, merger.expert_val, args.device, n_prompts=args.prompts_task,
-                           batch_size=args.eval_batch)  # fmt: skip
+    res = llm_diagnose.diagnose_pair(suite, subset, records, merger.expert_val, args.device,
+                                     n_prompts=args.prompts_task, batch_size=args.eval_batch)  # fmt: skip
     res["settings_key"] = key
     path.write_text(json.dumps(res, indent=1))
 
@@ -636,6 +639,6 @@ def finish(args, models: dict, clock: Clock) -> int:
 if __name__ == "__main__":
     try:
         sys.exit(main())
-    except (ls.TargetNotReached, FileNotFoundError) as e:
+    except (llm_train.TargetNotReached, FileNotFoundError) as e:
         print(f"quality_llm: error: {e}", file=sys.stderr)
         sys.exit(1)

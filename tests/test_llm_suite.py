@@ -9,6 +9,7 @@ import re
 import pytest
 import torch
 from blockmerge.suite import llm as ls
+from blockmerge.suite import llm_diagnose, llm_tasks, llm_train
 from blockmerge.suite.protocol import TaskSuite
 from safetensors.torch import load_file, save_file
 
@@ -18,7 +19,7 @@ TASKS = ["sentiment", "topic", "entailment", "grammar", "largest", "nth_word"]
 @pytest.fixture(scope="module")
 def suite(tmp_path_factory):
     root = tmp_path_factory.mktemp("llm")
-    base = ls.build_tiny_base(root / "base", TASKS)
+    base = llm_train.build_tiny_base(root / "base", TASKS)
     return ls.LlmSuite(base, root, TASKS, ls.SuiteSizes(n_test=30, n_val=20))
 
 
@@ -35,12 +36,12 @@ def independent_answer(task: str, prompt: str) -> str:
         return "apple" if re.search(r"Hypothesis: \w+ bought a (\w+)\.", text).group(1) in bought else "pear"
     if task == "grammar":
         subject, verb = re.search(r"The (\w+) (\w+) ", text).groups()
-        plural = subject in {p for _, p in ls.SUBJECTS}
-        return "gold" if plural == (verb in {v for _, v in ls.VERBS}) else "silver"
+        plural = subject in {p for _, p in llm_tasks.SUBJECTS}
+        return "gold" if plural == (verb in {v for _, v in llm_tasks.VERBS}) else "silver"
     if task == "sentiment":
-        return "blue" if set(re.findall(r"\w+", text)) & set(ls.POSITIVE) else "red"
-    topic = next(t for t, phrases in ls.TOPICS.items() if any(p in text for p in phrases))
-    return ls.TOPIC_CODES[topic]
+        return "blue" if set(re.findall(r"\w+", text)) & set(llm_tasks.POSITIVE) else "red"
+    topic = next(t for t, phrases in llm_tasks.TOPICS.items() if any(p in text for p in phrases))
+    return llm_tasks.TOPIC_CODES[topic]
 
 
 def test_exact_answers_and_disjoint_splits(suite):
@@ -63,7 +64,7 @@ def test_exact_answers_and_disjoint_splits(suite):
 
 def test_training_batch_labels_answer_and_eos_only(suite):
     pairs = suite.pairs("largest", "test")[:3]
-    ids, mask, lab = ls.training_batch(suite, pairs, "cpu")
+    ids, mask, lab = llm_train.training_batch(suite, pairs, "cpu")
     for i, (prompt, answer) in enumerate(pairs):
         p, a = suite.encode_prompt(prompt), suite.encode_answer(answer)
         n = len(p) + len(a) + 1
@@ -114,7 +115,9 @@ def test_task_vector_stats(suite, tmp_path):
 def test_teacher_forced_js(suite):
     torch.manual_seed(0)
     expert = ls.load_causal_lm(suite.base)
-    same = ls.teacher_forced_js(expert, expert, suite, [p for p, _ in suite.pairs("sentiment", "test")[:5]], 2)
+    same = llm_diagnose.teacher_forced_js(
+        expert, expert, suite, [p for p, _ in suite.pairs("sentiment", "test")[:5]], 2
+    )
     assert same["js_first"] == pytest.approx(0.0, abs=1e-7) and sum(same["n_positions"].values()) >= 5
     # against the definition at the first answer position of one prompt
     torch.manual_seed(1)
@@ -123,7 +126,7 @@ def test_teacher_forced_js(suite):
         for p in other.parameters():
             p.add_(torch.randn_like(p) * 0.05)
     prompt = suite.pairs("sentiment", "test")[0][0]
-    got = ls.teacher_forced_js(other, expert, suite, [prompt], 1)
+    got = llm_diagnose.teacher_forced_js(other, expert, suite, [prompt], 1)
     ids = torch.tensor([suite.encode_prompt(prompt)])
     with torch.no_grad():
         p, q = expert(input_ids=ids).logits[0, -1].softmax(-1), other(input_ids=ids).logits[0, -1].softmax(-1)

@@ -13,13 +13,10 @@ files do not match the fingerprint is rebuilt, never used."""
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import json
-import math
 import os
-import random
 import shutil
 import sys
 import tempfile
@@ -32,20 +29,19 @@ import torch
 from blockmerge.io.cache import default_cache
 from blockmerge.io.commit import claim_output
 from blockmerge.suite.evaluate import accuracy
+from blockmerge.suite.manifest import SUITE_VERSION, check_manifest, fingerprint, summary, task_vector_stats
 from blockmerge.suite.tasks import (
     EOS_ID,
     GENERIC,
     PAD_ID,
     TASK_NAMES,
-    VOCAB,
     CharTokenizer,
     TrainStream,
     eval_sets,
     get_task,
 )
 from blockmerge.suite.tasks import sample_prompts as _sample_prompts
-
-SUITE_VERSION = "suite-v3"
+from blockmerge.suite.train import deterministic_single_thread, model_config, train
 
 
 @dataclass(frozen=True)
@@ -67,7 +63,7 @@ class SuiteConfig:
     expert_batch: int = 32
     expert_lr: float = 3e-4
     tag_lr: float = 1e-2  # > 0: the expert's tag embedding learns at this lr, the known tokens' stay frozen
-    check_every: int = 20
+    check_every: int = 20  # 0: no early stop, the expert trains `expert_steps` with a cosine decay
     stop_acc: float = 0.98
     patience: int = 2
     # the self-check: every expert >= target_acc on the test split (else up to `extra_rounds` more rounds
@@ -86,6 +82,22 @@ class SuiteConfig:
 
 
 DEFAULT = SuiteConfig()
+# A small variant that builds in about a minute, in the regime where merged tasks interfere: four tasks on
+# the same words and output positions (each answer is a rearrangement or substitution of the input's
+# letters), a 2-layer base, experts trained for a fixed number of steps at a larger lr (no early stop), so
+# that each task vector also carries the expert's drift towards its own task. The CI test builds it.
+SMALL = SuiteConfig(
+    tasks=("copy", "reverse", "rotate", "map"),
+    generic=tuple(f"g_{n}" for n in "copy reverse rotate map sort sort_desc rotate_right first last length".split()),
+    layers=2,
+    base_steps=1000,
+    batch_size=32,
+    expert_steps=100,
+    expert_lr=1e-3,
+    stop_acc=1.01,  # never reached: fixed steps
+    check_every=0,
+)
+VARIANTS = {"default": DEFAULT, "small": SMALL}
 
 
 @dataclass
@@ -154,173 +166,6 @@ def suite_dir(config: SuiteConfig, cache: str | Path | None = None) -> Path:
     root = Path(cache) if cache is not None else default_cache()
     name = SUITE_VERSION if config == DEFAULT else f"{SUITE_VERSION}-{config.key()}"
     return root / name
-
-
-def model_config(cfg: SuiteConfig):
-    from transformers import LlamaConfig
-
-    return LlamaConfig(
-        vocab_size=len(VOCAB),
-        hidden_size=cfg.hidden,
-        intermediate_size=cfg.intermediate,
-        num_hidden_layers=cfg.layers,
-        num_attention_heads=cfg.heads,
-        num_key_value_heads=cfg.heads,
-        max_position_embeddings=64,
-        tie_word_embeddings=False,
-        pad_token_id=PAD_ID,
-        bos_token_id=1,
-        eos_token_id=EOS_ID,
-        torch_dtype="float32",
-    )
-
-
-def make_batch(pairs: list[tuple[str, str]], tok: CharTokenizer) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-padded input ids and completion-only labels (-100 on BOS, prompt and padding)."""
-    rows, labels = [], []
-    for p, a in pairs:
-        pi = tok.encode(p, bos=True)
-        ai = tok.encode(a, eos=True)
-        rows.append(pi + ai)
-        labels.append([-100] * len(pi) + ai)
-    n = max(len(r) for r in rows)
-    ids = torch.full((len(rows), n), PAD_ID, dtype=torch.long)
-    lab = torch.full((len(rows), n), -100, dtype=torch.long)
-    for i, (r, lb) in enumerate(zip(rows, labels, strict=True)):
-        ids[i, : len(r)] = torch.tensor(r)
-        lab[i, : len(lb)] = torch.tensor(lb)
-    return ids, lab
-
-
-def completion_loss(model, ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    # right padding + causal attention: real positions never attend to padding, no mask needed
-    logits = model(input_ids=ids).logits[:, :-1]
-    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1))
-
-
-def train(
-    model,
-    streams: list[TrainStream],
-    steps: int,
-    lr: float,
-    batch_size: int,
-    seed: int,
-    desc: str,
-    bar=None,
-    cosine: bool = True,
-    check=None,
-    check_every: int = 0,
-    patience: int = 1,
-    new_tokens: Sequence[int] = (),
-    new_token_lr: float = 0.0,
-) -> int:
-    """AdamW with linear warm-up then cosine decay (or constant lr); each batch draws its tasks uniformly
-    from `streams`. With `check`, stop as soon as check(model) was true `patience` times in a row (tested
-    every `check_every` steps). `bar` (tqdm) advances one per step. Returns the number of steps taken.
-
-    With `new_tokens`, the input embeddings of the base's known tokens stay frozen and the rows of
-    `new_tokens` (a tag the base never saw) learn with their own `new_token_lr`, as when a token is added to
-    a pretrained model's vocabulary: a new row starts far from where it must go."""
-    tok = CharTokenizer()
-    rng = random.Random(f"batches/{seed}/{desc}")
-    emb = model.get_input_embeddings().weight
-    groups = [{"params": [p for p in model.parameters() if p is not emb or not new_tokens]}]
-    if new_tokens:
-        keep = torch.zeros(emb.shape[0], 1)
-        keep[list(new_tokens)] = 1.0
-        emb.register_hook(lambda g: g * keep)
-        groups.append({"params": [emb], "lr": new_token_lr})
-    opt = torch.optim.AdamW(groups, lr=lr, weight_decay=0.0, betas=(0.9, 0.98))
-    warm = max(1, steps // 20)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warm) * (0.5 * (1 + math.cos(math.pi * s / steps)) if cosine else 1.0)
-    )
-    model.train()
-    hits = 0
-    for step in range(steps):
-        pairs = [streams[rng.randrange(len(streams))].next() for _ in range(batch_size)]
-        ids, lab = make_batch(pairs, tok)
-        loss = completion_loss(model, ids, lab)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix_str(f"{desc} loss {loss.item():.3f}", refresh=False)
-        if check is not None and check_every and (step + 1) % check_every == 0:
-            model.eval()
-            hits = hits + 1 if check(model) else 0
-            if hits >= patience:
-                return step + 1
-            model.train()
-    model.eval()
-    return steps
-
-
-@contextlib.contextmanager
-def deterministic_single_thread():
-    """One intra-op thread and deterministic algorithms while training, the caller's settings restored after:
-    the weights do not depend on the caller's thread count (reductions split over threads round
-    differently), and no nondeterministic kernel is used."""
-    threads = torch.get_num_threads()
-    det = torch.are_deterministic_algorithms_enabled()
-    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
-    torch.set_num_threads(1)
-    torch.use_deterministic_algorithms(True)
-    try:
-        yield
-    finally:
-        torch.use_deterministic_algorithms(det, warn_only=warn_only)
-        torch.set_num_threads(threads)
-
-
-def fingerprint(root: Path, tasks: Sequence[str]) -> str:
-    """sha256 over the base's and the experts' model.safetensors."""
-    h = hashlib.sha256()
-    for d in [root / "base"] + [root / "experts" / t for t in tasks]:
-        h.update((d / "model.safetensors").read_bytes())
-    return h.hexdigest()
-
-
-def task_vector_stats(base_dir: Path, expert_dirs: dict[str, Path]) -> dict:
-    """Per expert: ||tau|| / ||theta0|| and the fraction of weights changed by more than 1% of their
-    tensor's RMS; between experts: mean and largest cosine of the flattened task vectors."""
-    from safetensors.torch import load_file
-
-    base = load_file(base_dir / "model.safetensors")
-    names = sorted(base)
-    theta0 = torch.cat([base[n].flatten().double() for n in names])
-    rms = torch.cat([torch.full((base[n].numel(),), base[n].double().pow(2).mean().sqrt().item()) for n in names])
-    taus, out = {}, {"relative_norm": {}, "fraction_changed": {}}
-    for t, d in expert_dirs.items():
-        e = load_file(d / "model.safetensors")
-        tau = torch.cat([e[n].flatten().double() for n in names]) - theta0
-        taus[t] = tau
-        out["relative_norm"][t] = round((tau.norm() / theta0.norm()).item(), 5)
-        out["fraction_changed"][t] = round((tau.abs() > 0.01 * rms).double().mean().item(), 5)
-    cos = [
-        (taus[a] @ taus[b] / (taus[a].norm() * taus[b].norm())).item()
-        for i, a in enumerate(taus)
-        for b in list(taus)[i + 1 :]
-    ]
-    out["cosine_mean"] = round(sum(cos) / len(cos), 4) if cos else None
-    out["cosine_max"] = round(max(cos), 4) if cos else None
-    return out
-
-
-def check_manifest(manifest: dict, config: SuiteConfig) -> str | None:
-    """Why a manifest's suite cannot be used for `config` (None if it can)."""
-    if manifest.get("version") != SUITE_VERSION or manifest.get("config") != config.as_dict():
-        return "it was built with other settings"
-    for t in config.tasks:
-        e, b = manifest["expert_accuracy"].get(t, 0.0), manifest["base_accuracy"].get(t, 1.0)
-        if e < config.target_acc:
-            return f"expert {t} is at {e:.2f} test accuracy (< {config.target_acc})"
-        if b > config.base_max_acc:
-            return f"the base is at {b:.2f} on {t} (> {config.base_max_acc})"
-    return None
 
 
 def load_cached(root: Path, config: SuiteConfig) -> tuple[Suite | None, str]:
@@ -461,8 +306,10 @@ def _build(root: Path, config: SuiteConfig, rebuild: bool, log, progress: bool, 
 
 
 def _train_expert(part: Path, config: SuiteConfig, t: str, i: int, split, held, tok, bar) -> dict:
-    """Fine-tune the base on task t until validation accuracy reaches stop_acc; then, while the test
-    accuracy is under target_acc, up to `extra_rounds` further rounds. Returns the model and its record."""
+    """Fine-tune the base on task t until validation accuracy reaches stop_acc (constant lr), or for
+    `expert_steps` with a cosine decay when check_every is 0 (no early stop: the lr anneals, so the expert
+    does not end on a noisy step); then, while the test accuracy is under target_acc, up to `extra_rounds`
+    further rounds. Returns the model and its record."""
     from transformers import AutoModelForCausalLM
 
     test, val = split
@@ -474,35 +321,19 @@ def _train_expert(part: Path, config: SuiteConfig, t: str, i: int, split, held, 
     check = lambda m: accuracy(m, val, tok, budget) >= config.stop_acc  # noqa: E731
     steps = acc = 0
     for round_ in range(1 + config.extra_rounds):
+        if round_ > 0:  # the bar counted one round per expert: a further round extends it
+            bar.total += config.expert_steps
+            bar.refresh()
         taken = train(model, stream, config.expert_steps, config.expert_lr, config.expert_batch,
-                      config.seed + round_, t, bar if round_ == 0 else None, cosine=False, check=check,
+                      config.seed + round_, t, bar, cosine=not config.check_every, check=check,
                       check_every=config.check_every, patience=config.patience, new_tokens=new_tokens,
                       new_token_lr=config.tag_lr)  # fmt: skip
-        if round_ == 0:
-            bar.update(config.expert_steps - taken)
+        bar.update(config.expert_steps - taken)  # an early stop skips the rest of the round
         steps += taken
         acc = accuracy(model, test, tok, budget)
         if acc >= config.target_acc:
             break
     return {"model": model, "accuracy": acc, "steps": steps}
-
-
-def summary(manifest: dict) -> str:
-    tv = manifest["task_vectors"]
-    lines = [
-        f"suite {manifest['version']} built in {manifest['build_seconds']:.0f}s, {manifest['build_cpu_seconds']:.0f} "
-        f"CPU seconds (load average {manifest['load_average']} at the start); base: generic skills "
-        f"{manifest['base_generic_accuracy']:.2f}",
-        f"  {'task':<10} {'base':>5} {'expert':>6} {'steps':>5} {'|tau|/|theta0|':>14} {'changed':>8}",
-    ]
-    for t, a in manifest["expert_accuracy"].items():
-        lines.append(
-            f"  {t:<10} {manifest['base_accuracy'][t]:>5.2f} {a:>6.2f} {manifest['expert_steps'][t]:>5} "
-            f"{tv['relative_norm'][t]:>14.4f} {tv['fraction_changed'][t]:>8.3f}"
-        )
-    if tv["cosine_mean"] is not None:
-        lines.append(f"  cosine between task vectors: mean {tv['cosine_mean']:.3f}, largest {tv['cosine_max']:.3f}")
-    return "\n".join(lines)
 
 
 def _fmt(acc: dict[str, float]) -> str:

@@ -8,6 +8,7 @@ checkpoints are written to a temporary folder, loaded with transformers, evaluat
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import shutil
 import sys
 import tempfile
@@ -17,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from blockmerge.suite.build import DEFAULT, SuiteConfig, build_suite
+from blockmerge.suite.build import VARIANTS, build_suite
 from blockmerge.suite.evaluate import accuracy, anp, load_model, normalized, task_subsets
 from blockmerge.suite.protocol import TaskSuite
 
@@ -271,10 +272,15 @@ def quiet_transformers() -> None:
     hf_logging.set_verbosity_error()
 
 
-def load_suite(spec: str | None, cache=None, seed: int = 0, rebuild: bool = False) -> TaskSuite:
-    """The suite named by `spec` ('MODULE:FUNCTION', called with no argument), or the built-in one."""
+def load_suite(
+    spec: str | None, cache=None, seed: int = 0, rebuild: bool = False, variant: str = "default"
+) -> TaskSuite:
+    """The suite named by `spec` ('MODULE:FUNCTION', called with no argument), or the built-in one (its
+    `variant`, blockmerge.suite.build.VARIANTS, built with `seed`)."""
     if spec is None:
-        return build_suite(cache, DEFAULT if seed == 0 else SuiteConfig(seed=seed), rebuild=rebuild)
+        if variant not in VARIANTS:
+            raise ValueError(f"suite variant {variant!r}: expected one of {', '.join(VARIANTS)}")
+        return build_suite(cache, dataclasses.replace(VARIANTS[variant], seed=seed), rebuild=rebuild)
     import importlib
 
     module, _, func = spec.partition(":")
