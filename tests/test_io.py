@@ -273,7 +273,7 @@ def test_kernels_option_picks_the_path(cli_setup, capsys, tmp_path, monkeypatch)
     import blockmerge.kernels as K
     from blockmerge.cli import KERNELS
 
-    assert set(KERNELS) == {"auto", *K.BACKENDS}
+    assert set(KERNELS) == {"auto", *K.BACKENDS, *K.ALIASES}
     monkeypatch.setenv("BLOCKMERGE_KERNELS", "auto")  # restored after the test: main() sets it
     used = []
     for name, fn in (("compiled", K.compiled.combine_compiled), ("torch", K.combine_torch)):
