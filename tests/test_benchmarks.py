@@ -253,3 +253,27 @@ def test_lora_extract_benchmark(tmp_path):
     assert set(rows) == {4, 64} and all(int(r["modules"]) == 2 * 7 for r in rows.values())
     assert all(float(r["seconds"]) > 0 and float(r["peak_rss_MiB"]) > 0 for r in rows.values())
     assert float(rows[64]["max_rel_error"]) < 1e-2 < 0.5 < float(rows[4]["mean_rel_error"])
+
+
+def test_mergekit_parity_smoke(tmp_path):
+    """Without mergekit only blockmerge runs, the table says so; the comparison helpers measure what they say
+    on tensors whose differences and drops are known."""
+    r = run("mergekit_parity.py", "--smoke", "--mergekit-venv", str(tmp_path / "absent"), "--out", str(tmp_path))
+    rows = read_csv(tmp_path / "mergekit_parity.csv")
+    assert [row["method"] for row in rows] == ["ties", "dare_linear"]
+    for row in rows:
+        assert row["mergekit"] == "not given" and row["notes"] == ""
+        assert float(row["bm_seconds"]) > 0 and float(row["bm_peak_rss_MiB"]) > 0
+    assert "only blockmerge runs" in r.stderr
+
+    parity = load_script("mergekit_parity")
+    a = {"w": torch.tensor([[1.0, 2.0], [3.0, 4.0]]), "n": torch.ones(3)}
+    b = {"w": torch.tensor([[1.0, 2.5], [3.0, 4.0]]), "n": torch.ones(3)}
+    cmp = parity.compare(a, b)
+    assert cmp["max_abs_diff"] == 0.5 and cmp["max_rel_diff"] == 0.5 / 4.0 and cmp["notes"] == ""
+    base = {"w": torch.zeros(4, 4)}
+    experts = [{"w": torch.full((4, 4), 2.0)}]
+    merged = {"w": torch.zeros(4, 4)}
+    merged["w"][:2] = 4.0  # half the entries kept and rescaled by 1 / 0.5: weight 1 * tau on average
+    kept, slope = parity.distribution(merged, base, experts, {"models": [{"parameters": {"weight": 1.0}}]})
+    assert kept == 0.5 and math.isclose(slope, 1.0)

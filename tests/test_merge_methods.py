@@ -109,7 +109,8 @@ def test_della_matches_formula_and_is_seeded(fam, tmp_path, method):
             u = hash_uniform(task_key(seed, t), torch.arange(tau.numel())).double().view(tau.shape)
             keep = u >= 1.0 - p.float().double()
             kept, total = kept + int(keep.sum()), total + keep.numel()
-            taus.append(torch.where(keep, tau / p, 0.0))
+            dropped = torch.where(keep, tau, 0.0)  # rescaled as mergekit: to the L1 norm of tau
+            taus.append(dropped * (tau.abs().sum() / dropped.abs().sum()) if dropped.abs().sum() > 1e-7 else dropped)
         want = ref_mix(b[name], taus, weights, sign=method == "della", normalize=method == "della")
         torch.testing.assert_close(got.double(), want, atol=2e-6, rtol=1e-5, msg=name)
     assert abs(kept / total - sum(dens) / 3) < 0.01  # the keep probabilities average to density
@@ -119,14 +120,17 @@ def test_della_matches_formula_and_is_seeded(fam, tmp_path, method):
     assert not all(torch.equal(out[n], other[n]) for n in out)
 
 
-def test_della_keeps_the_expected_value():
-    """E[della_prune(tau)] = tau: the rescaled keep of each entry, averaged over many keys."""
+def test_della_rescale_keeps_the_l1_norm():
+    """With rescale, the kept entries are tau's own, all scaled by one factor that restores ||tau||_1."""
     from blockmerge.merge.sparse import della_prune
 
     tau = torch.randn(8, 64, generator=torch.Generator().manual_seed(0))
-    mean = sum(della_prune(tau, 0.5, 0.2, True, key) for key in range(2000)) / 2000
-    torch.testing.assert_close(mean, tau, atol=0.25, rtol=0.0)
-    assert (mean - tau).abs().mean() < 0.05
+    for key in range(5):
+        out, plain = della_prune(tau, 0.5, 0.2, True, key), della_prune(tau, 0.5, 0.2, False, key)
+        kept = plain != 0
+        assert 0.4 < kept.float().mean() < 0.6 and torch.equal(plain[kept], tau[kept]) and not plain[~kept].any()
+        torch.testing.assert_close(out.abs().sum(), tau.abs().sum())
+        torch.testing.assert_close(out, plain * (tau.abs().sum() / plain.abs().sum()))
 
 
 def test_della_epsilon_out_of_range_is_a_config_error(fam, tmp_path):

@@ -117,7 +117,8 @@ def _normalize(default: bool) -> Param:
 
 
 def _rescale(default: bool, allowed: tuple | None = None) -> Param:
-    return Param("rescale", default, "divide kept values by the keep probability", kind="bool", allowed=allowed)
+    help_ = "scale the kept values up (DARE: / density; DELLA, breadcrumbs: to ||tau||_1)"
+    return Param("rescale", default, help_, kind="bool", allowed=allowed)
 
 
 def _gta(name: str, summary: str, fn, params: tuple[Param, ...], normalize: bool, rescale: bool, **kw) -> Method:

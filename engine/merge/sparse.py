@@ -9,8 +9,9 @@ Semantics follow mergekit (sparsify.py magnitude_outliers / della_magprune, sce.
                 multiply the kept entries by ||tau||_1 / ||kept||_1; then mixed as task_arithmetic (normalize
                 false) or, breadcrumbs_ties, with sign election
   della         per row (a 1-D tensor is one row), keep probability linear in the rank of |tau| from
-                density - epsilon (smallest) to density + epsilon (largest); kept entries / their keep
-                probability when rescale (DELLA's rescaling: the expected value is tau), then mixed with
+                density - epsilon (smallest) to density + epsilon (largest); rescale: as mergekit, the kept
+                entries times ||tau||_1 / ||kept||_1 (not DELLA's 1 / keep probability per entry: the larger
+                entries, kept more often, are not scaled down), then mixed with
                 sign election (della) or without (della_linear); the keep draws come from the counter hash of
                 the kernels (seed, tensor name, task, element index): the same on every device
   sce           positions whose variance over the task vectors is in the top select_topk fraction (of the
@@ -88,7 +89,7 @@ def della_prune(tau: torch.Tensor, density: float, epsilon: float, rescale: bool
     p = della_keep_probability(tau, density, epsilon)
     u = hash_uniform(key, torch.arange(tau.numel(), device=tau.device)).view(tau.shape)
     kept = tau * (u >= 1.0 - p)  # as DARE: keep when the draw is at least the drop probability
-    return kept.div_(p) if rescale else kept
+    return _l1_rescaled(tau, kept) if rescale else kept
 
 
 def check_della(tensor_params: list[dict], g: dict) -> None:
