@@ -11,13 +11,13 @@ head has no tensor of its own for the output projection: it reuses the embed blo
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from blockmerge.io.checkpoint import Block, Checkpoint, CheckpointError
 from blockmerge.io.stream import BlockSource
 from blockmerge.learn.losses import chunked_head_loss
@@ -54,6 +54,64 @@ def _get(module: torch.nn.Module, path: str) -> torch.nn.Module:
     return module.get_submodule(path)
 
 
+class _Stop(Exception):
+    def __init__(self, hidden: torch.Tensor):
+        self.hidden = hidden
+
+
+class _Record(torch.nn.Module):
+    """Stands for decoder layer i in `embed_context`: records its keyword arguments; the last one stops."""
+
+    def __init__(self, calls: list, i: int, first: list, layer: torch.nn.Module):
+        super().__init__()
+        self.calls, self.i, self.first = calls, i, first
+        self.signature = inspect.signature(layer.forward)
+
+    def forward(self, hidden_states, *args, **kwargs):
+        # positional arguments (GPT-2 passes the mask so) become keywords of the real layer
+        bound = self.signature.bind_partial(hidden_states, *args, **kwargs).arguments
+        var = [n for n, p in self.signature.parameters.items() if p.kind is inspect.Parameter.VAR_KEYWORD]
+        extra = bound.pop(var[0], {}) if var else {}
+        first_name = next(iter(self.signature.parameters))
+        self.calls[self.i] = {k: v for k, v in {**bound, **extra}.items() if k != first_name}
+        if self.i == 0:
+            self.first.append(hidden_states)  # the embeddings
+        if self.i == len(self.calls) - 1:
+            raise _Stop(self.first[0])
+        return hidden_states
+
+
+class _Constant(torch.nn.Module):
+    def __init__(self, value):
+        super().__init__()
+        self.value = value
+
+    def forward(self, *args, **kwargs):
+        return self.value
+
+
+@contextlib.contextmanager
+def _swapped(swaps):
+    old = [(m, name, getattr(m, name)) for m, name, _ in swaps]
+    try:
+        for m, name, new in swaps:
+            setattr(m, name, new)
+        yield
+    finally:
+        for m, name, o in old:
+            setattr(m, name, o)
+
+
+@contextlib.contextmanager
+def _attr(obj, name, value):
+    old = getattr(obj, name)
+    setattr(obj, name, value)
+    try:
+        yield
+    finally:
+        setattr(obj, name, old)
+
+
 class StreamedModel:
     """A decoder LLM whose weights are supplied block by block.
 
@@ -66,14 +124,24 @@ class StreamedModel:
         *,
         attn_implementation: str = "sdpa",
         device: str | torch.device = "cpu",
+        check: bool = True,
     ):
+        """`check`: refuse (ValueError) an architecture whose streamed forward is not transformers' own
+        (blockmerge.learn.guard); only the guard itself builds one unchecked."""
         from transformers import AutoConfig, AutoModelForCausalLM
 
         self.ckpt = path if isinstance(path, Checkpoint) else Checkpoint(path)
         cfg = AutoConfig.from_pretrained(self.ckpt.path)
         self.model_type = cfg.model_type
+        if check:
+            from blockmerge.learn.guard import check_streamed
+
+            check_streamed(cfg, attn_implementation)
         with torch.device("meta"):
-            self.skeleton = AutoModelForCausalLM.from_config(cfg, attn_implementation=attn_implementation)
+            try:
+                self.skeleton = AutoModelForCausalLM.from_config(cfg, attn_implementation=attn_implementation)
+            except ValueError:  # the model declares it cannot (e.g. Gemma2 and sdpa)
+                self.skeleton = AutoModelForCausalLM.from_config(cfg, attn_implementation="eager")
         self.skeleton.eval()
         self.config = self.skeleton.config
         self.device = torch.device(device)
@@ -93,6 +161,7 @@ class StreamedModel:
             with torch.device(self.device):
                 self.rotary = type(meta_rot)(config=self.config)
             self.rotary.eval()
+        self._real_buffers()
         self.blocks: list[Block] = self.ckpt.blocks()
         self.block_names = [b.name for b in self.blocks]
         self.block_index = {b.name: i for i, b in enumerate(self.blocks)}
@@ -109,12 +178,19 @@ class StreamedModel:
                 f"{self.ckpt.path}: blocks {sorted(self.block_names)} do not match a {self.num_layers}-layer "
                 f"{self.model_type} model (expected {sorted(expected)})"
             )
-        # attention type of each layer (sliding-window layers get their own mask)
-        layer_types = getattr(self.config, "layer_types", None)
-        if layer_types is None:
-            sliding = getattr(self.config, "sliding_window", None) is not None and self.model_type == "mistral"
-            layer_types = ["sliding_attention" if sliding else "full_attention"] * self.num_layers
-        self.layer_types = list(layer_types)
+
+    def _real_buffers(self) -> None:
+        """Give the skeleton's small buffers outside the layers (e.g. Gemma's embedding scale) their real
+        values, by the model's own initialisation (they are not in checkpoints)."""
+        skip = tuple(p + "." for p in (self.spec.layers, self.spec.rotary) if p)
+        for name, module in self.skeleton.named_modules():
+            if (name + ".").startswith(skip):
+                continue
+            meta = [k for k, b in module._buffers.items() if b is not None and b.is_meta]
+            if meta:
+                for k in meta:
+                    module._buffers[k] = torch.empty_like(module._buffers[k], device=self.device)
+                self.skeleton._init_weights(module)
 
     # ---- names ---------------------------------------------------------------------------------
     def _local(self, params: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
@@ -135,58 +211,53 @@ class StreamedModel:
         position_ids: torch.Tensor,
         rows: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Input embeddings. With `rows` (sorted unique token ids, see `token_rows`), the token embedding
-        tensor in `params` holds only those rows: the embedding's memory and gradient stay small."""
+        """Input embeddings (the model's own, scales included). With `rows` (sorted unique token ids, see
+        `token_rows`), the token embedding tensor in `params` holds only those rows: the embedding's
+        memory and gradient stay small."""
+        return self.embed_context(params, input_ids, position_ids, rows)[0]
+
+    def embed_context(self, params, input_ids, position_ids, rows=None, cache=None, attention_mask=None):
+        """(input embeddings, per-layer keyword arguments: masks, position embeddings) as the model's own
+        forward makes them: its decoder (`model`, `transformer`) runs with the embed block's tensors and
+        stand-ins for the layers that record what each layer is given (then stop it before the norm)."""
+        calls: list = [None] * self.num_layers
+        first: list = []
+        outer, _, attr = self.spec.layers.rpartition(".")
+        decoder = _get(self.skeleton, outer)
         tok = _get(self.skeleton, self.spec.tokens)
-        W = params[self.tokens_weight_name]
         pad = tok.padding_idx
         if rows is not None:
             if pad is not None:
                 hit = (rows == pad).nonzero()
                 pad = int(hit[0, 0]) if len(hit) else None
-            input_ids = torch.searchsorted(rows, input_ids)
-        h = F.embedding(input_ids, W, pad, tok.max_norm, tok.norm_type, tok.scale_grad_by_freq, tok.sparse)
-        if self.spec.positions is not None:
-            pos = _get(self.skeleton, self.spec.positions)
-            h = h + functional_call(pos, self._local(params, self.spec.positions), (position_ids,))
-        return h
+            input_ids = torch.searchsorted(rows, input_ids.contiguous())
+        records = torch.nn.ModuleList(_Record(calls, i, first, layer) for i, layer in enumerate(self.layers))
+        swaps = [(decoder, attr, records)]
+        if self.rotary is not None:
+            parent, _, name = self.spec.rotary.rpartition(".")
+            swaps.append((_get(self.skeleton, parent), name, self.rotary))
+        local = self._local(params, outer)
+        kwargs = {"position_ids": position_ids, "attention_mask": attention_mask, "use_cache": cache is not None}
+        kwargs[cache_kwarg(decoder.forward)] = cache
+        h = None
+        with _swapped(swaps), _attr(tok, "padding_idx", pad):
+            try:
+                functional_call(decoder, local, (), dict(input_ids=input_ids, **kwargs), strict=False)
+            except _Stop as stop:
+                h = stop.hidden
+        if h is None:
+            raise CheckpointError(f"{self.ckpt.path}: the {self.model_type} decoder did not reach its layers")
+        return h, calls
 
     @staticmethod
     def token_rows(input_ids: torch.Tensor) -> torch.Tensor:
         return torch.unique(input_ids)  # sorted
 
-    def position_embeddings(self, h: torch.Tensor, position_ids: torch.Tensor):
-        if self.rotary is None:
-            return None
-        with torch.no_grad():
-            cos, sin = self.rotary(h, position_ids)
-        return cos, sin
-
-    def masks(self, h: torch.Tensor, position_ids: torch.Tensor, cache=None, attention_mask=None) -> dict[str, object]:
-        """The model's own causal masks (None where the attention implementation is causal by itself).
-        Learning batches are right-padded, so real positions never attend to padding and need no padding
-        mask; generation left-pads and gives `attention_mask` [B, past + new] (1 = real token)."""
-        from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
-
-        out = {}
-        for t in set(self.layer_types):
-            fn = create_sliding_window_causal_mask if t == "sliding_attention" else create_causal_mask
-            kw = {cache_kwarg(fn): cache}
-            out[t] = fn(
-                config=self.config, inputs_embeds=h, attention_mask=attention_mask, position_ids=position_ids, **kw
-            )
-        return out
-
     def layer(self, i: int, params, h, *, position_ids, position_embeddings, masks, cache=None) -> torch.Tensor:
+        """Decoder layer i; `masks`: the per-layer keyword arguments of `embed_context`."""
         prefix = f"{self.spec.layers}.{i}"
-        kwargs = {
-            "attention_mask": masks[self.layer_types[i]],
-            "position_ids": position_ids,
-            cache_kwarg(self.layers[i].forward): cache,
-            "use_cache": cache is not None,
-        }
-        if position_embeddings is not None:
-            kwargs["position_embeddings"] = position_embeddings
+        kwargs = dict(masks[i])
+        kwargs.update({cache_kwarg(self.layers[i].forward): cache, "use_cache": cache is not None})
         out = functional_call(self.layers[i], self._local(params, prefix), (h,), kwargs)
         return out[0] if isinstance(out, tuple) else out
 
@@ -200,14 +271,27 @@ class StreamedModel:
             if embed_params is None:
                 raise ValueError("tied lm_head needs the embed block's tensors")
             local = dict(local, weight=embed_params[self.tokens_weight_name])
-        return functional_call(_get(self.skeleton, self.spec.head), local, (y,))
+        return self.final_logits(functional_call(_get(self.skeleton, self.spec.head), local, (y,)))
+
+    def final_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """The model's own transformation of the output projection [..., V] (soft-capping, logit scale):
+        its *ForCausalLM forward run with stand-ins for the decoder (giving `logits` as hidden states)
+        and for the head (the identity)."""
+        from transformers.modeling_outputs import BaseModelOutputWithPastAndCrossAttentions as Out
+
+        decoder = self.spec.layers.rpartition(".")[0]
+        x = logits.reshape(1, -1, logits.shape[-1])
+        stub = _Constant(Out(last_hidden_state=x))
+        with _swapped([(self.skeleton, decoder, stub), (self.skeleton, self.spec.head, torch.nn.Identity())]):
+            out = self.skeleton(input_ids=torch.zeros(1, x.shape[1], dtype=torch.long), logits_to_keep=0)
+        return out.logits.reshape(logits.shape)
 
     def block_forward(self, block: Block, params, ids, pos, rows, h, pe, masks):
         """(h, position embeddings, masks) after the embedding block (which sets the position embeddings
         and masks, `rows` as in `embed`) or one decoder layer."""
         if block.name == "embed":
-            h = self.embed(params, ids, pos, rows)
-            return h, self.position_embeddings(h, pos), self.masks(h, pos)
+            h, ctx = self.embed_context(params, ids, pos, rows)
+            return h, None, ctx
         return self.layer(block.layer, params, h, position_ids=pos, position_embeddings=pe, masks=masks), pe, masks
 
     def head_loss(self, params, head_weight, h, batch, objective: str, chunk: int, backward: bool):
@@ -220,7 +304,7 @@ class StreamedModel:
         norm = lambda x: self.final_norm(params, x)
         bias = params.get(self.head_bias_name)
         loss = chunked_head_loss(hsel, batch.weights, batch.targets, objective, norm, head_weight, bias, chunk,
-                                 backward)  # fmt: skip
+                                 backward, self.final_logits)  # fmt: skip
         if not backward:
             return loss, None
         dh = torch.zeros_like(h)
@@ -260,9 +344,7 @@ class StreamedModel:
         for block, tensors in source.stream(self.blocks):
             if block.name == "embed":
                 params = {k: (v[rows] if k == self.tokens_weight_name else v).to(dtype) for k, v in tensors[0].items()}
-                h = self.embed(params, input_ids, position_ids, rows)
-                pe = self.position_embeddings(h, position_ids)
-                masks = self.masks(h, position_ids, cache, attention_mask)
+                h, masks = self.embed_context(params, input_ids, position_ids, rows, cache, attention_mask)
                 continue
             params = {k: v.to(dtype) for k, v in tensors[0].items()}
             if block.layer is not None:
