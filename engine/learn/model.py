@@ -2,9 +2,11 @@
 
 The model is built once on the meta device from its config (transformers' own module classes, no
 memory); each block is then run with `torch.func.functional_call`, its parameters supplied as plain
-tensors read from the checkpoint (or merged from several checkpoints) just before use. Supported:
-Llama-like families (llama, mistral, qwen2, and others with `model.embed_tokens / model.layers /
-model.norm / lm_head / model.rotary_emb`) and GPT-2 (`transformer.wte / wpe / h / ln_f`, tied lm_head).
+tensors read from the checkpoint (or merged from several checkpoints) just before use. What is not
+a layer is the model's own code: the embeddings, masks and position embeddings come from its decoder's
+forward run up to the first layer (`embed_context`), the final logit transformation from its
+*ForCausalLM forward (`final_logits`). blockmerge.learn.guard checks the whole against transformers
+before any learning.
 
 Block names follow `blockmerge.io.checkpoint`: 'embed', 'layers.{i}', 'head'. With tied embeddings the
 head has no tensor of its own for the output projection: it reuses the embed block's token embedding."""
@@ -26,17 +28,34 @@ from torch.func import functional_call
 
 @dataclass(frozen=True)
 class ArchSpec:
+    """Where a *ForCausalLM keeps its pieces (module paths), read from the model itself."""
+
     tokens: str  # token embedding module
-    positions: str | None  # learned position embedding module (GPT-2)
     layers: str  # ModuleList of decoder layers
     norm: str  # final norm
     head: str  # output projection
-    rotary: str | None  # rotary embedding module, built for real
+    rotary: str | None  # rotary embedding module of the decoder, built for real
 
 
-LLAMA_LIKE = ArchSpec("model.embed_tokens", None, "model.layers", "model.norm", "lm_head", "model.rotary_emb")
-GPT2 = ArchSpec("transformer.wte", "transformer.wpe", "transformer.h", "transformer.ln_f", "lm_head", None)
-ARCHS = {"llama": LLAMA_LIKE, "mistral": LLAMA_LIKE, "qwen2": LLAMA_LIKE, "gpt2": GPT2}
+NORMS = ("norm", "ln_f", "final_layer_norm", "final_layernorm", "norm_f")
+
+
+def arch_spec(model: torch.nn.Module, n_layers: int, tensors: set[str]) -> ArchSpec | None:
+    """The pieces of `model` (None when its layout is not a decoder with a final norm and a head). A module
+    with several names (GPT-NeoX's embed_out is also lm_head) goes by the one the checkpoint's tensors use."""
+    names: dict = {}
+    for n, m in model.named_modules(remove_duplicate=False):
+        if n and (m not in names or f"{n}.weight" in tensors):
+            names[m] = n
+    tokens, head = names.get(model.get_input_embeddings()), names.get(model.get_output_embeddings())
+    layers = next((n for m, n in names.items() if isinstance(m, torch.nn.ModuleList) and len(m) == n_layers), None)
+    if tokens is None or head is None or layers is None:
+        return None
+    decoder = layers.rpartition(".")[0]
+    children = dict(_get(model, decoder).named_children())
+    norm = next((f"{decoder}.{n}" for n in NORMS if n in children), None)
+    rotary = f"{decoder}.rotary_emb" if "rotary_emb" in children else None
+    return None if norm is None else ArchSpec(tokens, layers, norm, head, rotary)
 
 
 @functools.cache
@@ -145,13 +164,9 @@ class StreamedModel:
         self.skeleton.eval()
         self.config = self.skeleton.config
         self.device = torch.device(device)
-        spec = ARCHS.get(self.model_type)
+        spec = arch_spec(self.skeleton, self.config.num_hidden_layers, set(self.ckpt.tensors))
         if spec is None:
-            names = dict(self.skeleton.named_modules())
-            if all(p in names for p in ("model.embed_tokens", "model.layers", "model.norm", "lm_head")):
-                spec = LLAMA_LIKE  # llama-like layout: try it
-            else:
-                raise CheckpointError(f"{self.ckpt.path}: model type {self.model_type!r} is not supported by divmerge")
+            raise CheckpointError(f"{self.ckpt.path}: model type {self.model_type!r} is not supported by divmerge")
         self.spec = spec
         self.layers = _get(self.skeleton, spec.layers)
         self.num_layers = len(self.layers)
@@ -169,6 +184,11 @@ class StreamedModel:
         self.head_weight_name = f"{spec.head}.weight"
         self.head_bias_name = f"{spec.head}.bias"
         self.tied = self.head_weight_name not in names
+        if self.tied and not getattr(self.config.get_text_config(), "tie_word_embeddings", False):
+            raise CheckpointError(
+                f"{self.ckpt.path}: no tensor {self.head_weight_name} and the head is not tied to the embeddings "
+                f"(the checkpoint's tensor names are not the {self.model_type} modules' names)"
+            )
         self.tokens_weight_name = f"{spec.tokens}.weight"
         if self.tokens_weight_name not in names:
             raise CheckpointError(f"{self.ckpt.path}: no tensor {self.tokens_weight_name}")
