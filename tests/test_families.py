@@ -30,6 +30,8 @@ REFUSED = {
     "qwen2_moe": "fails",
     "qwen3_moe": "fails",
 }
+# LoRA divmerge: adapters on these modules are refused with a one-line error
+LORA_REFUSED = {"falcon": "adapters on FalconLinear modules are not supported"}
 # options that make the families' quirks visible on a tiny config (non-trivial scales)
 QUIRKS = {
     "granite": dict(embedding_multiplier=2.0, logits_scaling=3.0, residual_multiplier=0.5, attention_multiplier=0.3),
@@ -130,3 +132,76 @@ def test_family_refused_by_the_guard(model_type, tmp_path):
         StreamedMerge(base, experts)
     with pytest.raises(ValueError, match=rf"^{model_type}: "):
         learn(base, experts, prompts(vocab), steps=1, cache_dir=tmp_path / "cache", progress=False)
+
+
+def write_adapters(root, base_dir) -> list:
+    """T PEFT LoRA adapters (all linear layers of the decoder, random B) on the base."""
+    from peft import LoraConfig, get_peft_model
+
+    dirs = []
+    for t in range(T):
+        model = AutoModelForCausalLM.from_pretrained(base_dir).float()
+        torch.manual_seed(10 + t)
+        cfg = LoraConfig(r=2, lora_alpha=4, target_modules="all-linear", init_lora_weights=False)
+        peft = get_peft_model(model, cfg)
+        with torch.no_grad():
+            for n, p in peft.named_parameters():
+                if "lora_B" in n:
+                    p.mul_(5.0)
+        peft.save_pretrained(root / f"adapter{t}")
+        dirs.append(root / f"adapter{t}")
+    return dirs
+
+
+def lora_reference(base, adapters, gamma, batch):
+    """JS loss and dL/dGamma by autograd through transformers' model on W0 + sum_t Gamma s_t B_t A_t."""
+    from blockmerge.lora.adapter import read_adapter
+
+    model = AutoModelForCausalLM.from_pretrained(base, attn_implementation="eager").double().eval()
+    blocks = [b.name for b in Checkpoint(base).blocks()]
+    G = gamma.clone().double().requires_grad_()
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    for t, d in enumerate(adapters):
+        for mod, m in read_adapter(d).modules.items():
+            k = f"{mod}.weight"
+            params[k] = params[k] + G[t, blocks.index(block_name(k))] * m.delta(torch.float64)
+    logits = functional_call(model, params, (batch.input_ids,)).logits
+    logq = torch.log_softmax(logits[batch.rows, batch.cols], -1)
+    loss = (divergence(logq, batch.targets, "js") * batch.weights.double()).sum()
+    loss.backward()
+    return float(loss.detach()), G.grad
+
+
+@pytest.mark.parametrize("model_type", EXACT)
+def test_family_lora_divmerge_equals_transformers(model_type, tmp_path):
+    from blockmerge.lora.adapter import AdapterError
+    from blockmerge.lora.learn import StreamedLoraMerge
+    from blockmerge.lora.learn import learn as lora_learn
+    from peft import PeftModel
+
+    base, _, vocab = write_family(tmp_path, model_type)
+    adapters = write_adapters(tmp_path, base)
+    if model_type in LORA_REFUSED:
+        with pytest.raises(AdapterError, match=LORA_REFUSED[model_type]):
+            StreamedLoraMerge(base, adapters)
+        return
+    sm = StreamedLoraMerge(base, adapters, token_chunk=3, dtype=torch.float64)  # float64: a tight check
+    spec = TeacherSpec(max_new_tokens=5, eos_token_id=None, full_vocab_max=4096)
+    data = TeacherData(teacher_folders(sm, prompts(vocab), tmp_path / "cache", spec, False))
+    # the teacher of task t is base + adapter t: PEFT's model, teacher-forced
+    for t in range(T):
+        peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base).float(), adapters[t]).eval()
+        tokens, plen, targets = data.get(t, 1)
+        with torch.no_grad():
+            p = torch.softmax(peft(tokens[None]).logits[0, plen - 1 : len(tokens) - 1], -1)
+        torch.testing.assert_close(targets.probs.float(), p, rtol=1e-4, atol=1e-5)
+    batch = make_batch([(0, 0), (1, 2), (0, 3), (1, 1)], data)
+    gamma = torch.rand((T, len(sm.blocks)), generator=torch.Generator().manual_seed(5)) * 0.8
+    loss, grad = sm.loss_and_grad(gamma, batch, "js")
+    ref_loss, ref_grad = lora_reference(base, adapters, gamma, batch)
+    assert float(ref_grad.abs().max()) > 0
+    assert loss == pytest.approx(ref_loss, rel=1e-6)
+    torch.testing.assert_close(grad.double(), ref_grad, rtol=1e-5, atol=1e-5 * float(ref_grad.abs().max()))
+    res = lora_learn(base, adapters, prompts(vocab), steps=1, batch_size=8, max_new_tokens=3, eos_token_id=None,
+                     cache_dir=tmp_path / "cache2", progress=False)  # fmt: skip
+    assert len(res.losses) == 1
