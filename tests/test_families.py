@@ -12,7 +12,7 @@ from blockmerge.learn.full import StreamedMerge, learn
 from blockmerge.learn.guard import WINDOW, shrunk_config
 from blockmerge.learn.learner import make_batch
 from blockmerge.learn.losses import divergence
-from blockmerge.learn.model import StreamedModel
+from blockmerge.learn.model import StreamedModel, module_names
 from blockmerge.learn.teacher import ExpertTeachers, TeacherData, TeacherSpec, teacher_folders
 from torch.func import functional_call
 from transformers import AutoConfig, AutoModelForCausalLM
@@ -21,11 +21,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 T = 2
 EXACT = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "olmo2", "granite", "cohere"]
-EXACT += ["starcoder2", "gpt2", "falcon"]
+EXACT += ["starcoder2", "gpt_neox", "gpt2", "falcon"]
 # why each refused family is refused: the guard's message must say it
 REFUSED = {
-    # checkpoint names differ from module names (embed_out is lm_head): transformers renames on load
-    "gpt_neox": "fails",
     "mixtral": "fails",  # transformers 5 fuses experts (mlp.experts.gate_up_proj); checkpoints hold experts.N.*
     "qwen2_moe": "fails",
     "qwen3_moe": "fails",
@@ -86,6 +84,10 @@ def merged_reference(base, experts, gamma, batch):
     for n in bc.tensors:
         col, b0 = names.index(block_name(n)), bc.get(n).float()
         params[n] = b0 + sum(G[t, col] * (ecs[t].get(n).float() - b0) for t in range(T))
+    # checkpoint names -> parameter names by transformers' renamings on load (GPT-NeoX's embed_out: lm_head)
+    renamed = module_names(full, list(params))
+    params = {renamed[k]: v for k, v in params.items()}
+    assert set(params) <= set(dict(full.named_parameters(remove_duplicate=False)))
     logits = functional_call(full, params, (batch.input_ids,)).logits  # tied head: tie_weights=True
     logq = torch.log_softmax(logits[batch.rows, batch.cols], -1)
     loss = (divergence(logq, batch.targets, "js") * batch.weights.float()).sum()

@@ -58,6 +58,22 @@ def arch_spec(model: torch.nn.Module, n_layers: int, tensors: set[str]) -> ArchS
     return None if norm is None else ArchSpec(tokens, layers, norm, head, rotary)
 
 
+def module_names(model: torch.nn.Module, tensors: list[str]) -> dict[str, str]:
+    """Checkpoint tensor name -> the model's parameter name, by transformers' own renamings on load
+    (GPT-NeoX's embed_out is lm_head). Its converters that fuse tensors (MoE experts) are not applied."""
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightRenaming
+
+    renames = [t for t in get_model_conversion_mapping(model) if type(t) is WeightRenaming]
+    out = {}
+    for name in tensors:
+        new = name
+        for r in renames:
+            new = r.rename_source_key(new)[0]
+        out[name] = new
+    return out
+
+
 @functools.cache
 def _cache_kwarg(fn) -> str:
     return "cache" if "cache" in inspect.signature(fn).parameters else "past_key_values"
@@ -164,7 +180,8 @@ class StreamedModel:
         self.skeleton.eval()
         self.config = self.skeleton.config
         self.device = torch.device(device)
-        spec = arch_spec(self.skeleton, self.config.num_hidden_layers, set(self.ckpt.tensors))
+        self.module_names = module_names(self.skeleton, list(self.ckpt.tensors))
+        spec = arch_spec(self.skeleton, self.config.num_hidden_layers, set(self.module_names.values()))
         if spec is None:
             raise CheckpointError(f"{self.ckpt.path}: model type {self.model_type!r} is not supported by divmerge")
         self.spec = spec
@@ -181,15 +198,16 @@ class StreamedModel:
         self.block_names = [b.name for b in self.blocks]
         self.block_index = {b.name: i for i, b in enumerate(self.blocks)}
         names = set(self.ckpt.tensors)
-        self.head_weight_name = f"{spec.head}.weight"
-        self.head_bias_name = f"{spec.head}.bias"
+        by_module = {m: k for k, m in self.module_names.items()}
+        self.head_weight_name = by_module.get(f"{spec.head}.weight", f"{spec.head}.weight")
+        self.head_bias_name = by_module.get(f"{spec.head}.bias", f"{spec.head}.bias")
         self.tied = self.head_weight_name not in names
         if self.tied and not getattr(self.config.get_text_config(), "tie_word_embeddings", False):
             raise CheckpointError(
                 f"{self.ckpt.path}: no tensor {self.head_weight_name} and the head is not tied to the embeddings "
                 f"(the checkpoint's tensor names are not the {self.model_type} modules' names)"
             )
-        self.tokens_weight_name = f"{spec.tokens}.weight"
+        self.tokens_weight_name = by_module.get(f"{spec.tokens}.weight", f"{spec.tokens}.weight")
         if self.tokens_weight_name not in names:
             raise CheckpointError(f"{self.ckpt.path}: no tensor {self.tokens_weight_name}")
         expected = {f"layers.{i}" for i in range(self.num_layers)} | {"embed", "head"}
@@ -214,8 +232,10 @@ class StreamedModel:
 
     # ---- names ---------------------------------------------------------------------------------
     def _local(self, params: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+        """The tensors of module `prefix`, by their names in it (checkpoint names renamed as on load)."""
         p = prefix + "."
-        return {k[len(p) :]: v for k, v in params.items() if k.startswith(p)}
+        named = ((self.module_names.get(k, k), v) for k, v in params.items())
+        return {k[len(p) :]: v for k, v in named if k.startswith(p)}
 
     def embed_block(self) -> Block:
         return self.blocks[0]
