@@ -5,8 +5,12 @@ weights, or the guard (blockmerge.learn.guard) refuses the architecture with one
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
+import yaml
+from blockmerge.cli import main
 from blockmerge.io.checkpoint import Checkpoint, block_name
 from blockmerge.learn.full import StreamedMerge, learn
 from blockmerge.learn.guard import WINDOW, shrunk_config
@@ -128,12 +132,24 @@ def test_family_streamed_equals_transformers(model_type, tmp_path):
 
 
 @pytest.mark.parametrize("model_type", sorted(REFUSED))
-def test_family_refused_by_the_guard(model_type, tmp_path):
+def test_family_refused_by_the_guard(model_type, tmp_path, capsys):
     base, experts, vocab = write_family(tmp_path, model_type)
     with pytest.raises(ValueError, match=rf"^{model_type}: .*{REFUSED[model_type]}.*not supported for divmerge"):
         StreamedMerge(base, experts)
     with pytest.raises(ValueError, match=rf"^{model_type}: "):
         learn(base, experts, prompts(vocab), steps=1, cache_dir=tmp_path / "cache", progress=False)
+    # the CLI: one line, exit 2, nothing written
+    files = []
+    for t, ps in enumerate(prompts(vocab)):
+        (tmp_path / f"task{t}.jsonl").write_text("".join(json.dumps({"input_ids": p}) + "\n" for p in ps))
+        files.append(f"task{t}.jsonl")
+    models = [{"model": str(e), "data": f} for e, f in zip(experts, files, strict=True)]
+    (tmp_path / "dm.yml").write_text(yaml.safe_dump({"base_model": str(base), "models": models, "steps": 1}))
+    capsys.readouterr()
+    assert main(["divmerge", str(tmp_path / "dm.yml"), str(tmp_path / "out"), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"blockmerge divmerge: error: {model_type}: ") and "\n" not in err
+    assert not (tmp_path / "out").exists()
 
 
 def write_adapters(root, base_dir) -> list:

@@ -8,6 +8,7 @@ wrong logits. Static merges never run the model and need no guard."""
 from __future__ import annotations
 
 import copy
+import json
 import tempfile
 
 import torch
@@ -59,7 +60,8 @@ def shrunk_config(config):
 def check_streamed(config, attn_implementation: str = "sdpa") -> None:
     """Raise ValueError (one line, naming the architecture) unless the streamed forward of a shrunken
     `config` equals transformers' own model's logits; the verdict is cached per config in the process."""
-    key = f"{attn_implementation}:{config.to_json_string(use_diff=False)}"
+    fields = {k: v for k, v in config.to_dict().items() if k != "_name_or_path"}  # experts share a verdict
+    key = f"{attn_implementation}:{json.dumps(fields, sort_keys=True, default=str)}"
     if key not in _checked:
         _checked[key] = _verdict(config, attn_implementation)
     if _checked[key] is not None:
@@ -89,7 +91,7 @@ def _verdict(config, attn_implementation: str) -> str | None:
         try:
             got = StreamedModel(tmp, attn_implementation=attn_implementation, check=False).forward(ids)
         except Exception as e:  # noqa: BLE001
-            why = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            why = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}".replace(tmp, "<2-layer copy>")
             return f"{arch}: the streamed forward fails where transformers' {name} runs ({why}); {unsupported}"
     diff = float((got - want).abs().max()) if got.shape == want.shape else float("inf")
     if not diff <= RTOL * max(1.0, float(want.abs().max())):
