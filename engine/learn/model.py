@@ -126,14 +126,16 @@ class _Constant(torch.nn.Module):
 
 
 @contextlib.contextmanager
-def _swapped(swaps):
-    old = [(m, name, getattr(m, name)) for m, name, _ in swaps]
+def _swapped(root: torch.nn.Module, swaps: list[tuple[str, torch.nn.Module]]):
+    """Submodules of `root` (dotted paths) replaced by stand-ins for the duration."""
+    slots = [(_get(root, p) if p else root, name) for p, _, name in (path.rpartition(".") for path, _ in swaps)]
+    old = [getattr(m, name) for m, name in slots]
     try:
-        for m, name, new in swaps:
+        for (m, name), (_, new) in zip(slots, swaps, strict=True):
             setattr(m, name, new)
         yield
     finally:
-        for m, name, o in old:
+        for (m, name), o in zip(slots, old, strict=True):
             setattr(m, name, o)
 
 
@@ -262,7 +264,7 @@ class StreamedModel:
         stand-ins for the layers that record what each layer is given (then stop it before the norm)."""
         calls: list = [None] * self.num_layers
         first: list = []
-        outer, _, attr = self.spec.layers.rpartition(".")
+        outer = self.spec.layers.rpartition(".")[0]
         decoder = _get(self.skeleton, outer)
         tok = _get(self.skeleton, self.spec.tokens)
         pad = tok.padding_idx
@@ -272,15 +274,14 @@ class StreamedModel:
                 pad = int(hit[0, 0]) if len(hit) else None
             input_ids = torch.searchsorted(rows, input_ids.contiguous())
         records = torch.nn.ModuleList(_Record(calls, i, first, layer) for i, layer in enumerate(self.layers))
-        swaps = [(decoder, attr, records)]
+        swaps = [(self.spec.layers, records)]
         if self.rotary is not None:
-            parent, _, name = self.spec.rotary.rpartition(".")
-            swaps.append((_get(self.skeleton, parent), name, self.rotary))
+            swaps.append((self.spec.rotary, self.rotary))
         local = self._local(params, outer)
         kwargs = {"position_ids": position_ids, "attention_mask": attention_mask, "use_cache": cache is not None}
         kwargs[cache_kwarg(decoder.forward)] = cache
         h = None
-        with _swapped(swaps), _attr(tok, "padding_idx", pad):
+        with _swapped(self.skeleton, swaps), _attr(tok, "padding_idx", pad):
             try:
                 functional_call(decoder, local, (), dict(input_ids=input_ids, **kwargs), strict=False)
             except _Stop as stop:
@@ -322,7 +323,7 @@ class StreamedModel:
         decoder = self.spec.layers.rpartition(".")[0]
         x = logits.reshape(1, -1, logits.shape[-1])
         stub = _Constant(Out(last_hidden_state=x))
-        with _swapped([(self.skeleton, decoder, stub), (self.skeleton, self.spec.head, torch.nn.Identity())]):
+        with _swapped(self.skeleton, [(decoder, stub), (self.spec.head, torch.nn.Identity())]):
             out = self.skeleton(input_ids=torch.zeros(1, x.shape[1], dtype=torch.long), logits_to_keep=0)
         return out.logits.reshape(logits.shape)
 
