@@ -17,7 +17,7 @@ from blockmerge.learn.guard import WINDOW, shrunk_config
 from blockmerge.learn.learner import make_batch
 from blockmerge.learn.losses import divergence
 from blockmerge.learn.model import StreamedModel, module_names
-from blockmerge.learn.teacher import ExpertTeachers, TeacherData, TeacherSpec, teacher_folders
+from blockmerge.learn.teacher import ExpertTeachers, TeacherData, TeacherSpec, teacher_folders, teacher_pass
 from torch.func import functional_call
 from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -138,6 +138,8 @@ def test_family_refused_by_the_guard(model_type, tmp_path, capsys):
         StreamedMerge(base, experts)
     with pytest.raises(ValueError, match=rf"^{model_type}: "):
         learn(base, experts, prompts(vocab), steps=1, cache_dir=tmp_path / "cache", progress=False)
+    with pytest.raises(ValueError, match=rf"^{model_type}: "):  # a teacher pass on its own, too
+        teacher_pass(experts[0], prompts(vocab)[0], tmp_path / "cache", TeacherSpec())
     # the CLI: one line, exit 2, nothing written
     files = []
     for t, ps in enumerate(prompts(vocab)):

@@ -57,6 +57,16 @@ def shrunk_config(config):
     return small
 
 
+def open_checked(path, *, attn_implementation: str = "sdpa", device="cpu"):
+    """The StreamedModel of checkpoint `path` (blockmerge.learn.model), once its architecture passed
+    `check_streamed`: what every learner and teacher pass opens."""
+    from blockmerge.learn.model import StreamedModel
+
+    model = StreamedModel(path, attn_implementation=attn_implementation, device=device)
+    check_streamed(model.config, attn_implementation)
+    return model
+
+
 def check_streamed(config, attn_implementation: str = "sdpa") -> None:
     """Raise ValueError (one line, naming the architecture) unless the streamed forward of a shrunken
     `config` equals transformers' own model's logits; the verdict is cached per config in the process."""
@@ -89,7 +99,7 @@ def _verdict(config, attn_implementation: str) -> str | None:
         with torch.no_grad():
             want = ref(ids).logits.float()
         try:
-            got = StreamedModel(tmp, attn_implementation=attn_implementation, check=False).forward(ids)
+            got = StreamedModel(tmp, attn_implementation=attn_implementation).forward(ids)
         except Exception as e:  # noqa: BLE001
             why = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}".replace(tmp, "<2-layer copy>")
             return f"{arch}: the streamed forward fails where transformers' {name} runs ({why}); {unsupported}"

@@ -161,19 +161,12 @@ class StreamedModel:
         *,
         attn_implementation: str = "sdpa",
         device: str | torch.device = "cpu",
-        check: bool = True,
     ):
-        """`check`: refuse (ValueError) an architecture whose streamed forward is not transformers' own
-        (blockmerge.learn.guard); only the guard itself builds one unchecked."""
         from transformers import AutoConfig, AutoModelForCausalLM
 
         self.ckpt = path if isinstance(path, Checkpoint) else Checkpoint(path)
         cfg = AutoConfig.from_pretrained(self.ckpt.path)
         self.model_type = cfg.model_type
-        if check:
-            from blockmerge.learn.guard import check_streamed
-
-            check_streamed(cfg, attn_implementation)
         with torch.device("meta"):
             try:
                 self.skeleton = AutoModelForCausalLM.from_config(cfg, attn_implementation=attn_implementation)
