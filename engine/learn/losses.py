@@ -118,9 +118,10 @@ def chunked_head_loss(
     head_bias: torch.Tensor | None = None,
     chunk: int = 1024,
     backward: bool = True,
+    final: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> float:
     """sum_i weights[i] * divergence_i over the positions (rows) of `h` [N, H], chunk by chunk, with
-    logits = norm(h) @ head_weight.T (+ head_bias).
+    logits = final(norm(h) @ head_weight.T (+ head_bias)) (`final`: the model's own logit transformation).
 
     With `backward`, each chunk is backpropagated at once: into h.grad (when h requires grad), into the
     parameters `norm` closes over, and into head_weight.grad IN PLACE (addmm_ of the chunk's
@@ -139,7 +140,8 @@ def chunked_head_loss(
             if not logits.requires_grad:
                 logits.requires_grad_(True)
             logits.retain_grad()
-        logq = torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), -1)
+        out = logits if final is None else final(logits)
+        logq = torch.log_softmax(out.to(torch.promote_types(out.dtype, torch.float32)), -1)
         div = divergence(logq, None if targets is None else targets.slice(sl).to(logq.device), objective)
         loss = (div * weights[sl].to(div)).sum()
         if backward and loss.requires_grad:

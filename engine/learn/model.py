@@ -2,22 +2,24 @@
 
 The model is built once on the meta device from its config (transformers' own module classes, no
 memory); each block is then run with `torch.func.functional_call`, its parameters supplied as plain
-tensors read from the checkpoint (or merged from several checkpoints) just before use. Supported:
-Llama-like families (llama, mistral, qwen2, and others with `model.embed_tokens / model.layers /
-model.norm / lm_head / model.rotary_emb`) and GPT-2 (`transformer.wte / wpe / h / ln_f`, tied lm_head).
+tensors read from the checkpoint (or merged from several checkpoints) just before use. What is not
+a layer is the model's own code: the embeddings, masks and position embeddings come from its decoder's
+forward run up to the first layer (`embed_context`), the final logit transformation from its
+*ForCausalLM forward (`final_logits`). blockmerge.learn.guard checks the whole against transformers
+before any learning.
 
 Block names follow `blockmerge.io.checkpoint`: 'embed', 'layers.{i}', 'head'. With tied embeddings the
 head has no tensor of its own for the output projection: it reuses the embed block's token embedding."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from blockmerge.io.checkpoint import Block, Checkpoint, CheckpointError
 from blockmerge.io.stream import BlockSource
 from blockmerge.learn.losses import chunked_head_loss
@@ -26,17 +28,50 @@ from torch.func import functional_call
 
 @dataclass(frozen=True)
 class ArchSpec:
+    """Where a *ForCausalLM keeps its pieces (module paths), read from the model itself."""
+
     tokens: str  # token embedding module
-    positions: str | None  # learned position embedding module (GPT-2)
     layers: str  # ModuleList of decoder layers
     norm: str  # final norm
     head: str  # output projection
-    rotary: str | None  # rotary embedding module, built for real
+    rotary: str | None  # rotary embedding module of the decoder, built for real
 
 
-LLAMA_LIKE = ArchSpec("model.embed_tokens", None, "model.layers", "model.norm", "lm_head", "model.rotary_emb")
-GPT2 = ArchSpec("transformer.wte", "transformer.wpe", "transformer.h", "transformer.ln_f", "lm_head", None)
-ARCHS = {"llama": LLAMA_LIKE, "mistral": LLAMA_LIKE, "qwen2": LLAMA_LIKE, "gpt2": GPT2}
+NORMS = ("norm", "ln_f", "final_layer_norm", "final_layernorm", "norm_f")
+
+
+def arch_spec(model: torch.nn.Module, n_layers: int, tensors: set[str]) -> ArchSpec | None:
+    """The pieces of `model` (None when its layout is not a decoder with a final norm and a head). A module
+    with several names (GPT-NeoX's embed_out is also lm_head) goes by the one the checkpoint's tensors use."""
+    names: dict = {}
+    for n, m in model.named_modules(remove_duplicate=False):
+        if n and (m not in names or f"{n}.weight" in tensors):
+            names[m] = n
+    tokens, head = names.get(model.get_input_embeddings()), names.get(model.get_output_embeddings())
+    layers = next((n for m, n in names.items() if isinstance(m, torch.nn.ModuleList) and len(m) == n_layers), None)
+    if tokens is None or head is None or layers is None:
+        return None
+    decoder = layers.rpartition(".")[0]
+    children = dict(_get(model, decoder).named_children())
+    norm = next((f"{decoder}.{n}" for n in NORMS if n in children), None)
+    rotary = f"{decoder}.rotary_emb" if "rotary_emb" in children else None
+    return None if norm is None else ArchSpec(tokens, layers, norm, head, rotary)
+
+
+def module_names(model: torch.nn.Module, tensors: list[str]) -> dict[str, str]:
+    """Checkpoint tensor name -> the model's parameter name, by transformers' own renamings on load
+    (GPT-NeoX's embed_out is lm_head). Its converters that fuse tensors (MoE experts) are not applied."""
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightRenaming
+
+    renames = [t for t in get_model_conversion_mapping(model) if type(t) is WeightRenaming]
+    out = {}
+    for name in tensors:
+        new = name
+        for r in renames:
+            new = r.rename_source_key(new)[0]
+        out[name] = new
+    return out
 
 
 @functools.cache
@@ -52,6 +87,66 @@ def cache_kwarg(fn) -> str:
 
 def _get(module: torch.nn.Module, path: str) -> torch.nn.Module:
     return module.get_submodule(path)
+
+
+class _Stop(Exception):
+    def __init__(self, hidden: torch.Tensor):
+        self.hidden = hidden
+
+
+class _Record(torch.nn.Module):
+    """Stands for decoder layer i in `embed_context`: records its keyword arguments; the last one stops."""
+
+    def __init__(self, calls: list, i: int, first: list, layer: torch.nn.Module):
+        super().__init__()
+        self.calls, self.i, self.first = calls, i, first
+        self.signature = inspect.signature(layer.forward)
+
+    def forward(self, hidden_states, *args, **kwargs):
+        # positional arguments (GPT-2 passes the mask so) become keywords of the real layer
+        bound = self.signature.bind_partial(hidden_states, *args, **kwargs).arguments
+        var = [n for n, p in self.signature.parameters.items() if p.kind is inspect.Parameter.VAR_KEYWORD]
+        extra = bound.pop(var[0], {}) if var else {}
+        first_name = next(iter(self.signature.parameters))
+        self.calls[self.i] = {k: v for k, v in {**bound, **extra}.items() if k != first_name}
+        if self.i == 0:
+            self.first.append(hidden_states)  # the embeddings
+        if self.i == len(self.calls) - 1:
+            raise _Stop(self.first[0])
+        return hidden_states
+
+
+class _Constant(torch.nn.Module):
+    def __init__(self, value):
+        super().__init__()
+        self.value = value
+
+    def forward(self, *args, **kwargs):
+        return self.value
+
+
+@contextlib.contextmanager
+def _swapped(root: torch.nn.Module, swaps: list[tuple[str, torch.nn.Module]]):
+    """Submodules of `root` (dotted paths) replaced by stand-ins for the duration."""
+    slots = [(_get(root, p) if p else root, name) for p, _, name in (path.rpartition(".") for path, _ in swaps)]
+    old = [getattr(m, name) for m, name in slots]
+    try:
+        for (m, name), (_, new) in zip(slots, swaps, strict=True):
+            setattr(m, name, new)
+        yield
+    finally:
+        for (m, name), o in zip(slots, old, strict=True):
+            setattr(m, name, o)
+
+
+@contextlib.contextmanager
+def _attr(obj, name, value):
+    old = getattr(obj, name)
+    setattr(obj, name, value)
+    try:
+        yield
+    finally:
+        setattr(obj, name, old)
 
 
 class StreamedModel:
@@ -73,17 +168,17 @@ class StreamedModel:
         cfg = AutoConfig.from_pretrained(self.ckpt.path)
         self.model_type = cfg.model_type
         with torch.device("meta"):
-            self.skeleton = AutoModelForCausalLM.from_config(cfg, attn_implementation=attn_implementation)
+            try:
+                self.skeleton = AutoModelForCausalLM.from_config(cfg, attn_implementation=attn_implementation)
+            except ValueError:  # the model declares it cannot (e.g. Gemma2 and sdpa)
+                self.skeleton = AutoModelForCausalLM.from_config(cfg, attn_implementation="eager")
         self.skeleton.eval()
         self.config = self.skeleton.config
         self.device = torch.device(device)
-        spec = ARCHS.get(self.model_type)
+        self.module_names = module_names(self.skeleton, list(self.ckpt.tensors))
+        spec = arch_spec(self.skeleton, self.config.num_hidden_layers, set(self.module_names.values()))
         if spec is None:
-            names = dict(self.skeleton.named_modules())
-            if all(p in names for p in ("model.embed_tokens", "model.layers", "model.norm", "lm_head")):
-                spec = LLAMA_LIKE  # llama-like layout: try it
-            else:
-                raise CheckpointError(f"{self.ckpt.path}: model type {self.model_type!r} is not supported by divmerge")
+            raise CheckpointError(f"{self.ckpt.path}: model type {self.model_type!r} is not supported by divmerge")
         self.spec = spec
         self.layers = _get(self.skeleton, spec.layers)
         self.num_layers = len(self.layers)
@@ -93,14 +188,21 @@ class StreamedModel:
             with torch.device(self.device):
                 self.rotary = type(meta_rot)(config=self.config)
             self.rotary.eval()
+        self._real_buffers()
         self.blocks: list[Block] = self.ckpt.blocks()
         self.block_names = [b.name for b in self.blocks]
         self.block_index = {b.name: i for i, b in enumerate(self.blocks)}
         names = set(self.ckpt.tensors)
-        self.head_weight_name = f"{spec.head}.weight"
-        self.head_bias_name = f"{spec.head}.bias"
+        by_module = {m: k for k, m in self.module_names.items()}
+        self.head_weight_name = by_module.get(f"{spec.head}.weight", f"{spec.head}.weight")
+        self.head_bias_name = by_module.get(f"{spec.head}.bias", f"{spec.head}.bias")
         self.tied = self.head_weight_name not in names
-        self.tokens_weight_name = f"{spec.tokens}.weight"
+        if self.tied and not getattr(self.config.get_text_config(), "tie_word_embeddings", False):
+            raise CheckpointError(
+                f"{self.ckpt.path}: no tensor {self.head_weight_name} and the head is not tied to the embeddings "
+                f"(the checkpoint's tensor names are not the {self.model_type} modules' names)"
+            )
+        self.tokens_weight_name = by_module.get(f"{spec.tokens}.weight", f"{spec.tokens}.weight")
         if self.tokens_weight_name not in names:
             raise CheckpointError(f"{self.ckpt.path}: no tensor {self.tokens_weight_name}")
         expected = {f"layers.{i}" for i in range(self.num_layers)} | {"embed", "head"}
@@ -109,17 +211,26 @@ class StreamedModel:
                 f"{self.ckpt.path}: blocks {sorted(self.block_names)} do not match a {self.num_layers}-layer "
                 f"{self.model_type} model (expected {sorted(expected)})"
             )
-        # attention type of each layer (sliding-window layers get their own mask)
-        layer_types = getattr(self.config, "layer_types", None)
-        if layer_types is None:
-            sliding = getattr(self.config, "sliding_window", None) is not None and self.model_type == "mistral"
-            layer_types = ["sliding_attention" if sliding else "full_attention"] * self.num_layers
-        self.layer_types = list(layer_types)
+
+    def _real_buffers(self) -> None:
+        """Give the skeleton's small buffers outside the layers (e.g. Gemma's embedding scale) their real
+        values, by the model's own initialisation (they are not in checkpoints)."""
+        skip = tuple(p + "." for p in (self.spec.layers, self.spec.rotary) if p)
+        for name, module in self.skeleton.named_modules():
+            if (name + ".").startswith(skip):
+                continue
+            meta = [k for k, b in module._buffers.items() if b is not None and b.is_meta]
+            if meta:
+                for k in meta:
+                    module._buffers[k] = torch.empty_like(module._buffers[k], device=self.device)
+                self.skeleton._init_weights(module)
 
     # ---- names ---------------------------------------------------------------------------------
     def _local(self, params: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+        """The tensors of module `prefix`, by their names in it (checkpoint names renamed as on load)."""
         p = prefix + "."
-        return {k[len(p) :]: v for k, v in params.items() if k.startswith(p)}
+        named = ((self.module_names.get(k, k), v) for k, v in params.items())
+        return {k[len(p) :]: v for k, v in named if k.startswith(p)}
 
     def embed_block(self) -> Block:
         return self.blocks[0]
@@ -135,58 +246,52 @@ class StreamedModel:
         position_ids: torch.Tensor,
         rows: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Input embeddings. With `rows` (sorted unique token ids, see `token_rows`), the token embedding
-        tensor in `params` holds only those rows: the embedding's memory and gradient stay small."""
+        """Input embeddings (the model's own, scales included). With `rows` (sorted unique token ids, see
+        `token_rows`), the token embedding tensor in `params` holds only those rows: the embedding's
+        memory and gradient stay small."""
+        return self.embed_context(params, input_ids, position_ids, rows)[0]
+
+    def embed_context(self, params, input_ids, position_ids, rows=None, cache=None, attention_mask=None):
+        """(input embeddings, per-layer keyword arguments: masks, position embeddings) as the model's own
+        forward makes them: its decoder (`model`, `transformer`) runs with the embed block's tensors and
+        stand-ins for the layers that record what each layer is given (then stop it before the norm)."""
+        calls: list = [None] * self.num_layers
+        first: list = []
+        outer = self.spec.layers.rpartition(".")[0]
+        decoder = _get(self.skeleton, outer)
         tok = _get(self.skeleton, self.spec.tokens)
-        W = params[self.tokens_weight_name]
         pad = tok.padding_idx
         if rows is not None:
             if pad is not None:
                 hit = (rows == pad).nonzero()
                 pad = int(hit[0, 0]) if len(hit) else None
-            input_ids = torch.searchsorted(rows, input_ids)
-        h = F.embedding(input_ids, W, pad, tok.max_norm, tok.norm_type, tok.scale_grad_by_freq, tok.sparse)
-        if self.spec.positions is not None:
-            pos = _get(self.skeleton, self.spec.positions)
-            h = h + functional_call(pos, self._local(params, self.spec.positions), (position_ids,))
-        return h
+            input_ids = torch.searchsorted(rows, input_ids.contiguous())
+        records = torch.nn.ModuleList(_Record(calls, i, first, layer) for i, layer in enumerate(self.layers))
+        swaps = [(self.spec.layers, records)]
+        if self.rotary is not None:
+            swaps.append((self.spec.rotary, self.rotary))
+        local = self._local(params, outer)
+        kwargs = {"position_ids": position_ids, "attention_mask": attention_mask, "use_cache": cache is not None}
+        kwargs[cache_kwarg(decoder.forward)] = cache
+        h = None
+        with _swapped(self.skeleton, swaps), _attr(tok, "padding_idx", pad):
+            try:
+                functional_call(decoder, local, (), dict(input_ids=input_ids, **kwargs), strict=False)
+            except _Stop as stop:
+                h = stop.hidden
+        if h is None:
+            raise CheckpointError(f"{self.ckpt.path}: the {self.model_type} decoder did not reach its layers")
+        return h, calls
 
     @staticmethod
     def token_rows(input_ids: torch.Tensor) -> torch.Tensor:
         return torch.unique(input_ids)  # sorted
 
-    def position_embeddings(self, h: torch.Tensor, position_ids: torch.Tensor):
-        if self.rotary is None:
-            return None
-        with torch.no_grad():
-            cos, sin = self.rotary(h, position_ids)
-        return cos, sin
-
-    def masks(self, h: torch.Tensor, position_ids: torch.Tensor, cache=None, attention_mask=None) -> dict[str, object]:
-        """The model's own causal masks (None where the attention implementation is causal by itself).
-        Learning batches are right-padded, so real positions never attend to padding and need no padding
-        mask; generation left-pads and gives `attention_mask` [B, past + new] (1 = real token)."""
-        from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
-
-        out = {}
-        for t in set(self.layer_types):
-            fn = create_sliding_window_causal_mask if t == "sliding_attention" else create_causal_mask
-            kw = {cache_kwarg(fn): cache}
-            out[t] = fn(
-                config=self.config, inputs_embeds=h, attention_mask=attention_mask, position_ids=position_ids, **kw
-            )
-        return out
-
     def layer(self, i: int, params, h, *, position_ids, position_embeddings, masks, cache=None) -> torch.Tensor:
+        """Decoder layer i; `masks`: the per-layer keyword arguments of `embed_context`."""
         prefix = f"{self.spec.layers}.{i}"
-        kwargs = {
-            "attention_mask": masks[self.layer_types[i]],
-            "position_ids": position_ids,
-            cache_kwarg(self.layers[i].forward): cache,
-            "use_cache": cache is not None,
-        }
-        if position_embeddings is not None:
-            kwargs["position_embeddings"] = position_embeddings
+        kwargs = dict(masks[i])
+        kwargs.update({cache_kwarg(self.layers[i].forward): cache, "use_cache": cache is not None})
         out = functional_call(self.layers[i], self._local(params, prefix), (h,), kwargs)
         return out[0] if isinstance(out, tuple) else out
 
@@ -200,14 +305,27 @@ class StreamedModel:
             if embed_params is None:
                 raise ValueError("tied lm_head needs the embed block's tensors")
             local = dict(local, weight=embed_params[self.tokens_weight_name])
-        return functional_call(_get(self.skeleton, self.spec.head), local, (y,))
+        return self.final_logits(functional_call(_get(self.skeleton, self.spec.head), local, (y,)))
+
+    def final_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """The model's own transformation of the output projection [..., V] (soft-capping, logit scale):
+        its *ForCausalLM forward run with stand-ins for the decoder (giving `logits` as hidden states)
+        and for the head (the identity)."""
+        from transformers.modeling_outputs import BaseModelOutputWithPastAndCrossAttentions as Out
+
+        decoder = self.spec.layers.rpartition(".")[0]
+        x = logits.reshape(1, -1, logits.shape[-1])
+        stub = _Constant(Out(last_hidden_state=x))
+        with _swapped(self.skeleton, [(decoder, stub), (self.spec.head, torch.nn.Identity())]):
+            out = self.skeleton(input_ids=torch.zeros(1, x.shape[1], dtype=torch.long), logits_to_keep=0)
+        return out.logits.reshape(logits.shape)
 
     def block_forward(self, block: Block, params, ids, pos, rows, h, pe, masks):
         """(h, position embeddings, masks) after the embedding block (which sets the position embeddings
         and masks, `rows` as in `embed`) or one decoder layer."""
         if block.name == "embed":
-            h = self.embed(params, ids, pos, rows)
-            return h, self.position_embeddings(h, pos), self.masks(h, pos)
+            h, ctx = self.embed_context(params, ids, pos, rows)
+            return h, None, ctx
         return self.layer(block.layer, params, h, position_ids=pos, position_embeddings=pe, masks=masks), pe, masks
 
     def head_loss(self, params, head_weight, h, batch, objective: str, chunk: int, backward: bool):
@@ -220,7 +338,7 @@ class StreamedModel:
         norm = lambda x: self.final_norm(params, x)
         bias = params.get(self.head_bias_name)
         loss = chunked_head_loss(hsel, batch.weights, batch.targets, objective, norm, head_weight, bias, chunk,
-                                 backward)  # fmt: skip
+                                 backward, self.final_logits)  # fmt: skip
         if not backward:
             return loss, None
         dh = torch.zeros_like(h)
@@ -260,9 +378,7 @@ class StreamedModel:
         for block, tensors in source.stream(self.blocks):
             if block.name == "embed":
                 params = {k: (v[rows] if k == self.tokens_weight_name else v).to(dtype) for k, v in tensors[0].items()}
-                h = self.embed(params, input_ids, position_ids, rows)
-                pe = self.position_embeddings(h, position_ids)
-                masks = self.masks(h, position_ids, cache, attention_mask)
+                h, masks = self.embed_context(params, input_ids, position_ids, rows, cache, attention_mask)
                 continue
             params = {k: v.to(dtype) for k, v in tensors[0].items()}
             if block.layer is not None:

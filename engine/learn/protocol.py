@@ -16,6 +16,7 @@ from typing import ClassVar, Protocol
 
 import torch
 from blockmerge.io.checkpoint import Block, Checkpoint
+from blockmerge.learn.guard import open_checked
 from blockmerge.learn.model import StreamedModel
 from blockmerge.learn.teacher import TeacherRun, TeacherSpec
 
@@ -80,7 +81,8 @@ class StreamedBase:
         self.base = Checkpoint(base_dir)
         self.device = torch.device(device)
         self.dtype = dtype
-        self.model = StreamedModel(self.base, attn_implementation=attn_implementation, device=self.device)
+        # refuses an architecture whose streamed forward is not transformers' own (before any work)
+        self.model = open_checked(self.base, attn_implementation=attn_implementation, device=self.device)
         self.token_chunk = token_chunk
         self.blocks = self.model.blocks
         self.block_names = self.model.block_names

@@ -31,6 +31,7 @@ from typing import NamedTuple
 
 import torch
 from blockmerge.io.stream import BlockSource
+from blockmerge.learn.guard import open_checked
 from blockmerge.learn.losses import Targets, topk_targets
 from blockmerge.learn.model import StreamedModel
 
@@ -278,7 +279,7 @@ class ExpertTeachers:
     def teachers(self, tasks, spec: TeacherSpec):
         dtype = getattr(torch, spec.dtype)
         for t in tasks:
-            model = StreamedModel(self.expert_dirs[t], attn_implementation=self.attn_implementation, device=self.device)
+            model = open_checked(self.expert_dirs[t], attn_implementation=self.attn_implementation, device=self.device)
             yield TeacherRun([t], model, model.source(self.budget, dtype=dtype), dtype)
 
 
