@@ -12,7 +12,6 @@ are launched with `python -m torch.distributed.run --standalone --nproc-per-node
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import shutil
@@ -136,11 +135,9 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     out_dir = Path(args.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with open(out_dir / "distributed_merge.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
+    from blockmerge.io.report import write_csv
+
+    write_csv(out_dir / "distributed_merge.csv", rows)
     print(f"{'processes':>9} {'seconds':>8} {'speed-up':>8} {'peak RSS/rank':>13} {'CPU s':>7}  identical")
     for r in rows:
         print(

@@ -17,7 +17,6 @@ Writes benchmarks/results/learn_speed.csv (or --out-dir)."""
 from __future__ import annotations
 
 import argparse
-import csv
 import tempfile
 import time
 from pathlib import Path
@@ -147,11 +146,9 @@ def main(argv=None) -> None:
     a.work = a.work or str(Path(tmp.name) / "experts")
     rows = measure(a)
     out = Path(a.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / "learn_speed.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
+    from blockmerge.io.report import write_csv
+
+    write_csv(out / "learn_speed.csv", rows)
     print(f"wrote {out / 'learn_speed.csv'}")
     tmp.cleanup()
 

@@ -14,7 +14,6 @@ fine-tune's delta concentrates in its first singular values. Writes --out-dir/lo
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import subprocess
@@ -104,11 +103,9 @@ def main(argv: list[str] | None = None) -> int:
             )
             print(" | ".join(f"{k}={v}" for k, v in rows[-1].items()), flush=True)
     out = Path(args.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / "lora_extract.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
+    from blockmerge.io.report import write_csv
+
+    write_csv(out / "lora_extract.csv", rows)
     print(f"load average {os.getloadavg()[0]:.2f}; wrote {out / 'lora_extract.csv'}")
     return 0
 

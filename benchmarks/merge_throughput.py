@@ -17,7 +17,6 @@ machine the wall time also counts time spent waiting for a core). Writes benchma
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import shutil
@@ -209,12 +208,10 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(work, ignore_errors=True)
 
     out_dir = Path(args.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "merge_throughput.csv"
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
+    from blockmerge.io.report import write_csv
+
+    write_csv(path, rows)
     print(f"wrote {path}")
     worst = max(r["peak_rss_GiB"] for r in rows if r["kind"].startswith("merge"))
     print(f"largest merge peak RSS {worst:.2f} GiB ({'<' if worst < 2 else '>='} 2 GiB)")

@@ -18,7 +18,6 @@ variants: dropping with rescale is unbiased). Writes --out/mergekit_parity.csv."
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import shutil
 import subprocess
@@ -209,11 +208,9 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / "mergekit_parity.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
+    from blockmerge.io.report import write_csv
+
+    write_csv(out / "mergekit_parity.csv", rows)
     print(f"wrote {out / 'mergekit_parity.csv'}")
     return 0
 

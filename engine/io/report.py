@@ -1,10 +1,12 @@
-"""Progress bars and the memory figures every command reports."""
+"""Progress bars, the memory figures every command reports, and result tables written as CSV."""
 
 from __future__ import annotations
 
+import csv
 import resource
 import sys
 import time
+from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
@@ -34,3 +36,14 @@ def final_line(what: str, started: float, extra: str = "") -> str:
     if gpu:
         line += f", peak GPU {gib(gpu)}"
     return line + (f", {extra}" if extra else "")
+
+
+def write_csv(path: str | Path, rows: list[dict], fields: list[str] | None = None) -> Path:
+    """Rows of one table as CSV (columns: `fields`, default the first row's keys), its folder made if needed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields or list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    return path
