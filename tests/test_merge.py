@@ -440,7 +440,7 @@ def test_progress_and_final_line(fam32, tmp_path, capsys):
         (lambda c: c["models"][0]["parameters"].pop("weight"), "'weight' is required"),
         (lambda c: c["models"][0]["parameters"].update(gamma=0.1), "models.0.parameters.gamma"),
         (lambda c: c["parameters"].update(normalise=True), "parameters.normalise"),
-        (lambda c: c.update(tokenizer_source="union"), "tokenizer_source"),
+        (lambda c: c.update(tokenizer_source="/nonexistent/model"), "tokenizer_source: model"),
         (lambda c: c.update(base_model="/nonexistent/model"), "base_model"),
         (lambda c: c.pop("base_model"), "base_model: required"),
         (lambda c: c["models"][0]["parameters"].update(density=1.5), "density"),

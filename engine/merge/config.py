@@ -2,7 +2,8 @@
 
 Supported (mergekit 0.1.x meaning): merge_method (any method of registry.REGISTRY); base_model;
 models: [{model: DIR, parameters: {...}}]; parameters: {...} (defaults for every model plus the method's
-global parameters); dtype / out_dtype (output dtype); tokenizer_source: base.
+global parameters); dtype / out_dtype (output dtype); tokenizer_source: base | union | <model folder>
+(experts with other vocabularies: vocab.py).
 `slices`: with merge_method passthrough, layer ranges of any models stacked into a new model (slices.py);
 with the other methods only the trivial form that is equivalent to `models:` (one slice whose sources all
 cover every layer); anything else is a clear "not supported" error.
@@ -114,13 +115,6 @@ class MergeConfig(_Strict):
     def _dtype(cls, v: str | None) -> str | None:
         if v is not None and v.lower() not in DTYPES:
             raise ValueError(f"unknown dtype {v!r} (expected one of {', '.join(sorted(DTYPES))})")
-        return v
-
-    @field_validator("tokenizer_source")
-    @classmethod
-    def _tok(cls, v: str | None) -> str | None:
-        if v not in (None, "base"):
-            raise ValueError(f"{v!r} not supported: only 'base' (the tokenizer files of the base model are copied)")
         return v
 
 

@@ -29,11 +29,13 @@ from blockmerge.merge.config import (
     MergeConfig,
     ParameterResolver,
     load_config,
+    resolve_path,
     resolve_plan,
 )
 from blockmerge.merge.distributed import DistributedWriter, Group, in_job
 from blockmerge.merge.registry import get_method, methods_help
 from blockmerge.merge.slices import config_inputs, is_frankenmerge, run_frankenmerge
+from blockmerge.merge.vocab import VocabPlan, check_same_but_vocab, plan_vocab, reindex
 from tqdm.auto import tqdm
 
 MergeTensorFn = Callable[[str, torch.Tensor, list[torch.Tensor]], torch.Tensor]
@@ -70,6 +72,7 @@ def stream_merge(
     desc: str = "merge",
     inputs: Sequence[str | Path] = (),
     group: Group | None = None,
+    vocab_rows: dict[str, int] | None = None,
 ) -> Path:
     """Write OUT = merge_tensor(name, base[name], [e[name] for e in experts]) for every tensor of the base.
 
@@ -79,7 +82,9 @@ def stream_merge(
     Everything goes to a staging folder beside OUT, renamed into place when complete (writer.OutputClaim);
     OUT may not be, lie in or contain the base, an expert or one of `inputs`. Input tensors with NaN/Inf are
     an error naming the model and tensor (checkpoint.check_finite). With `group` (a torch.distributed job),
-    this process merges its share of the blocks into the shared output (blockmerge.merge.distributed)."""
+    this process merges its share of the blocks into the shared output (blockmerge.merge.distributed).
+    `vocab_rows` ({tensor: rows}): vocabulary tensors whose output rows differ from the base's (the models'
+    rows may differ too: merge_tensor reindexes them, blockmerge.merge.vocab)."""
     started = time.perf_counter()
     out = Path(out)
     parse_size(shard_size)
@@ -88,7 +93,10 @@ def stream_merge(
     check_not_input(out, inputs)
     if os.path.lexists(out) and not force:  # before any work (checked again under the lock and at commit)
         raise OutputExistsError(f"{out}: output already exists (use --force to overwrite)")
-    check_compatible(base, experts)
+    if vocab_rows is None:
+        check_compatible(base, experts)
+    else:
+        check_same_but_vocab(base, experts, set(vocab_rows))
     out_dtype = parse_dtype(dtype)
     models = [base, *experts]
     blocks = base.blocks()
@@ -101,7 +109,8 @@ def stream_merge(
         for name in b.tensors:
             info = base.tensors[name]
             dt = out_dtype if (out_dtype is not None and info.dtype.is_floating_point) else info.dtype
-            plan.append((name, info.shape, dt))
+            shape = info.shape if name not in (vocab_rows or {}) else (vocab_rows[name], *info.shape[1:])
+            plan.append((name, shape, dt))
     slot_dtype = {n: d for n, _, d in plan}
     extra = {}
     if out_dtype is not None:
@@ -157,16 +166,21 @@ def stream_merge(
 
 def plan_merge(
     config: str | Path | dict | MergeConfig, *, seed: int | None = None, dtype=None, extrapolate: bool = False
-) -> tuple[Checkpoint, list[Checkpoint], MergeTensorFn, torch.dtype | None, MergeConfig]:
+) -> tuple[Checkpoint, list[Checkpoint], MergeTensorFn, torch.dtype | None, MergeConfig, VocabPlan | None]:
     """Parse and check a mergekit-style config, open the checkpoints and build the per-tensor function.
     Every tensor's parameters are resolved and checked here (registry ranges: density in (0, 1] where it is
     used, slerp's t in [0, 1] unless `extrapolate`, ...), before any tensor is read, so config errors come
-    first. `seed` overrides the config's seed of a randomised method."""
+    first. `seed` overrides the config's seed of a randomised method. The VocabPlan (or None) says how the
+    vocabulary tensors are reindexed (tokenizer_source, blockmerge.merge.vocab)."""
     cfg = load_config(config)
     plan, _ = resolve_plan(cfg)
     base = Checkpoint(plan.base)
     experts = [Checkpoint(p) for p in plan.experts]
-    check_compatible(base, experts)
+    vocab = _plan_vocab(cfg, base, experts)
+    if vocab is None:
+        check_compatible(base, experts)
+    else:
+        check_same_but_vocab(base, experts, vocab.names)
     if plan.layer_range is not None and tuple(plan.layer_range) != (0, base.num_layers):
         raise ConfigError(
             f"slices: not supported (layer_range {list(plan.layer_range)} does not cover the {base.num_layers} "
@@ -190,11 +204,31 @@ def plan_merge(
     def merge_tensor(name: str, b: torch.Tensor, ex: list[torch.Tensor]) -> torch.Tensor:
         if not b.dtype.is_floating_point:
             return b
+        if vocab is not None and name in vocab.names:
+            b, *ex = reindex(vocab, [b, *ex])
         tp, g = params[name]
         base_t, models = (b, ex) if plan.has_base else (None, [b, *ex])
         return method.merge(TensorCall(name, base_t, models, tp, g, out_dtype or b.dtype))
 
-    return base, experts, merge_tensor, out_dtype, cfg
+    return base, experts, merge_tensor, out_dtype, cfg, vocab
+
+
+def _plan_vocab(cfg: MergeConfig, base: Checkpoint, experts: list[Checkpoint]) -> VocabPlan | None:
+    src = cfg.tokenizer_source
+    path = None if src in (None, "base", "union") else resolve_path(src, cfg, "tokenizer_source")
+    try:
+        return plan_vocab(src, base, experts, path, 0 if cfg.base_model else None)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
+def _output_json(base: Checkpoint, vocab: VocabPlan | None, out_dtype: torch.dtype | None) -> dict[str, dict]:
+    """config.json (dtype, vocab_size) and tokenizer files when the vocabulary changes."""
+    if vocab is None:
+        return {}
+    cfg = (_config_with_dtype(base.config, out_dtype) if out_dtype is not None else None) or dict(base.config)
+    cfg["vocab_size"] = vocab.rows
+    return {**vocab.tokenizer_files, "config.json": cfg}
 
 
 def run_merge(
@@ -223,7 +257,7 @@ def run_merge(
         return run_frankenmerge(
             cfg, out, force=force, shard_size=shard_size, dtype=dtype, inputs=config_file, progress=progress
         )
-    base, experts, fn, out_dtype, cfg = plan_merge(cfg, seed=seed, dtype=dtype, extrapolate=extrapolate)
+    base, experts, fn, out_dtype, cfg, vocab = plan_merge(cfg, seed=seed, dtype=dtype, extrapolate=extrapolate)
     record = cfg.model_dump(exclude_none=True, exclude={"source_dir"})
     inputs = [base.path, *(e.path for e in experts), *config_file]
     group = Group() if in_job() else None  # launched by torchrun / accelerate: share the blocks
@@ -240,10 +274,11 @@ def run_merge(
                 dtype=out_dtype,
                 device=device,
                 progress=progress,
-                extra_json={"blockmerge_config.json": record},
+                extra_json={**_output_json(base, vocab, out_dtype), "blockmerge_config.json": record},
                 desc=cfg.merge_method,
                 inputs=config_file,
                 group=group,
+                vocab_rows=None if vocab is None else dict.fromkeys(vocab.names, vocab.rows),
             )
     finally:
         if group is not None:
