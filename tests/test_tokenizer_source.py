@@ -136,3 +136,23 @@ def test_mismatched_vocabulary_without_tokenizer_source_is_a_one_line_error(fam,
     msg = str(ei.value)
     assert "\n" not in msg and "lm_head.weight" in msg and "tokenizer_source: union" in msg
     assert list(tmp_path.iterdir()) == []
+
+
+def test_union_without_base_model_averages_the_models_that_have_the_token(fam, tmp_path):
+    base, e1, e2 = fam
+    weights = [1.0, 1.0, 2.0]
+    cfg = {
+        "merge_method": "linear",
+        "models": [
+            {"model": str(m), "parameters": {"weight": w}} for m, w in zip((base, e1, e2), weights, strict=True)
+        ],
+        "tokenizer_source": "union",
+    }
+    out = run_merge(cfg, tmp_path / "o", progress=False)
+    got = Checkpoint(out).get(HEAD)
+    b, r1, r2 = (_rows(p, HEAD, ["t4", "<|a|>", "<|b|>"]) for p in (base, e1, e2))
+    lin = lambda rows: sum(w * r for w, r in zip(weights, rows, strict=True)) / sum(weights)  # noqa: E731
+    torch.testing.assert_close(got[4], lin([b["t4"], r1["t4"], r2["t4"]]), rtol=0, atol=1e-6)
+    torch.testing.assert_close(got[V], r1["<|a|>"], rtol=0, atol=1e-6)
+    mean = (r1["<|b|>"] + r2["<|b|>"]) / 2
+    torch.testing.assert_close(got[V + 1], lin([mean, r1["<|b|>"], r2["<|b|>"]]), rtol=0, atol=1e-6)
