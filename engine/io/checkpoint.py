@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -172,14 +173,16 @@ class Checkpoint:
         return sum(t.nbytes for t in self.tensors.values())
 
 
-def check_compatible(base: Checkpoint, experts: list[Checkpoint]) -> None:
-    """Every expert must hold exactly the base's tensor names, shapes and dtypes; name the first mismatch."""
+def check_compatible(base: Checkpoint, experts: list[Checkpoint], any_rows: Collection[str] = ()) -> None:
+    """Every expert must hold exactly the base's tensor names, shapes and dtypes; name the first mismatch.
+    Tensors in `any_rows` (a vocabulary's embedding and head) may differ in their number of rows."""
     for ex in experts:
         for name, info in base.tensors.items():
             other = ex.tensors.get(name)
             if other is None:
                 raise CheckpointError(f"{ex.path}: tensor {name} of base {base.path} is missing")
-            if other.shape != info.shape:
+            first = 1 if name in any_rows else 0  # compare from the first dimension that must agree
+            if other.shape[first:] != info.shape[first:]:
                 raise CheckpointError(
                     f"{ex.path}: tensor {name} has shape {list(other.shape)}, base has {list(info.shape)}"
                 )

@@ -35,7 +35,7 @@ from blockmerge.merge.config import (
 from blockmerge.merge.distributed import DistributedWriter, Group, in_job
 from blockmerge.merge.registry import get_method, methods_help
 from blockmerge.merge.slices import config_inputs, is_frankenmerge, run_frankenmerge
-from blockmerge.merge.vocab import VocabPlan, check_same_but_vocab, plan_vocab, reindex
+from blockmerge.merge.vocab import VocabPlan, plan_vocab, reindex
 from tqdm.auto import tqdm
 
 MergeTensorFn = Callable[[str, torch.Tensor, list[torch.Tensor]], torch.Tensor]
@@ -93,10 +93,7 @@ def stream_merge(
     check_not_input(out, inputs)
     if os.path.lexists(out) and not force:  # before any work (checked again under the lock and at commit)
         raise OutputExistsError(f"{out}: output already exists (use --force to overwrite)")
-    if vocab_rows is None:
-        check_compatible(base, experts)
-    else:
-        check_same_but_vocab(base, experts, set(vocab_rows))
+    check_compatible(base, experts, any_rows=set(vocab_rows or ()))
     out_dtype = parse_dtype(dtype)
     models = [base, *experts]
     blocks = base.blocks()
@@ -177,10 +174,7 @@ def plan_merge(
     base = Checkpoint(plan.base)
     experts = [Checkpoint(p) for p in plan.experts]
     vocab = _plan_vocab(cfg, base, experts)
-    if vocab is None:
-        check_compatible(base, experts)
-    else:
-        check_same_but_vocab(base, experts, vocab.names)
+    check_compatible(base, experts, any_rows=vocab.names if vocab is not None else ())
     if plan.layer_range is not None and tuple(plan.layer_range) != (0, base.num_layers):
         raise ConfigError(
             f"slices: not supported (layer_range {list(plan.layer_range)} does not cover the {base.num_layers} "

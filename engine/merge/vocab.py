@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from blockmerge.io.checkpoint import Checkpoint, CheckpointError, block_name
+from blockmerge.io.checkpoint import Checkpoint, block_name
 
 
 @dataclass
@@ -50,25 +50,6 @@ def vocab_tensors(ckpt: Checkpoint) -> set[str]:
         for n, info in ckpt.tensors.items()
         if block_name(n) in ("embed", "head") and len(info.shape) == 2 and info.shape[0] == rows
     }
-
-
-def check_same_but_vocab(base: Checkpoint, experts: list[Checkpoint], names: set[str]) -> None:
-    """checkpoint.check_compatible, except that vocabulary tensors may differ in their number of rows."""
-    for ex in experts:
-        for name, info in base.tensors.items():
-            other = ex.tensors.get(name)
-            if other is None:
-                raise CheckpointError(f"{ex.path}: tensor {name} of base {base.path} is missing")
-            same = other.shape[1:] == info.shape[1:] if name in names else other.shape == info.shape
-            if not same:
-                raise CheckpointError(
-                    f"{ex.path}: tensor {name} has shape {list(other.shape)}, base has {list(info.shape)}"
-                )
-            if other.dtype != info.dtype:
-                raise CheckpointError(f"{ex.path}: tensor {name} has dtype {other.dtype}, base has {info.dtype}")
-        extra = set(ex.tensors) - set(base.tensors)
-        if extra:
-            raise CheckpointError(f"{ex.path}: tensor {sorted(extra)[0]} is not in base {base.path}")
 
 
 def vocab_mismatch(base: Checkpoint, experts: list[Checkpoint]) -> str | None:
