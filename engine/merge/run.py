@@ -96,13 +96,15 @@ def stream_merge(
     check_compatible(base, experts, any_rows=set(vocab_rows or ()))
     out_dtype = parse_dtype(dtype)
     models = [base, *experts]
-    blocks = base.blocks()
+    all_blocks = base.blocks()
+    read = {b.name: sum(base.tensors[n].nbytes for n in b.tensors) * len(models) for b in all_blocks}  # bytes
+    blocks = all_blocks
     if group is not None:
         dev = group.device(dev)
-        blocks = [blocks[i] for i in group.share([sum(base.tensors[n].nbytes for n in b.tensors) for b in blocks])]
+        blocks = [all_blocks[i] for i in group.share([read[b.name] for b in all_blocks])]
         progress = progress and group.rank == 0
     plan = []
-    for b in base.blocks():
+    for b in all_blocks:
         for name in b.tensors:
             info = base.tensors[name]
             dt = out_dtype if (out_dtype is not None and info.dtype.is_floating_point) else info.dtype
@@ -115,7 +117,7 @@ def stream_merge(
         if cfg is not None:
             extra["config.json"] = cfg
     extra.update(extra_json or {})
-    total = sum(base.tensors[n].nbytes for b in blocks for n in b.tensors) * len(models)
+    total = sum(read[b.name] for b in blocks)
     done = 0
     if group is None:
         writer = CheckpointWriter(out, plan, shard_size=shard_size, force=force, inputs=inputs)
@@ -140,7 +142,7 @@ def stream_merge(
                         res = res.to(slot_dtype[name])
                     writer.write(name, res)
                     del res
-                nbytes = sum(base.tensors[n].nbytes for n in block.tensors) * len(models)
+                nbytes = read[block.name]
                 del tensors
                 done += nbytes
                 bar.set_postfix_str(f"block {i + 1}/{len(blocks)}", refresh=False)
