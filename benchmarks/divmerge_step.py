@@ -55,6 +55,7 @@ def child(args) -> None:
     opt = torch.optim.Adam([opt_gamma], lr=1e-2)
     times, losses = [], []
     rss_setup = peak_rss_bytes()
+    read0 = storage_read_bytes()
     for _ in range(args.steps):
         t0 = time.perf_counter()
         loss, grad = sm.loss_and_grad(opt_gamma.detach(), batch, "js")
@@ -77,10 +78,17 @@ def child(args) -> None:
         rss_after_setup=rss_setup,
         grad_norm=float(grad.norm()),
         n_blocks=len(sm.blocks),
+        read_bytes_per_step=(storage_read_bytes() - read0) / args.steps,
     )
     if args.device.startswith("cuda"):
         out["peak_gpu"] = torch.cuda.max_memory_allocated()
     print("RESULT " + json.dumps(out), flush=True)
+
+
+def storage_read_bytes() -> int:
+    """Bytes this process has read from storage (page faults on mmap included, page-cache hits not)."""
+    io = dict(line.split(": ") for line in Path("/proc/self/io").read_text().splitlines())
+    return int(io["read_bytes"])
 
 
 def child_teacher(args) -> None:
@@ -119,7 +127,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--root", default="/tmp/synth1b")
     p.add_argument("--experts", type=int, default=3)
-    p.add_argument("--shape", default="1b", help="synthetic family: 1b (the benchmark) or tiny (a smoke run)")
+    p.add_argument("--shape", default="1b", help="synthetic family: 1b (the benchmark), 7b or tiny (a smoke run)")
     p.add_argument("--steps", type=int, default=2)
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq", type=int, default=64)
@@ -173,6 +181,7 @@ def main() -> None:
         "step_times_s": " ".join(f"{t:.1f}" for t in r["times"]),
         "losses": " ".join(f"{x:.7f}" for x in r["losses"]),
         "grad_norm_last_step": f"{r['grad_norm']:.4e}",
+        "storage_read_GB_per_step": r["read_bytes_per_step"] / 1e9,
         "rss_after_import_GiB": r["rss_after_import"] / G,
         "peak_rss_GiB": r["peak_rss"] / G,
         "bound_GiB (2 blocks x models + acts + 1 GiB)": bound / G,

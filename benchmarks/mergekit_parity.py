@@ -27,7 +27,8 @@ from pathlib import Path
 
 import torch
 
-# Runs a console script (argv[1]) with the remaining arguments, then prints its wall time and VmHWM as JSON.
+# Runs a console script (argv[1]) with the remaining arguments, then prints its wall time, VmHWM and bytes read
+# from storage (page cache hits not counted) as JSON.
 WRAPPER = r"""
 import json, runpy, sys, time
 script = sys.argv[1]
@@ -40,7 +41,9 @@ except SystemExit as e:
     code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
 secs = time.perf_counter() - t0
 hwm = next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmHWM:"))
-print("PARITY " + json.dumps({"seconds": secs, "peak_rss": hwm, "code": code}), file=sys.stderr)
+io = dict(l.split(": ") for l in open("/proc/self/io").read().splitlines())
+res = {"seconds": secs, "peak_rss": hwm, "code": code, "read_bytes": int(io["read_bytes"])}
+print("PARITY " + json.dumps(res), file=sys.stderr)
 sys.exit(code)
 """
 
@@ -122,7 +125,9 @@ def run_tool(python: str, script: str, cfg: dict, out: Path, pre: list[str], pos
     """One merge in its own process: wall seconds, peak RSS, or the error's last line."""
     yml = out.with_suffix(".yaml")
     yml.write_text(json.dumps(cfg))  # JSON is YAML
-    r = subprocess.run([python, "-c", WRAPPER, script, *pre, str(yml), str(out), *post], capture_output=True, text=True)
+    # cwd: the output's folder, so that no module beside the caller (benchmarks/kernels.py) shadows a package
+    cmd = [python, "-c", WRAPPER, script, *pre, str(yml), str(out), *post]
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=out.parent)
     lines = [ln for ln in r.stderr.splitlines() if ln.startswith("PARITY ")]
     res = json.loads(lines[-1][7:]) if lines else {"code": r.returncode}
     if res["code"] != 0 or not (out / "config.json").exists():

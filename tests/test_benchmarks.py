@@ -277,3 +277,28 @@ def test_mergekit_parity_smoke(tmp_path):
     merged["w"][:2] = 4.0  # half the entries kept and rescaled by 1 / 0.5: weight 1 * tau on average
     kept, slope = parity.distribution(merged, base, experts, {"models": [{"parameters": {"weight": 1.0}}]})
     assert kept == 0.5 and math.isclose(slope, 1.0)
+
+
+def test_scale_7b_smoke(tmp_path, monkeypatch):
+    """The 7B-shape script end to end on the tiny shape (no mergekit here): a merge row and a learning row,
+    the family deleted afterwards unless asked to keep it; its output sampler and diff measure what they say."""
+    root = tmp_path / "fam"
+    run("scale_7b.py", "--smoke", "--root", str(root), "--out", str(tmp_path), "--mergekit-venv", str(tmp_path / "x"))
+    rows = read_csv(tmp_path / "scale_7b.csv")
+    assert [r["stage"].split(" (")[0] for r in rows] == ["merge task_arithmetic", "DivMerge step"]
+    assert all(float(r["seconds"]) > 0 and float(r["peak_rss_GiB"]) > 0 and r["notes"] != "error" for r in rows)
+    assert rows[0]["notes"] == "" and not root.exists()
+
+    monkeypatch.syspath_prepend(str(BENCH))  # as when run as a script: it imports mergekit_parity beside it
+    scale = load_script("scale_7b")
+    base, _ = ensure_synthetic_llama(tmp_path / "fam2", n_experts=1, shape="tiny")
+    s = scale.sample(base, every=1)
+    assert len(s) == 2 + 9 * 2 + 1  # embed, final norm, head and 9 tensors per layer of the 2-layer shape
+    other = {n: t.clone() for n, t in s.items()}
+    name = sorted(other)[0]
+    other[name].view(-1)[0] += 1.0
+    d, frac, _ = scale.max_diff(s, other)
+    assert frac == 1 / sum(t.numel() for t in s.values()) and d > 0
+    x = {"w": torch.tensor([1.0, 0.25, -3.0])}  # bf16 ulps there: 2^-7, 2^-9, 2^-6
+    y = {"w": torch.tensor([1.0 + 2**-7, 0.25, -3.0 - 2**-5])}
+    assert scale.max_diff(x, y) == (2**-5, 2 / 3, 2.0)

@@ -84,7 +84,13 @@ def make_family(
 
 SYNTH1B = dict(hidden=2048, intermediate=5632, layers=22, heads=32, kv_heads=4, vocab=32000)
 # "tiny" runs every benchmark end to end in seconds (tests/test_benchmarks.py): same code, toy sizes
-SHAPES = {"1b": SYNTH1B, "tiny": dict(hidden=64, intermediate=160, layers=2, heads=4, kv_heads=2, vocab=512)}
+# Llama-2-7B's shapes (6.74B parameters, 13.5 GB per model in bf16)
+SYNTH7B = dict(hidden=4096, intermediate=11008, layers=32, heads=32, kv_heads=32, vocab=32000)
+SHAPES = {
+    "1b": SYNTH1B,
+    "7b": SYNTH7B,
+    "tiny": dict(hidden=64, intermediate=160, layers=2, heads=4, kv_heads=2, vocab=512),
+}
 
 
 def llama_tensor_specs(
