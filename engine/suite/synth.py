@@ -211,7 +211,9 @@ def ensure_synthetic_llama(
         with open(root.parent / f".{root.name}.lock", "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             if not done.exists():
-                n = max(n_experts, 3)  # every benchmark can share the family, whoever writes it first
+                # the smaller families are shared by every benchmark, whoever writes them first; 7b's 13.5 GB
+                # per model fill the disk, so it gets exactly what was asked
+                n = n_experts if shape == "7b" else max(n_experts, 3)
                 write_synthetic_llama(root, n_experts=n, force=True, **SHAPES[shape], **kw)
                 done.write_text(json.dumps({"shape": shape, "n_experts": n}))
     # an empty DONE predates the record: only the 1b family with 3 experts was written then
