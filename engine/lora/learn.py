@@ -106,7 +106,7 @@ class StreamedLoraMerge(StreamedBase):
             for mod, m in a.modules.items():
                 by_tensor.setdefault(names[mod], []).append((t, m.A, m.B, m.scale))
         for tname, terms in by_tensor.items():
-            path = tname.removesuffix(".weight")
+            path = self.model.module_names.get(tname, tname).removesuffix(".weight")  # as transformers loads it
             try:
                 orig = sk.get_submodule(path)
             except AttributeError:
