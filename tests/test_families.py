@@ -247,3 +247,37 @@ def test_lora_on_fused_experts_is_refused(tmp_path):
     get_peft_model(model, LoraConfig(r=2, lora_alpha=4, target_modules="all-linear")).save_pretrained(tmp_path / "a")
     with pytest.raises(AdapterError, match=r"adapter_config.json: target_parameters \[.*gate_up_proj.*not supported"):
         StreamedLoraMerge(base, [tmp_path / "a"])
+
+
+@pytest.mark.parametrize("model_type", sorted(MOE))
+def test_fused_experts_are_transformers_parameters(model_type, tmp_path):
+    """The checkpoint's per-expert tensors, fused by blockmerge.learn.fused, are the parameters transformers'
+    from_pretrained loads (same names, same values), and the fusion keeps the tensors' gradients."""
+    from blockmerge.learn.fused import ModuleLayout
+
+    base, _, _ = write_family(tmp_path, model_type)
+    model = AutoModelForCausalLM.from_pretrained(base).float()
+    ckpt = Checkpoint(base)
+    tensors = {n: ckpt.get(n).float().requires_grad_() for n in ckpt.tensors}
+    layout = ModuleLayout(model, list(tensors))
+    assert layout.fusions and all(len(layout.members(f)) > 1 for f in layout.fusions)
+    got = layout.to_modules(tensors)
+    want = dict(model.named_parameters())
+    assert set(got) == set(want)
+    for n, p in want.items():
+        torch.testing.assert_close(got[n], p, rtol=0, atol=0)
+    fused = next(iter(layout.fusions))
+    got[fused].sum().backward()
+    assert all(torch.equal(tensors[n].grad, torch.ones_like(tensors[n])) for n in layout.members(fused))
+
+
+def test_guard_refuses_a_conversion_it_cannot_differentiate(tmp_path, monkeypatch):
+    """A converter with an operation outside the known differentiable ones is refused, not run without grad."""
+    from blockmerge.learn import fused, guard
+    from transformers.core_model_loading import MergeModulelist
+
+    base, experts, _ = write_family(tmp_path, "mixtral")
+    monkeypatch.setattr(guard, "_checked", {})
+    monkeypatch.setattr(fused, "_differentiable_ops", lambda: (MergeModulelist,))
+    with pytest.raises(ValueError, match=r"^mixtral: the streamed forward fails .*Concatenate is not supported"):
+        StreamedMerge(base, experts)

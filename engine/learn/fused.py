@@ -7,7 +7,7 @@ The converters' operations are run as transformers runs them on load, minus thei
 merged tensors that require grad, the fused parameter stays differentiable, so dL/dGamma flows back to
 each expert's tensors exactly. Only operations known to be plain differentiable tensor reshuffles are
 run; any other converter is refused (blockmerge.learn.guard turns that into a refusal of the
-architecture)."""
+architecture). Memory: while a layer runs, its fused parameters are one more copy of its merged experts."""
 
 from __future__ import annotations
 
