@@ -109,7 +109,7 @@ def _decoder_output() -> type:
 
     class HiddenOnly(Out):
         def __getattr__(self, name):
-            if name.startswith("__"):
+            if name.startswith("_"):
                 raise AttributeError(name)
             return None
 
