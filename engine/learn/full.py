@@ -135,7 +135,11 @@ class StreamedMerge(StreamedBase):
         heads = getattr(cfg, "num_attention_heads", 1)
         per_token = self.model.num_layers * (16 * cfg.hidden_size + 4 * inter + 2 * heads * batch.input_ids.shape[1])
         acts = batch.input_ids.numel() * per_token * self.dtype.itemsize
-        merged = sum(t.nbytes // t.dtype.itemsize for t in self.base.tensors.values()) * self.dtype.itemsize
+        # per-expert tensors count twice: the fused parameter (blockmerge.learn.fused) is a copy kept for backward
+        fused = self.model.layout.fusions
+        twice = lambda n: 2 if self.model.module_names.get(n) in fused else 1  # noqa: E731
+        numel = sum(t.nbytes // t.dtype.itemsize * twice(n) for n, t in self.base.tensors.items())
+        merged = numel * self.dtype.itemsize
         return self.source.resident_bytes + merged + acts <= self.budget
 
     def loss_and_grad(

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from blockmerge.io.checkpoint import Block, Checkpoint, CheckpointError
 from blockmerge.io.stream import BlockSource
+from blockmerge.learn.fused import ModuleLayout
 from blockmerge.learn.losses import chunked_head_loss
 from torch.func import functional_call
 
@@ -56,22 +57,6 @@ def arch_spec(model: torch.nn.Module, n_layers: int, tensors: set[str]) -> ArchS
     norm = next((f"{decoder}.{n}" for n in NORMS if n in children), None)
     rotary = f"{decoder}.rotary_emb" if "rotary_emb" in children else None
     return None if norm is None else ArchSpec(tokens, layers, norm, head, rotary)
-
-
-def module_names(model: torch.nn.Module, tensors: list[str]) -> dict[str, str]:
-    """Checkpoint tensor name -> the model's parameter name, by transformers' own renamings on load
-    (GPT-NeoX's embed_out is lm_head). Its converters that fuse tensors (MoE experts) are not applied."""
-    from transformers.conversion_mapping import get_model_conversion_mapping
-    from transformers.core_model_loading import WeightRenaming
-
-    renames = [t for t in get_model_conversion_mapping(model) if type(t) is WeightRenaming]
-    out = {}
-    for name in tensors:
-        new = name
-        for r in renames:
-            new = r.rename_source_key(new)[0]
-        out[name] = new
-    return out
 
 
 @functools.cache
@@ -114,6 +99,21 @@ class _Record(torch.nn.Module):
         if self.i == len(self.calls) - 1:
             raise _Stop(self.first[0])
         return hidden_states
+
+
+@functools.cache
+def _decoder_output() -> type:
+    """A decoder output holding only hidden states; other fields read by a *ForCausalLM (MoE router_logits,
+    used only for the auxiliary loss) are None."""
+    from transformers.modeling_outputs import BaseModelOutputWithPastAndCrossAttentions as Out
+
+    class HiddenOnly(Out):
+        def __getattr__(self, name):
+            if name.startswith("_"):
+                raise AttributeError(name)
+            return None
+
+    return HiddenOnly
 
 
 class _Constant(torch.nn.Module):
@@ -175,7 +175,8 @@ class StreamedModel:
         self.skeleton.eval()
         self.config = self.skeleton.config
         self.device = torch.device(device)
-        self.module_names = module_names(self.skeleton, list(self.ckpt.tensors))
+        self.layout = ModuleLayout(self.skeleton, list(self.ckpt.tensors))  # renamed and fused as on load
+        self.module_names = self.layout.names
         spec = arch_spec(self.skeleton, self.config.num_hidden_layers, set(self.module_names.values()))
         if spec is None:
             raise CheckpointError(f"{self.ckpt.path}: model type {self.model_type!r} is not supported by divmerge")
@@ -227,10 +228,11 @@ class StreamedModel:
 
     # ---- names ---------------------------------------------------------------------------------
     def _local(self, params: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
-        """The tensors of module `prefix`, by their names in it (checkpoint names renamed as on load)."""
+        """The parameters of module `prefix`, by their names in it (checkpoint tensors renamed, and per-expert
+        tensors fused, as on load: blockmerge.learn.fused)."""
         p = prefix + "."
-        named = ((self.module_names.get(k, k), v) for k, v in params.items())
-        return {k[len(p) :]: v for k, v in named if k.startswith(p)}
+        mine = {k: v for k, v in params.items() if self.module_names.get(k, k).startswith(p)}
+        return {k[len(p) :]: v for k, v in self.layout.to_modules(mine).items()}
 
     def embed_block(self) -> Block:
         return self.blocks[0]
@@ -311,11 +313,9 @@ class StreamedModel:
         """The model's own transformation of the output projection [..., V] (soft-capping, logit scale):
         its *ForCausalLM forward run with stand-ins for the decoder (giving `logits` as hidden states)
         and for the head (the identity)."""
-        from transformers.modeling_outputs import BaseModelOutputWithPastAndCrossAttentions as Out
-
         decoder = self.spec.layers.rpartition(".")[0]
         x = logits.reshape(1, -1, logits.shape[-1])
-        stub = _Constant(Out(last_hidden_state=x))
+        stub = _Constant(_decoder_output()(last_hidden_state=x))
         with _swapped(self.skeleton, [(decoder, stub), (self.spec.head, torch.nn.Identity())]):
             out = self.skeleton(input_ids=torch.zeros(1, x.shape[1], dtype=torch.long), logits_to_keep=0)
         return out.logits.reshape(logits.shape)

@@ -137,6 +137,11 @@ def read_adapter(path: str | Path) -> Adapter:
     for f in ("use_dora", "lora_bias"):
         if config.get(f):
             raise AdapterError(f"{cfg_file}: {f}=true is not supported")
+    if config.get("target_parameters"):  # PEFT's ParamWrapper: LoRA on parameters, e.g. fused MoE experts
+        raise AdapterError(
+            f"{cfg_file}: target_parameters {sorted(config['target_parameters'])} is not supported "
+            "(LoRA on parameters such as fused MoE experts or routers; adapters on Linear modules only)"
+        )
     use_rslora = bool(config.get("use_rslora", False))
     fan_in_fan_out = bool(config.get("fan_in_fan_out", False))
 

@@ -43,6 +43,9 @@ from blockmerge.lora.into_base import merge_into_base
 from blockmerge.lora.lowrank import QUANTIZE, LowRankState, LowRankSumLinear
 from pydantic import BaseModel, ConfigDict, Field
 
+# modules whose forward is x W^T + b (GPT-2's Conv1D: x W + b), what LowRankSumLinear computes
+LINEAR_KINDS = ("Linear", "Conv1D", "FalconLinear")
+
 
 class LoraLearnSettings(LearnSettings):
     """DivMerge settings over adapters: as for full experts, task level by default, plus `output` (base: the
@@ -106,7 +109,7 @@ class StreamedLoraMerge(StreamedBase):
             for mod, m in a.modules.items():
                 by_tensor.setdefault(names[mod], []).append((t, m.A, m.B, m.scale))
         for tname, terms in by_tensor.items():
-            path = tname.removesuffix(".weight")
+            path = self.model.module_names.get(tname, tname).removesuffix(".weight")  # as transformers loads it
             try:
                 orig = sk.get_submodule(path)
             except AttributeError:
@@ -117,7 +120,7 @@ class StreamedLoraMerge(StreamedBase):
                     f"{tname}: an adapter on the output projection is not supported by divmerge over adapters "
                     "(the head's loss is computed in token chunks straight from its weight)"
                 )
-            if kind not in ("Linear", "Conv1D"):
+            if kind not in LINEAR_KINDS:
                 raise AdapterError(f"{tname}: adapters on {kind} modules are not supported (Linear only)")
             b = self.model.block_index[block_name(tname)]
             self.adapted_blocks.add(b)

@@ -105,4 +105,6 @@ class LowRankSumLinear(torch.nn.Module):
         col = g.to(self.scale)[..., self.task] * self.scale  # Gamma_t s_t per rank column: [R], or [batch, R]
         if col.dim() == 2 and z.dim() == 3:  # per-row coefficients (teachers of several tasks in one batch)
             col = col[:, None, :]
+        elif col.dim() == 2 and z.shape[0] != col.shape[0]:  # rows flattened to [batch * seq, in] (MoE blocks)
+            col = col.repeat_interleave(z.shape[0] // col.shape[0], dim=0)
         return y + (z * col) @ self.B.T
