@@ -4,6 +4,7 @@ one run (wall time, peak RSS, bytes read from storage, and how far their outputs
 learning step at that shape (time, peak RSS, bytes read).
 
     python benchmarks/scale_7b.py --mergekit-venv /tmp/mkvenv [--root /tmp/synth7b] [--keep-family]
+    python benchmarks/scale_7b.py --stages merge --keep-family   # one stage again; the CSV keeps the other's row
     python benchmarks/scale_7b.py --smoke                      # tiny shape, end to end in seconds
 
 Each merge runs in its own process (benchmarks/mergekit_parity.py's wrapper: wall time with imports, VmHWM,
@@ -97,6 +98,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--smoke", action="store_true", help="tiny shape")
     ap.add_argument("--keep-family", action="store_true", help="do not delete the family at the end")
     ap.add_argument("--seq", type=int, default=64, help="tokens per sequence of the learning step")
+    ap.add_argument(
+        "--stages", default="merge,learn", help="merge (both tools) and/or learn; the CSV keeps the other stages' rows"
+    )
     ap.add_argument("--out", default=str(HERE / "results"), help="folder of scale_7b.csv")
     args = ap.parse_args(argv)
     args.shape = "tiny" if args.smoke else "7b"
@@ -117,38 +121,59 @@ def main(argv: list[str] | None = None) -> int:
     mk_script = Path(args.mergekit_venv or "/nonexistent") / "bin" / "mergekit-yaml"
     bm_script = shutil.which("blockmerge", path=str(Path(sys.executable).parent)) or "blockmerge"
     work = Path(tempfile.mkdtemp(prefix="bm_scale_", dir=Path(args.root).parent))
+    stages = set(args.stages.split(","))
     rows = []
     try:
-        bm = run_tool(sys.executable, bm_script, cfg, work / "bm", ["merge"], ["--no-progress"])
-        rows.append(merge_row("blockmerge", bm, read_gb))
-        print(rows[-1], flush=True)
-        bm_sample = sample(work / "bm") if "error" not in bm else {}
-        shutil.rmtree(work / "bm", ignore_errors=True)
-        if mk_script.exists():
-            mk = run_tool(str(mk_script.parent / "python"), str(mk_script), cfg, work / "mk", [], MK_FLAGS)
-            rows.append(merge_row("mergekit", mk, read_gb))
-            if bm_sample and "error" not in mk:
-                d, frac, ulps = max_diff(bm_sample, sample(work / "mk"))
-                rows[-1]["notes"] = f"vs blockmerge over {len(bm_sample)} sampled tensors: max |d| {d:.3g} "
-                rows[-1]["notes"] += f"({ulps:.3g} bf16 ulp), {frac:.2e} of entries differ"
-                rows[-1]["notes"] += f"; blockmerge {rows[-1]['seconds'] / max(rows[0]['seconds'], 1e-9):.2f}x faster"
+        if "merge" in stages:
+            rows += merge_rows(cfg, bm_script, mk_script, work, read_gb)
+        if "learn" in stages:
+            rows.append(learn_row(args, work))
             print(rows[-1], flush=True)
-            shutil.rmtree(work / "mk", ignore_errors=True)
-        else:
-            print(f"{mk_script}: not found; mergekit not run", file=sys.stderr)
-        rows.append(learn_row(args, work))
-        print(rows[-1], flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
         if not args.keep_family:
             shutil.rmtree(args.root, ignore_errors=True)
-    out = Path(args.out)
+    out = Path(args.out) / "scale_7b.csv"
     from blockmerge.io.report import write_csv
 
-    write_csv(out / "scale_7b.csv", rows)
+    write_csv(out, keep_other_stages(out, rows))
     print(json.dumps(rows, indent=1))
-    print(f"wrote {out / 'scale_7b.csv'}")
+    print(f"wrote {out}")
     return 0
+
+
+def keep_other_stages(path: Path, rows: list[dict]) -> list[dict]:
+    """This run's rows, after the rows of an earlier run (same CSV) for stages this run did not measure."""
+    if not path.exists():
+        return rows
+    with path.open(newline="") as f:
+        old = [
+            r for r in csv.DictReader(f) if r["stage"].split(" (")[0] not in {x["stage"].split(" (")[0] for x in rows}
+        ]
+    return old + rows
+
+
+def merge_rows(cfg: dict, bm_script: str, mk_script: Path, work: Path, read_gb: float) -> list[dict]:
+    """task_arithmetic by blockmerge, then by mergekit (when installed), one output on disk at a time."""
+    rows = []
+    bm = run_tool(sys.executable, bm_script, cfg, work / "bm", ["merge"], ["--no-progress"])
+    rows.append(merge_row("blockmerge", bm, read_gb))
+    print(rows[-1], flush=True)
+    bm_sample = sample(work / "bm") if "error" not in bm else {}
+    shutil.rmtree(work / "bm", ignore_errors=True)
+    if mk_script.exists():
+        mk = run_tool(str(mk_script.parent / "python"), str(mk_script), cfg, work / "mk", [], MK_FLAGS)
+        rows.append(merge_row("mergekit", mk, read_gb))
+        if bm_sample and "error" not in mk:
+            d, frac, ulps = max_diff(bm_sample, sample(work / "mk"))
+            rows[-1]["notes"] = f"vs blockmerge over {len(bm_sample)} sampled tensors: max |d| {d:.3g} "
+            rows[-1]["notes"] += f"({ulps:.3g} bf16 ulp), {frac:.2e} of entries differ"
+            rows[-1]["notes"] += f"; blockmerge {rows[-1]['seconds'] / max(rows[0]['seconds'], 1e-9):.2f}x faster"
+        print(rows[-1], flush=True)
+        shutil.rmtree(work / "mk", ignore_errors=True)
+    else:
+        print(f"{mk_script}: not found; mergekit not run", file=sys.stderr)
+    return rows
 
 
 if __name__ == "__main__":

@@ -302,3 +302,7 @@ def test_scale_7b_smoke(tmp_path, monkeypatch):
     x = {"w": torch.tensor([1.0, 0.25, -3.0])}  # bf16 ulps there: 2^-7, 2^-9, 2^-6
     y = {"w": torch.tensor([1.0 + 2**-7, 0.25, -3.0 - 2**-5])}
     assert scale.max_diff(x, y) == (2**-5, 2 / 3, 2.0)
+    # a rerun of one stage replaces that stage's rows and keeps the others'
+    again = [{**rows[1], "seconds": "9.9"}]
+    kept = scale.keep_other_stages(tmp_path / "scale_7b.csv", again)
+    assert [r["stage"] for r in kept] == [rows[0]["stage"], rows[1]["stage"]] and kept[1]["seconds"] == "9.9"
