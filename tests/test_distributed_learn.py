@@ -130,8 +130,9 @@ def _config(tmp_path, name: str, kind: str, base, dirs, i: int) -> tuple:
         f = tmp_path / f"{name}{t}.jsonl"
         f.write_text("".join(json.dumps({"input_ids": p}) + "\n" for p in prompts))
         rows.append({field: str(dirs[t]), "data": str(f)})
-    cfg = {"base_model": str(base), entries: rows, "level": "layer", "steps": 3, "batch_size": 7, "max_new_tokens": 3,
-           "eos_token_id": 1, "lr": 0.05, "attn_implementation": "eager", "cache_dir": str(tmp_path / "cache")}  # fmt: skip
+    cfg = dict(level="layer", steps=3, batch_size=7, lr=0.05, max_new_tokens=3, eos_token_id=1,
+               attn_implementation="eager", cache_dir=str(tmp_path / "cache"))  # fmt: skip
+    cfg.update({"base_model": str(base), entries: rows})
     path = tmp_path / f"{name}.yml"
     path.write_text(yaml.safe_dump(cfg))
     return path
