@@ -85,7 +85,7 @@ def on_rank_zero(group: Group | None, fn: Callable | None):
 
 def rank_zero_first(group: Group | None, fn: Callable[[bool], object]):
     """fn(True) on rank 0, then fn(False) on the others once it succeeded (the teacher pass: rank 0 fills the
-    cache, the others find it complete; on a node that does not share the cache folder they compute it)."""
+    cache, the others find it complete there: the cache folder must be one every process sees)."""
     first = on_rank_zero(group, lambda: fn(True))
     return first if group is None or group.rank == 0 else fn(False)
 
