@@ -129,9 +129,9 @@ class PipelinedMerge:
         self.first, self.last = self.stage == 0, self.stage == self.P - 1
         self.layers = [merge.blocks[i] for i in own if merge.blocks[i].name != "head"]
         learning = [b for b in range(len(merge.blocks) - 1) if merge.learns(b)]
-        lowest = min(learning, default=len(merge.blocks))  # nothing below it needs a gradient
-        self.back = [bk for bk in reversed(self.layers) if m.block_index[bk.name] >= lowest]
-        self.sends_back = not self.first and ranges[self.stage - 1][-1] >= lowest
+        self.lowest = min(learning, default=len(merge.blocks))  # nothing below it needs a gradient
+        self.back = [bk for bk in reversed(self.layers) if m.block_index[bk.name] >= self.lowest]
+        self.sends_back = not self.first and ranges[self.stage - 1][-1] >= self.lowest
         keep = {merge.blocks[i].name for i in own} | ({m.embed_block().name} if self.last and m.tied else set())
         src = merge.source  # residency for this stage's blocks only
         merge.source = BlockSource(src.ckpts, device=src.device, resident_max_bytes=budget, dtype=src.dtype, only=keep)
@@ -150,8 +150,10 @@ class PipelinedMerge:
         T, nb = self.merge.T, len(self.merge.blocks)
         grad = torch.zeros(T, nb, dtype=torch.float64, device=self.merge.device)
         loss, saved, sends = 0.0, [], []
+        # like the one-process step: the autograd graph is kept when this stage's blocks are resident and it fits
+        graph = backward and getattr(self.merge, "graph_fits", lambda b: False)(batch)
         for mb in self.micro_batches(batch):
-            loss += self._forward(gamma, mb, objective, backward, grad, saved, sends)
+            loss += self._forward(gamma, mb, objective, backward, graph, grad, saved, sends)
         self._wait(sends)
         if backward and (self.last or self.back):
             for state in reversed(saved):
@@ -169,9 +171,9 @@ class PipelinedMerge:
             return []
         return [sub_batch(batch, int(p[0]), int(p[-1]) + 1) for p in share.tensor_split(min(len(share), self.micro))]
 
-    def _forward(self, gamma, mb, objective: str, backward: bool, grad, saved: list, sends: list) -> float:
-        """This stage's blocks on one micro-batch (no graph; each layer's input kept for the backward); the last
-        stage's head gives the loss and dL/dh. Returns the loss (0 before the last stage)."""
+    def _forward(self, gamma, mb, objective: str, backward: bool, graph: bool, grad, saved: list, sends: list):
+        """This stage's blocks on one micro-batch, keeping its autograd graph (`graph`) or, for the backward, each
+        layer's input; the last stage's head gives the loss and dL/dh. Returns the loss (0 before the last stage)."""
         merge, m, dev = self.merge, self.merge.model, self.merge.device
         ids = mb.input_ids.to(dev)
         pos = torch.arange(ids.shape[1], device=dev)[None]
@@ -179,32 +181,49 @@ class PipelinedMerge:
         h = masks = None
         if not self.first:
             h = self._recv((*ids.shape, m.config.get_text_config().hidden_size), self.group.rank - 1)
+            h.requires_grad_(graph and self.sends_back)
             masks = self._context(ids, pos, rows)
-        acts = {}
-        with torch.no_grad():
+        state = dict(ids=ids, pos=pos, rows=rows, h_in=h, acts={}, finish=[])
+        with torch.set_grad_enabled(graph):
             for block, tensors in merge.source.stream(self.layers):
-                W, _ = merge.block_weights(block, tensors, gamma[:, m.block_index[block.name]], rows)
-                if backward and block.layer is not None:
-                    acts[block.layer] = h.to("cpu", copy=dev.type != "cpu")
+                b = m.block_index[block.name]
+                learn = graph and b >= self.lowest  # leaves whose gradients autograd projects into grad[:, b]
+                W, finish = merge.block_weights(block, tensors, gamma[:, b], rows, grad[:, b] if learn else None)
+                if finish is not None:
+                    state["finish"].append(finish)
+                if backward and not graph and block.layer is not None:
+                    state["acts"][block.layer] = h.to("cpu", copy=dev.type != "cpu")
                 h, _, masks = m.block_forward(block, W, ids, pos, rows, h, None, masks)
                 del W, tensors
-        loss, dh = 0.0, None
+        loss, state["dh"] = 0.0, None
         if self.last:
             head = merge.source.read(m.head_block())
-            loss, dh = merge.head_step(head, gamma, h, mb, objective, backward, grad)
+            loss, state["dh"] = merge.head_step(head, gamma, h, mb, objective, backward, grad)
         else:
             sends.append(self._send(h, self.group.rank + 1))
         if backward:
-            saved.append((ids, pos, rows, masks, acts, dh, h.shape))
+            state.update(masks=masks, out=h if graph else None, shape=h.shape)
+            saved.append(state)
         return loss
 
-    def _backward(self, gamma, state, grad, sends: list) -> None:
-        """dL/dh back through this stage's blocks for one micro-batch, each block recomputed from its kept
-        input with its weights as leaves (their gradients projected into grad's column)."""
+    def _backward(self, gamma, state: dict, grad, sends: list) -> None:
+        """dL/dh back through this stage's blocks for one micro-batch: through the kept graph, or recomputing each
+        block from its kept input with its weights as leaves (their gradients projected into grad's column)."""
+        dh = state["dh"] if self.last else self._recv(state["shape"], self.group.rank + 1)
+        if state["out"] is not None:
+            if state["out"].requires_grad:
+                state["out"].backward(dh)
+            dh = None if state["h_in"] is None else state["h_in"].grad
+        else:
+            dh = self._recompute_backward(gamma, state, grad, dh)
+        for finish in state["finish"]:
+            finish()
+        if self.sends_back:
+            sends.append(self._send(dh, self.group.rank - 1))
+
+    def _recompute_backward(self, gamma, state: dict, grad, dh):
         merge, m, dev = self.merge, self.merge.model, self.merge.device
-        ids, pos, rows, masks, acts, dh, shape = state
-        if not self.last:
-            dh = self._recv(shape, self.group.rank + 1)
+        ids, pos, rows, masks, acts = (state[k] for k in ("ids", "pos", "rows", "masks", "acts"))
         for block, tensors in merge.source.stream(self.back):
             b = m.block_index[block.name]
             W, finish = merge.block_weights(block, tensors, gamma[:, b], rows, grad[:, b])
@@ -217,8 +236,7 @@ class PipelinedMerge:
                 dh = h_in.grad
             finish()
             del W, tensors
-        if self.sends_back:
-            sends.append(self._send(dh, self.group.rank - 1))
+        return dh
 
     def _context(self, ids, pos, rows):
         """The per-layer arguments the embed block gives the layers (masks, position embeddings): they depend on
