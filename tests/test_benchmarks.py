@@ -246,6 +246,18 @@ def test_distributed_merge_benchmark(family, tmp_path):
     assert not list(tmp_path.glob("distributed-merge-*"))  # outputs removed
 
 
+def test_distributed_learn_benchmark(family, tmp_path):
+    """1 vs 2 processes (a 2-stage pipeline): a row each, the same gradient, peak RSS of every rank."""
+    args = ["--root", str(family), "--shape", "tiny", "--experts", "2", "--smoke", "--batch", "2", "--seq", "16"]
+    r = run("distributed_learn.py", *args, "--targets", "4", "--out-dir", str(tmp_path), "--work", str(tmp_path))
+    rows = read_csv(tmp_path / "distributed_learn.csv")
+    assert [(int(x["processes"]), x["stages x replicas"]) for x in rows] == [(1, "1x1"), (2, "2x1")], r.stdout
+    assert float(rows[1]["grad_rel_diff_vs_first"]) < 1e-5
+    assert [len(x["peak_rss_GiB_per_rank"].split()) for x in rows] == [1, 2]
+    assert all(float(x["seconds_per_step"]) > 0 for x in rows)
+    assert not list(tmp_path.glob("distributed-learn-*"))  # per-rank figures removed
+
+
 def test_lora_extract_benchmark(tmp_path):
     """A row per rank; at full rank (64 on the tiny pair) the error is the bf16 rounding of the factors."""
     run("lora_extract.py", "--smoke", "--root", str(tmp_path / "pair"), "--out-dir", str(tmp_path))

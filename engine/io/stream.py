@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -83,7 +83,8 @@ def memory_budget(memory: int | str | None, device: str | torch.device = "cpu", 
 class BlockSource:
     """Blocks of several checkpoints (one {name: tensor} dict per checkpoint per block). Blocks are kept
     in memory on `device` after their first read while all kept blocks fit in `resident_max_bytes`
-    (optionally converted once to `dtype`); the others are read on demand, streamed with prefetch."""
+    (optionally converted once to `dtype`); the others are read on demand, streamed with prefetch. `only`:
+    the names of the blocks that may be kept (default all; a pipeline stage keeps its own)."""
 
     def __init__(
         self,
@@ -92,6 +93,7 @@ class BlockSource:
         resident_max_bytes: int = 0,
         prefetch=True,
         dtype: torch.dtype | None = None,
+        only: Collection[str] | None = None,
     ):
         self.ckpts = list(ckpts)
         self.device = device
@@ -99,7 +101,7 @@ class BlockSource:
         self.dtype = dtype
         self.kept: set[str] = set()
         self.resident_bytes = 0
-        blocks = self.ckpts[0].blocks()
+        blocks = [b for b in self.ckpts[0].blocks() if only is None or b.name in only]
         for b in blocks:  # every block that fits (the big embedding may not while the layers do)
             n = sum(self._stored_bytes(c.tensors[t]) for c in self.ckpts for t in b.tensors)
             if self.resident_bytes + n <= resident_max_bytes:

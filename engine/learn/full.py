@@ -173,7 +173,7 @@ class StreamedMerge(StreamedBase):
                 del W
                 continue
             # head: loss at the target positions, in chunks, with gradients for h_L and the head weights
-            loss, dh = self._head(tensors, gamma, h, batch, objective, backward, grad)
+            loss, dh = self.head_step(tensors, gamma, h, batch, objective, backward, grad)
             if not backward:
                 return loss, None
             del h, tensors  # before the backward stream starts reading
@@ -196,7 +196,7 @@ class StreamedMerge(StreamedBase):
             del W, out, tensors
         return loss, grad.float().cpu()
 
-    def _head(self, tensors, gamma, h, batch: Batch, objective: str, backward: bool, grad: torch.Tensor):
+    def head_step(self, tensors, gamma, h, batch: Batch, objective: str, backward: bool, grad: torch.Tensor):
         """Final norm + lm_head + divergence at the target positions of h (in chunks). With `backward`, the head's
         (and the tied embedding's) coefficient gradients go into `grad`, and dL/dh is returned beside the loss."""
         m = self.model
@@ -216,6 +216,22 @@ class StreamedMerge(StreamedBase):
                 self._project(E, emb_tensors, grad[:, m.block_index["embed"]])
         return loss, dh
 
+    # ---- one block at a time: the pieces of a pipeline stage (blockmerge.learn.pipeline) ----------------
+    def learns(self, b: int) -> bool:
+        """Whether block b has a coefficient gradient (every block of full task vectors has)."""
+        return True
+
+    def block_weights(self, block, tensors, coeffs: torch.Tensor, rows, grad_col: torch.Tensor | None = None):
+        """(weights, finish) of one block at coefficients `coeffs` (Gamma[:, b]): without `grad_col`, merged
+        weights for a forward without grad (finish None); with it, leaves whose gradients are projected into
+        `grad_col` [T] as autograd produces them, finish() projecting any the hooks did not see."""
+        if block.name == "embed":
+            tensors = self._embed_rows(tensors, rows)
+        if grad_col is None:
+            return self.merged(tensors, coeffs.tolist()), None
+        W = self._merged_projecting(tensors, coeffs.tolist(), grad_col)
+        return W, lambda: self._project(W, tensors, grad_col)
+
     def _loss_and_grad_in_memory(self, gamma, batch: Batch, objective: str, backward: bool):
         """The step with every block resident and the whole graph kept: each block's merged weights are built
         once (leaves projected onto the task vectors by their hooks), no block is recomputed."""
@@ -234,7 +250,7 @@ class StreamedMerge(StreamedBase):
                 W = self._merged_projecting(tensors, coeffs, grad[:, b]) if backward else self.merged(tensors, coeffs)
                 h, pe, masks = m.block_forward(block, W, ids, pos, rows, h, pe, masks)
                 del W
-        loss, dh = self._head(self.source.read(m.head_block()), gamma, h, batch, objective, backward, grad)
+        loss, dh = self.head_step(self.source.read(m.head_block()), gamma, h, batch, objective, backward, grad)
         if not backward:
             return loss, None
         h.backward(dh)  # the hooks project each block's weight gradients as autograd produces them

@@ -90,6 +90,8 @@ def _verdict(config, attn_implementation: str) -> str | None:
             small = shrunk_config(config)
             small.attn_implementation = "eager"
             ref = AutoModelForCausalLM.from_config(small).float().eval()
+            # in a torch.distributed job save_pretrained writes on rank 0 only; this copy is each process's own
+            ref.should_save_on_this_rank = lambda is_main_process: True
             _quietly(ref.save_pretrained, tmp)
         except Exception as e:  # noqa: BLE001 - the refusal names whatever went wrong
             why = f"{type(e).__name__}: {e}"

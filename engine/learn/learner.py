@@ -8,7 +8,9 @@ the divergences start at 1/T."""
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
 import random
 import sys
 import time
@@ -19,9 +21,11 @@ from pathlib import Path
 import torch
 from blockmerge.io.cache import teacher_cache
 from blockmerge.io.checkpoint import Checkpoint
-from blockmerge.io.commit import claim_output
+from blockmerge.io.commit import OutputExistsError, claim_output
+from blockmerge.io.dtypes import parse_device
 from blockmerge.io.stream import memory_budget, parse_memory
 from blockmerge.learn.losses import Targets
+from blockmerge.learn.pipeline import PipelinedMerge, job, on_rank_zero, rank_zero_first, stage_budget
 from blockmerge.learn.settings import (
     LearnSettings,
     check_prompts,
@@ -31,6 +35,7 @@ from blockmerge.learn.settings import (
     with_overrides,
 )
 from blockmerge.learn.teacher import TeacherData, TeacherSpec, teacher_folders
+from blockmerge.merge.distributed import Group, in_job
 
 SMALL_MODEL_BYTES = 64 << 20
 
@@ -115,12 +120,13 @@ def teacher_data(merge, inputs, settings: LearnSettings, progress: bool) -> Teac
 
 
 def learn(kind, base_dir, dirs, inputs, settings: LearnSettings | None = None, *, progress: bool = True,
-          num_threads: int | None = None, **overrides) -> LearnResult:  # fmt: skip
+          num_threads: int | None = None, group: Group | None = None, **overrides) -> LearnResult:  # fmt: skip
     """Learn coefficients of the `kind` (a StreamedMergedModel class) of base + task models `dirs`;
     `inputs[t]` are task t's prompts (token-id lists); `settings` (default: `kind.settings_type`'s defaults)
     with keyword `overrides` of its fields, validated once. `num_threads`: torch intra-op threads while learning
     (restored after); default 1 for models under SMALL_MODEL_BYTES, whose ops are too small to gain from
-    threads (and lose badly on a busy CPU), else unchanged."""
+    threads (and lose badly on a busy CPU), else unchanged. Launched as one of several processes (torchrun) or
+    given a `group`, the processes share the work (blockmerge.learn.pipeline) and all return the result."""
     settings = with_overrides(settings, kind.settings_type, overrides)
     dirs = [Path(d) for d in dirs]
     if len(inputs) != len(dirs):
@@ -134,12 +140,28 @@ def learn(kind, base_dir, dirs, inputs, settings: LearnSettings | None = None, *
     if num_threads is not None:
         torch.set_num_threads(num_threads)
     try:
-        merge = kind.open(Path(base_dir), dirs, settings, memory_budget(settings.memory, settings.device))
-        check_prompts(inputs, merge.model.config.get_text_config().vocab_size, dirs)
-        data = teacher_data(merge, inputs, settings, progress)
-        return optimize(merge, data, settings, progress=progress)
+        with job(settings.device, group) as group:
+            return _learn(kind, Path(base_dir), dirs, inputs, settings, progress, group)
     finally:
         torch.set_num_threads(previous)
+
+
+def _learn(kind, base_dir: Path, dirs, inputs, settings: LearnSettings, progress: bool, group: Group | None):
+    budget = memory_budget(settings.memory, settings.device)
+    if group is None:
+        merge = kind.open(base_dir, dirs, settings, budget)
+        check_prompts(inputs, merge.model.config.get_text_config().vocab_size, dirs)
+        return optimize(merge, teacher_data(merge, inputs, settings, progress), settings, progress=progress)
+    # one of several processes: this process's device and share of the memory, the teacher pass on rank 0
+    # first (the others then read its cache), the steps shared by a pipeline (blockmerge.learn.pipeline)
+    device = group.device(parse_device(settings.device))
+    if device.type == "cuda":
+        settings = settings.model_copy(update={"device": str(device)})
+    budget = stage_budget(settings.memory, budget)
+    merge = kind.open(base_dir, dirs, settings, budget)
+    check_prompts(inputs, merge.model.config.get_text_config().vocab_size, dirs)
+    data = rank_zero_first(group, lambda first: teacher_data(merge, inputs, settings, progress and first))
+    return optimize(PipelinedMerge(merge, group, budget), data, settings, progress=progress and group.rank == 0)
 
 
 def optimize(merge, data: TeacherData, settings: LearnSettings, *, progress: bool = True) -> LearnResult:
@@ -204,12 +226,19 @@ def run_divmerge(kind, config, out, *, force: bool = False, progress: bool = Tru
     cfg = cli_settings(cfg, **overrides)
     base_dir, dirs, inputs = resolve_inputs(cfg, root, key, dir_field)
     used = [base_dir, *dirs, *input_files(cfg, root, key), *([config] if not isinstance(config, dict) else [])]
-    with claim_output(out, force=force, inputs=used):
+    if in_job() and os.path.lexists(out) and not force:  # before any work, on every process
+        raise OutputExistsError(f"{out}: output already exists (use --force to overwrite)")
+    # in a torchrun job, every process learns and rank 0 alone claims OUT and writes it
+    with job(cfg.device) as group, contextlib.ExitStack() as claim:
+        progress = progress and (group is None or group.rank == 0)
+        on_rank_zero(group, lambda: claim.enter_context(claim_output(out, force=force, inputs=used)))
         started = time.perf_counter()
-        res = learn(kind, base_dir, dirs, inputs, cfg, progress=progress)
+        res = learn(kind, base_dir, dirs, inputs, cfg, progress=progress, group=group)
         info = res.to_json()
         info.update(base_model=str(base_dir), **{key: [str(d) for d in dirs]}, config=cfg.model_dump())
-        path = kind.write(base_dir, dirs, res.coefficients, Path(out), cfg, force=force, progress=progress, info=info)
+        write = lambda: kind.write(base_dir, dirs, res.coefficients, Path(out), cfg, force=force, progress=progress,
+                                   info=info)  # fmt: skip
+        path = on_rank_zero(group, write) or Path(out)
     if progress:
         from blockmerge.io.report import final_line
 

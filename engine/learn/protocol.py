@@ -45,6 +45,22 @@ class StreamedMergedModel(Protocol):
         `backward`, dL/dGamma [T, n_blocks]."""
         ...
 
+    # one block at a time: what a pipeline stage of a torch.distributed job runs (blockmerge.learn.pipeline)
+    def learns(self, b: int) -> bool:
+        """Whether block b's coefficients have a gradient (nothing below the lowest such block is backpropagated)."""
+        ...
+
+    def block_weights(self, block: Block, tensors, coeffs: torch.Tensor, rows, grad_col: torch.Tensor | None = None):
+        """(weights for StreamedModel.block_forward, finish) of one block at coeffs = Gamma[:, b]; with `grad_col`
+        [T], its coefficient gradient accumulates there during the backward and after finish()."""
+        ...
+
+    def head_step(self, tensors, gamma: torch.Tensor, h: torch.Tensor, batch, objective: str, backward: bool,
+                  grad: torch.Tensor) -> tuple[float, torch.Tensor | None]:  # fmt: skip
+        """The head block on the last hidden states h: loss and dL/dh; the head's (and a tied embedding's)
+        coefficient gradients go into grad [T, n_blocks]."""
+        ...
+
     def teacher_key(self, t: int) -> tuple[str, list]:
         """Task t's teacher: a folder-name prefix and what its outputs depend on besides the prompts and
         the TeacherSpec (files, fingerprints, settings), hashed into the cache key."""

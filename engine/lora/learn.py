@@ -160,19 +160,19 @@ class StreamedLoraMerge(StreamedBase):
             acts: list[torch.Tensor | None] = []  # acts[l] = input of decoder layer l
             h = pe = masks = None
             for block, tensors in self.source.stream(self.blocks):
+                if block.name == "head":
+                    head = tensors
+                    break
                 W = self._params(block, tensors, rows)
                 del tensors
-                if block.name == "head":
-                    break
                 with torch.no_grad():
                     h, pe, masks = m.block_forward(block, W, ids, pos, rows, h, pe, masks)
                 acts.append(h.to("cpu", copy=dev.type != "cpu"))
-            tied = self.source.read(m.embed_block())[0][m.tokens_weight_name] if m.tied else None
-            head_w = tied.to(self.dtype) if m.tied else W[m.head_weight_name]
-            loss, dh = m.head_loss(W, head_w, h, batch, objective, self.token_chunk, backward)
+            del W
+            loss, dh = self.head_step(head, gamma, h, batch, objective, backward)
             if not backward:
                 return loss, None
-            del W, head_w, h
+            del head, h
             return loss, self._backward(gamma, dh, acts, pos, pe, masks)
         finally:
             self.set_coefficients(None)
@@ -200,6 +200,36 @@ class StreamedLoraMerge(StreamedBase):
                 grad[:, b] += g_leaf.grad.to(grad)
             del W, out, h_in
         return grad.float()
+
+    def head_step(self, tensors, gamma, h, batch: Batch, objective: str, backward: bool, grad=None):
+        """Final norm + output projection + divergence at the batch's target positions (no adapter there):
+        the loss and, with `backward`, dL/dh."""
+        m = self.model
+        W = self._params(m.head_block(), tensors, None)
+        tied = self.source.read(m.embed_block())[0][m.tokens_weight_name] if m.tied else None
+        head_w = tied.to(self.dtype) if m.tied else W[m.head_weight_name]
+        return m.head_loss(W, head_w, h, batch, objective, self.token_chunk, backward)
+
+    # ---- one block at a time: the pieces of a pipeline stage (blockmerge.learn.pipeline) ----------------
+    def learns(self, b: int) -> bool:
+        """Whether block b has a coefficient gradient (it holds an adapted module)."""
+        return b in self.adapted_blocks
+
+    def block_weights(self, block, tensors, coeffs: torch.Tensor, rows, grad_col: torch.Tensor | None = None):
+        """(weights, finish) of one block: the base's tensors, with its low-rank terms at `coeffs` (Gamma[:, b]);
+        with `grad_col` [T] and an adapted block, the coefficients are a leaf and finish() adds its gradient."""
+        b = self.model.block_index[block.name]
+        W = self._params(block, tensors, rows)
+        coef = self.state.coef[b] = coeffs.to(self.device, self.dtype).clone()
+        if grad_col is None or b not in self.adapted_blocks:
+            return W, None
+        coef.requires_grad_(True)
+
+        def finish() -> None:
+            if coef.grad is not None:
+                grad_col.add_(coef.grad.to(grad_col))
+
+        return W, finish
 
     # ---- teachers: base + adapter t, all tasks in the same passes -------------------------------------
     def teacher_key(self, t: int) -> tuple[str, list]:

@@ -59,17 +59,19 @@ class Group:
 
     def gather(self, obj) -> list:
         out = [None] * self.size
-        self._collective(dist.all_gather_object, out, obj, group=self.pg)
+        self.call(dist.all_gather_object, out, obj, group=self.pg)
         return out
 
     def broadcast(self, obj):
         box = [obj]
-        self._collective(dist.broadcast_object_list, box, src=0, group=self.pg)
+        self.call(dist.broadcast_object_list, box, src=0, group=self.pg)
         return box[0]
 
-    def _collective(self, fn, *args, **kw) -> None:
+    def call(self, fn, *args, **kw):
+        """fn(*args, **kw) (a collective or point-to-point operation, or a wait); a peer that died or timed out
+        becomes a DistributedError."""
         try:
-            fn(*args, **kw)
+            return fn(*args, **kw)
         except (RuntimeError, dist.DistBackendError) as e:  # a peer died or timed out
             reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise DistributedError(f"lost contact with another process of the job ({reason}); nothing committed") from e
