@@ -1,10 +1,12 @@
 """Fused task-vector kernels behind one dispatch point: Triton for CUDA tensors; on CPU the torch formulas
 compiled by torch.compile (compiled.py) for tensors of at least compiled.MIN_NUMEL elements, and the eager
-torch backend (eager.py) for smaller ones or where torch.compile cannot build. Every backend takes the same
-arguments, checked once by spec.combine_spec. BLOCKMERGE_KERNELS=auto|compiled|torch|triton forces a path
-(`eager` is accepted for `torch`; triton on CPU needs TRITON_INTERPRET=1 set before triton is first
-imported). Inputs are not differentiated through (no autograd): project gives the gradient with respect to
-the coefficients."""
+torch backend (eager.py) for smaller ones or where torch.compile cannot build. A simple combine (one
+multiply-add per input: linear, task_arithmetic) of a big tensor runs eagerly with the compiled kernel's
+rounding (eager.combine_simple_rounded: the same bits, no compiler start-up) unless `compiled` is forced.
+Every backend takes the same arguments, checked once by spec.combine_spec.
+BLOCKMERGE_KERNELS=auto|compiled|torch|triton forces a path (`eager` is accepted for `torch`; triton on CPU
+needs TRITON_INTERPRET=1 set before triton is first imported). Inputs are not differentiated through (no
+autograd): project gives the gradient with respect to the coefficients."""
 
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ from collections.abc import Sequence
 import torch
 
 from . import compiled
-from .eager import combine_torch, magnitude_thresholds, project_torch
+from .eager import combine_simple_rounded, combine_torch, magnitude_thresholds, project_torch
 from .spec import combine_spec, dare_keep, hash_uniform, task_key
 
 __all__ = [
@@ -22,6 +24,7 @@ __all__ = [
     "combine",
     "project",
     "combine_torch",
+    "combine_simple_rounded",
     "project_torch",
     "compiled",
     "combine_spec",
@@ -36,10 +39,14 @@ BACKENDS = ("triton", "compiled", "torch")
 ALIASES = {"eager": "torch"}  # the eager backend's module name, accepted beside the public `torch`
 
 
+def _forced() -> str:
+    forced = os.environ.get("BLOCKMERGE_KERNELS", "auto").lower()
+    return ALIASES.get(forced, forced)
+
+
 def backend(t: torch.Tensor) -> str:
     """'triton', 'compiled' or 'torch' for a tensor, honouring BLOCKMERGE_KERNELS."""
-    forced = os.environ.get("BLOCKMERGE_KERNELS", "auto").lower()
-    forced = ALIASES.get(forced, forced)
+    forced = _forced()
     if forced in BACKENDS:
         return forced
     if forced != "auto":
@@ -57,7 +64,10 @@ def combine(base: torch.Tensor, experts: Sequence[torch.Tensor], weights, **kw) 
 
         return combine_triton(base, experts, weights, **kw)
     if bk == "compiled":
-        return compiled.combine_compiled(base, experts, weights, **kw)
+        spec = combine_spec(base, experts, weights, **kw)
+        if spec.simple and _forced() != "compiled":  # memory-bound: the same bits eagerly, no compiler start-up
+            return combine_simple_rounded(base, experts, spec)
+        return compiled.combine_fused(base, experts, spec)
     return combine_torch(base, experts, weights, **kw)
 
 
