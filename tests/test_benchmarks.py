@@ -78,12 +78,14 @@ def test_merge_throughput_benchmark(family, tmp_path):
     run("merge_throughput.py", *args, "--kernels", "torch", "--caches", "warm", "--out-dir", str(tmp_path))
     rows = read_csv(tmp_path / "merge_throughput.csv")
     assert [(r["kind"], r["kernels"], r["cache"]) for r in rows] == [
-        ("read (I/O floor)", "-", "warm"),
+        ("I/O floor", "-", "warm"),
         ("merge linear", "torch", "warm"),
         ("merge dare_ties", "torch", "warm"),
     ]
     in_bytes = sum(f.stat().st_size for d in ("base", "expert0", "expert1") for f in (family / d).glob("*.safetensors"))
-    assert all(int(r["bytes_read"]) == in_bytes for r in rows)
+    out_bytes = sum(f.stat().st_size for f in (family / "base").glob("*.safetensors"))
+    assert all(int(r["bytes_read"]) == in_bytes and int(r["bytes_written"]) == out_bytes for r in rows)
+    assert float(rows[0]["x_floor"]) == 1.0 and all(float(r["x_floor"]) > 0 for r in rows)  # / the floor's time
     assert all(float(r["peak_rss_GiB"]) > 0 and float(r["GB_per_s"]) > 0 for r in rows)
 
 
