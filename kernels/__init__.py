@@ -2,7 +2,8 @@
 compiled by torch.compile (compiled.py) for tensors of at least compiled.MIN_NUMEL elements, and the eager
 torch backend (eager.py) for smaller ones or where torch.compile cannot build. A simple combine (one
 multiply-add per input: linear, task_arithmetic) of a big tensor runs eagerly with the compiled kernel's
-rounding (eager.combine_simple_rounded: the same bits, no compiler start-up) unless `compiled` is forced.
+rounding (eager.combine_simple_rounded: the same bits, no compiler start-up) unless `compiled` is forced,
+the compiler is running already or the process has combined EAGER_SIMPLE_BYTES that way.
 Every backend takes the same arguments, checked once by spec.combine_spec.
 BLOCKMERGE_KERNELS=auto|compiled|torch|triton forces a path (`eager` is accepted for `torch`; triton on CPU
 needs TRITON_INTERPRET=1 set before triton is first imported). Inputs are not differentiated through (no
@@ -56,6 +57,21 @@ def backend(t: torch.Tensor) -> str:
     return "compiled" if compiled.available() and t.numel() >= compiled.MIN_NUMEL else "torch"
 
 
+# Simple combines run eagerly (the compiled kernel's bits, about 4x its CPU time per byte) until this many
+# input bytes in the process, or as soon as the compiler has started anyway: past it torch.compile's start-up
+# (about 5 CPU-seconds) has paid for itself (benchmarks/README.md), so a long linear merge switches to it.
+EAGER_SIMPLE_BYTES = 8 << 30
+_eager_simple_bytes = 0
+
+
+def _simple_eagerly(base: torch.Tensor, experts: Sequence[torch.Tensor]) -> bool:
+    global _eager_simple_bytes
+    if compiled.started() or _eager_simple_bytes >= EAGER_SIMPLE_BYTES:
+        return False
+    _eager_simple_bytes += sum(t.numel() * t.element_size() for t in (base, *experts))
+    return True
+
+
 def combine(base: torch.Tensor, experts: Sequence[torch.Tensor], weights, **kw) -> torch.Tensor:
     """out = base_weight*base + scale*mix(expert_t - base); options as spec.combine_spec."""
     bk = backend(base)
@@ -65,7 +81,7 @@ def combine(base: torch.Tensor, experts: Sequence[torch.Tensor], weights, **kw) 
         return combine_triton(base, experts, weights, **kw)
     if bk == "compiled":
         spec = combine_spec(base, experts, weights, **kw)
-        if spec.simple and _forced() != "compiled":  # memory-bound: the same bits eagerly, no compiler start-up
+        if spec.simple and _forced() != "compiled" and _simple_eagerly(base, experts):
             return combine_simple_rounded(base, experts, spec)
         return compiled.combine_fused(base, experts, spec)
     return combine_torch(base, experts, weights, **kw)

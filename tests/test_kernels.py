@@ -342,8 +342,14 @@ def test_dispatch(monkeypatch):
     for mod, name in fakes:
         monkeypatch.setattr(mod, name, lambda *a, name=name, **k: calls.append(name) or name)
     base, experts, w = _inputs((5,), torch.float32, 2)
+    monkeypatch.setattr(C, "_compiled", {})  # the compiler has not started in this process
+    monkeypatch.setattr(K, "_eager_simple_bytes", 0)
     simple = K.combine(base, experts, w)  # one multiply-add per input: eager with the compiled rounding
     assert torch.equal(simple, K.combine_simple_rounded(base, experts, K.combine_spec(base, experts, w)))
+    assert K._eager_simple_bytes == 3 * 5 * 4 and calls == []
+    monkeypatch.setattr(K, "EAGER_SIMPLE_BYTES", K._eager_simple_bytes)  # past it: the compiler pays off
+    assert K.combine(base, experts, w) == "combine_fused"
+    calls.clear()
     assert K.combine(base, experts, w, sign_consensus=True) == "combine_fused"
     assert K.project(base, base, experts) == "project_compiled"
     assert calls == ["combine_fused", "project_compiled"]
