@@ -169,6 +169,7 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"--caches {args.caches!r}: give cold, warm or both")
 
     from blockmerge.io.checkpoint import Checkpoint
+    from blockmerge.io.report import write_csv
     from blockmerge.suite.synth import ensure_synthetic_llama
 
     t0 = time.perf_counter()
@@ -205,6 +206,7 @@ def main(argv: list[str] | None = None) -> int:
             "load1": round(res["load1"], 2),
         }
         rows.append(row)
+        write_csv(Path(args.out_dir) / "merge_throughput.csv", rows)  # after every run: a stopped run keeps its rows
         print(
             f"{rnd} {kind:>16} {kernels:>5} {cache:>5}: {row['seconds']:7.2f}s = {row['x_floor']:5.2f}x floor, "
             f"{row['GB_per_s']:5.2f} GB/s read, {row['cpu_seconds']:7.1f} CPU-s, peak RSS "
@@ -236,11 +238,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.work is None:
             shutil.rmtree(work, ignore_errors=True)
 
-    out_dir = Path(args.out_dir)
-    path = out_dir / "merge_throughput.csv"
-    from blockmerge.io.report import write_csv
-
-    write_csv(path, rows)
+    path = Path(args.out_dir) / "merge_throughput.csv"
     print(f"wrote {path}")
     targets = {"linear": 1.2, "task_arithmetic": 1.2, "ties": 2.0, "dare_ties": 2.0}  # x the I/O floor
     print("merge / kernels / cache: x floor per round (target)")

@@ -57,10 +57,11 @@ def backend(t: torch.Tensor) -> str:
     return "compiled" if compiled.available() and t.numel() >= compiled.MIN_NUMEL else "torch"
 
 
-# Simple combines run eagerly (the compiled kernel's bits, about 4x its CPU time per byte) until this many
-# input bytes in the process, or as soon as the compiler has started anyway: past it torch.compile's start-up
-# (about 5 CPU-seconds) has paid for itself (benchmarks/README.md), so a long linear merge switches to it.
-EAGER_SIMPLE_BYTES = 8 << 30
+# Simple combines run eagerly (the compiled kernel's bits at about 4x its CPU time per byte, spread over the
+# cores, where the start-up runs on one) until this many input bytes in the process, or as soon as the
+# compiler has started anyway; a longer linear merge then switches to the compiled loop, whose start-up
+# (about 5 CPU-seconds) the rest pays for (benchmarks/README.md: break-even near 9 GB of inputs in CPU time).
+EAGER_SIMPLE_BYTES = 16 << 30
 _eager_simple_bytes = 0
 
 

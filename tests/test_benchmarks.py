@@ -89,6 +89,16 @@ def test_merge_throughput_benchmark(family, tmp_path):
     assert all(float(r["peak_rss_GiB"]) > 0 and float(r["GB_per_s"]) > 0 for r in rows)
 
 
+def test_merge_profile_benchmark(family, tmp_path):
+    args = ["--root", str(family), "--shape", "tiny", "--experts", "2", "--reps", "1", "--no-compiled"]
+    run("merge_profile.py", *args, "--out-dir", str(tmp_path))
+    rows = read_csv(tmp_path / "merge_profile.csv")
+    steps = [r["step"] for r in rows]
+    assert "NaN/Inf check: aminmax (blockmerge)" in steps and "write the output block (pwrite)" in steps
+    assert not any("compiled" in s and "rounding" not in s for s in steps)  # --no-compiled: never started
+    assert all(float(r["block_cpu_ms"]) >= 0 and float(r["model_s"]) >= 0 for r in rows)
+
+
 def test_divmerge_step_benchmark(family, tmp_path):
     args = ["--root", str(family), "--shape", "tiny", "--experts", "2", "--steps", "2", "--batch", "2"]
     args += ["--seq", "16", "--targets", "4", "--teacher-pass", "2", "--out", str(tmp_path / "step.csv")]
