@@ -3,8 +3,9 @@
 `stream_merge` is the engine every merge uses (static methods here, DivMerge's learned coefficients, LoRA
 merged into a base): it validates the inputs, plans the output shards from the base's tensors, streams one
 block of every model at a time (the next one prefetched), calls `merge_tensor(name, base, experts)` per
-tensor, writes each result straight to its place in the output and drops it. Peak memory is about two
-blocks of every model plus one tensor's temporaries, whatever the number of layers."""
+tensor and hands each result to a writer thread that writes it at its place in the output (at most one block
+of output queued), so reading, combining and writing overlap. Peak memory is about two blocks of every model
+plus one block of output and one tensor's temporaries, whatever the number of layers."""
 
 from __future__ import annotations
 
