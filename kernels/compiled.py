@@ -159,6 +159,11 @@ def _keys(seed: int, T: int) -> torch.Tensor:
     return torch.tensor([s32(task_key(seed, t)) for t in range(T)], dtype=torch.int32)
 
 
+def started() -> bool:
+    """True once this process has compiled (or loaded from the cache) a formula: the start-up is paid."""
+    return bool(_compiled)
+
+
 def available() -> bool:
     """False once torch.compile has failed in this process (the dispatch then uses the eager backend)."""
     return _broken is None

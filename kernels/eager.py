@@ -107,6 +107,32 @@ def _simple(base: torch.Tensor, experts: Sequence[torch.Tensor], spec: CombineSp
     run_chunks(base.numel(), dev, chunk)
 
 
+@torch.no_grad()
+def combine_simple_rounded(base: torch.Tensor, experts: Sequence[torch.Tensor], spec: CombineSpec) -> torch.Tensor:
+    """A simple combine (spec.simple) with the compiled kernel's rounding, bit for bit: base_coef*b first,
+    then + (scale*w_t)*e_t, each product rounded to fp32 before it is added (no fused multiply-add), the base
+    term kept when its coefficient is 0. Memory-bound, so chunked eager ops are near the compiled loop's speed
+    and a merge of linear / task_arithmetic never pays torch.compile's start-up (seconds per process)."""
+    out = new_output(base.shape, spec.out_dtype, base.device)
+    if base.numel() == 0 or not experts:
+        return combine_eager(base, experts, spec)
+    b_flat, o_flat = base.reshape(-1), out.view(-1)
+    terms = [(e.reshape(-1), spec.scale * w) for e, w in zip(experts, spec.weights, strict=True)]
+    out32, dev = out.dtype == torch.float32, base.device
+
+    def chunk(i: int, s: int, stop: int) -> None:
+        bufs = scratch(2, stop - s, dev)
+        acc = o_flat[s:stop] if out32 else bufs[0]
+        acc.copy_(b_flat[s:stop]).mul_(spec.base_coef)
+        for x, c in terms:
+            acc.add_(bufs[1].copy_(x[s:stop]).mul_(c))
+        if not out32:
+            o_flat[s:stop].copy_(acc)
+
+    run_chunks(base.numel(), dev, chunk)
+    return out
+
+
 def _full(base: torch.Tensor, experts: Sequence[torch.Tensor], spec: CombineSpec, out: torch.Tensor) -> None:
     # Masks are applied as exact 0/1 fp32 factors written by comparisons into fp32 buffers: torch.where,
     # masked_fill and bool tensors are several times slower on CPU. Same values as the formula for

@@ -78,13 +78,25 @@ def test_merge_throughput_benchmark(family, tmp_path):
     run("merge_throughput.py", *args, "--kernels", "torch", "--caches", "warm", "--out-dir", str(tmp_path))
     rows = read_csv(tmp_path / "merge_throughput.csv")
     assert [(r["kind"], r["kernels"], r["cache"]) for r in rows] == [
-        ("read (I/O floor)", "-", "warm"),
+        ("I/O floor", "-", "warm"),
         ("merge linear", "torch", "warm"),
         ("merge dare_ties", "torch", "warm"),
     ]
     in_bytes = sum(f.stat().st_size for d in ("base", "expert0", "expert1") for f in (family / d).glob("*.safetensors"))
-    assert all(int(r["bytes_read"]) == in_bytes for r in rows)
+    out_bytes = sum(f.stat().st_size for f in (family / "base").glob("*.safetensors"))
+    assert all(int(r["bytes_read"]) == in_bytes and int(r["bytes_written"]) == out_bytes for r in rows)
+    assert float(rows[0]["x_floor"]) == 1.0 and all(float(r["x_floor"]) > 0 for r in rows)  # / the floor's time
     assert all(float(r["peak_rss_GiB"]) > 0 and float(r["GB_per_s"]) > 0 for r in rows)
+
+
+def test_merge_profile_benchmark(family, tmp_path):
+    args = ["--root", str(family), "--shape", "tiny", "--experts", "2", "--reps", "1", "--no-compiled"]
+    run("merge_profile.py", *args, "--out-dir", str(tmp_path))
+    rows = read_csv(tmp_path / "merge_profile.csv")
+    steps = [r["step"] for r in rows]
+    assert "NaN/Inf check: aminmax (blockmerge)" in steps and "write the output block (pwrite)" in steps
+    assert not any("compiled" in s and "rounding" not in s for s in steps)  # --no-compiled: never started
+    assert all(float(r["block_cpu_ms"]) >= 0 and float(r["model_s"]) >= 0 for r in rows)
 
 
 def test_divmerge_step_benchmark(family, tmp_path):

@@ -338,17 +338,27 @@ def test_dispatch(monkeypatch):
     assert K.backend(cpu) == "compiled"
     assert K.backend(SimpleNamespace(is_cuda=True)) == "triton"
     calls = []
-    fakes = ((real, "combine_triton"), (real, "project_triton"), (C, "combine_compiled"), (C, "project_compiled"))
+    fakes = ((real, "combine_triton"), (real, "project_triton"), (C, "combine_fused"), (C, "project_compiled"))
     for mod, name in fakes:
         monkeypatch.setattr(mod, name, lambda *a, name=name, **k: calls.append(name) or name)
     base, experts, w = _inputs((5,), torch.float32, 2)
-    assert K.combine(base, experts, w) == "combine_compiled" and K.project(base, base, experts) == "project_compiled"
+    monkeypatch.setattr(C, "_compiled", {})  # the compiler has not started in this process
+    monkeypatch.setattr(K, "_eager_simple_bytes", 0)
+    simple = K.combine(base, experts, w)  # one multiply-add per input: eager with the compiled rounding
+    assert torch.equal(simple, K.combine_simple_rounded(base, experts, K.combine_spec(base, experts, w)))
+    assert K._eager_simple_bytes == 3 * 5 * 4 and calls == []
+    monkeypatch.setattr(K, "EAGER_SIMPLE_BYTES", K._eager_simple_bytes)  # past it: the compiler pays off
+    assert K.combine(base, experts, w) == "combine_fused"
+    calls.clear()
+    assert K.combine(base, experts, w, sign_consensus=True) == "combine_fused"
+    assert K.project(base, base, experts) == "project_compiled"
+    assert calls == ["combine_fused", "project_compiled"]
+    calls.clear()
     monkeypatch.setattr(C, "_broken", "no compiler")  # torch.compile failed earlier: the eager reference
     assert K.backend(cpu) == "torch"
     assert isinstance(K.combine(base, experts, w), torch.Tensor)
     assert isinstance(K.project(base, base, experts), torch.Tensor)
-    assert calls == ["combine_compiled", "project_compiled"]
-    calls.clear()
+    assert calls == []  # neither reached the compiler
     monkeypatch.setenv("BLOCKMERGE_KERNELS", "triton")  # forced either way
     assert K.backend(cpu) == "triton"
     assert K.combine(base, experts, w, normalize=True) == "combine_triton"
@@ -437,6 +447,20 @@ def compiled_on(monkeypatch):
 def test_compiled_combine_matches_torch(opt, compiled_on):
     _compare_combine(C.combine_compiled, opt, COMPILED_CASES, list(OPTIONS).index(opt), seed0=100)
     assert C.available()  # compiled for real, no silent fallback
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_simple_combine_rounds_like_the_compiled_kernel(dtype, compiled_on):
+    """linear / task_arithmetic skip the compiler: the eager path gives the compiled kernel's bits."""
+    n = 300_001  # more than one chunk, an uneven tail
+    base, experts, _ = _inputs((n,), dtype, 3, seed=7)
+    for w, kw in (([0.3, 0.5, 0.2], dict(scale=0.7)), ([1 / 3] * 3, dict(base_weight=0.0, out_dtype=torch.float32))):
+        spec = K.combine_spec(base, experts, w, **kw)
+        assert spec.simple
+        want = C.combine_fused(base, experts, spec).view(torch.uint8)
+        assert torch.equal(K.combine_simple_rounded(base, experts, spec).view(torch.uint8), want)
+        assert torch.equal(K.combine(base, experts, w, **kw).view(torch.uint8), want)  # the default dispatch
+    assert C.available()
 
 
 def test_compiled_hash_is_bit_identical():

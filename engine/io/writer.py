@@ -11,7 +11,9 @@ import json
 import math
 import os
 import shutil
-from collections.abc import Sequence
+import threading
+from collections import deque
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -60,7 +62,7 @@ class _Slot:
     written: bool = False
 
 
-def _nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
+def tensor_nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
     n = 1
     for s in shape:
         n *= s
@@ -76,7 +78,7 @@ def plan_shards(
     shards: list[list[tuple[str, tuple[int, ...], torch.dtype]]] = [[]]
     size = 0
     for t in tensors:
-        nb = _nbytes(t[1], t[2])
+        nb = tensor_nbytes(t[1], t[2])
         if shards[-1] and size + nb > limit:
             shards.append([])
             size = 0
@@ -91,7 +93,7 @@ def _plan_shard(fname: str, shard: list, metadata: dict[str, str]) -> tuple[str,
     header: dict = {"__metadata__": metadata}
     pos = 0
     for name, shape, dtype in shard:
-        nb = _nbytes(shape, dtype)
+        nb = tensor_nbytes(shape, dtype)
         header[name] = {"dtype": SAFETENSORS_CODES[dtype], "shape": list(shape), "data_offsets": [pos, pos + nb]}
         pos += nb
     raw = json.dumps(header, separators=(",", ":")).encode()
@@ -107,13 +109,19 @@ def _plan_shard(fname: str, shard: list, metadata: dict[str, str]) -> tuple[str,
 class ShardFiles:
     """The planned shard files of one output in a staging folder, open for writing tensors at their offsets.
     `create=True` makes the files (header written, size set); `create=False` opens files another process of a
-    distributed run created, to write the tensors this process merges."""
+    distributed run created, to write the tensors this process merges. With `behind` > 0 (bytes), `write`
+    checks the tensor and queues it for a writer thread of its own, so the caller merges the next tensors while
+    this one is written; it waits only while `behind` bytes are queued. The thread's first error is raised by
+    the next `write` or by `flush` (which waits for the queue to empty), and nothing more is written."""
 
-    def __init__(self, folder: Path, plan: list[tuple[str, bytes, int, dict[str, _Slot]]], create: bool):
+    def __init__(
+        self, folder: Path, plan: list[tuple[str, bytes, int, dict[str, _Slot]]], create: bool, behind: int = 0
+    ):
         self.folder = folder
         self.files = [f for f, _, _, _ in plan]
         self.slots: dict[str, _Slot] = {}
         self._fds: dict[str, int] = {}
+        self._behind = _WriteBehind(self._put, behind) if behind > 0 else None
         try:
             for fname, head, size, slots in plan:
                 flags = os.O_RDWR | (os.O_CREAT | os.O_TRUNC if create else 0)
@@ -136,27 +144,111 @@ class ShardFiles:
             raise ValueError(
                 f"tensor {name}: got {list(tensor.shape)} {tensor.dtype}, planned {list(slot.shape)} {slot.dtype}"
             )
-        buf = tensor.detach().to("cpu").contiguous().view(-1).view(torch.uint8).numpy()
-        fd, off, view = self._fds[slot.file], slot.start, memoryview(buf)
-        while view:  # pwrite may write less than asked for large buffers
-            n = os.pwrite(fd, view, off)
-            view, off = view[n:], off + n
+        cpu = tensor.detach().to("cpu").contiguous()
+        if self._behind is None:
+            self._put(name, cpu)
+        else:
+            self._behind.put(name, cpu)
+
+    def _put(self, name: str, tensor: torch.Tensor) -> None:
+        slot = self.slots[name]
+        fd, off, view = self._fds[slot.file], slot.start, memoryview(tensor.view(-1).view(torch.uint8).numpy())
+        try:
+            while view:  # pwrite may write less than asked for large buffers
+                n = os.pwrite(fd, view, off)
+                view, off = view[n:], off + n
+        except OSError as e:
+            raise OSError(e.errno, e.strerror, f"{self.folder / slot.file} (tensor {name})") from e
         slot.written = True
+
+    def flush(self) -> None:
+        """Wait until every queued tensor is written; the writer thread's error, if any, is raised here."""
+        if self._behind is not None:
+            self._behind.flush()
 
     def unwritten(self) -> list[str]:
         return [n for n, s in self.slots.items() if not s.written]
 
     def close(self) -> None:
+        """Stop the writer thread (tensors still queued are dropped) and close the files."""
+        if self._behind is not None:
+            self._behind.stop()
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()
+
+
+class _WriteBehind:
+    """A writer thread fed by a queue bounded in bytes: put(name, tensor) returns at once unless `max_bytes`
+    are queued already (one tensor is always accepted). After an error nothing more is written and put/flush
+    raise it; stop() drops what is queued."""
+
+    def __init__(self, write: Callable[[str, torch.Tensor], None], max_bytes: int):
+        self._write, self._max = write, max_bytes
+        self._cond = threading.Condition()
+        self._queue: deque[tuple[str, torch.Tensor, int]] = deque()
+        self._queued = 0
+        self._error: BaseException | None = None
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="blockmerge-writer", daemon=True)
+        self._thread.start()
+
+    def put(self, name: str, tensor: torch.Tensor) -> None:
+        nbytes = tensor.numel() * tensor.element_size()
+        with self._cond:
+            while self._error is None and self._queue and self._queued + nbytes > self._max:
+                self._cond.wait()
+            self._raise()
+            self._queue.append((name, tensor, nbytes))
+            self._queued += nbytes
+            self._cond.notify_all()
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._queue and not self._stopping:
+                    self._cond.wait()
+                if not self._queue:
+                    return
+                name, tensor, nbytes = self._queue[0]
+            try:
+                self._write(name, tensor)
+            except BaseException as e:  # raised in the caller's thread by put / flush
+                with self._cond:
+                    self._error = e
+                    self._queue.clear()
+                    self._cond.notify_all()
+                return
+            with self._cond:
+                if self._stopping:  # stop() dropped the queue while this tensor was written
+                    return
+                self._queue.popleft()
+                self._queued -= nbytes
+                self._cond.notify_all()
+
+    def _raise(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def flush(self) -> None:
+        with self._cond:
+            while self._error is None and self._queue:
+                self._cond.wait()
+            self._raise()
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopping = True
+            self._queue.clear()
+            self._cond.notify_all()
+        self._thread.join()
 
 
 def write_index(folder: Path, shards: ShardFiles) -> None:
     """model.safetensors.index.json for a sharded output (nothing for one file)."""
     if len(shards.files) > 1:
         index = {
-            "metadata": {"total_size": sum(_nbytes(s.shape, s.dtype) for s in shards.slots.values())},
+            "metadata": {"total_size": sum(tensor_nbytes(s.shape, s.dtype) for s in shards.slots.values())},
             "weight_map": {n: s.file for n, s in shards.slots.items()},
         }
         (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
@@ -166,7 +258,9 @@ class CheckpointWriter:
     """with CheckpointWriter(out, [(name, shape, dtype), ...]) as w: w.write(name, t) ...; w.finish(base_dir)
 
     Holds a claim on OUT (lock, checks, staging folder) from construction to `finish` (commit) or `abort`;
-    `inputs` are the paths read to make the output (OUT may not be, lie in or contain one of them)."""
+    `inputs` are the paths read to make the output (OUT may not be, lie in or contain one of them).
+    `write_behind` > 0: tensors are written by a thread of their own with up to that many bytes queued
+    (ShardFiles); its errors are raised by `write` or `finish`, and the output is then never committed."""
 
     def __init__(
         self,
@@ -176,6 +270,7 @@ class CheckpointWriter:
         force: bool = False,
         metadata: dict[str, str] | None = None,
         inputs: Sequence[str | Path] = (),
+        write_behind: int = 0,
     ):
         plan = plan_shards(tensors, parse_size(shard_size), metadata or {"format": "pt"})  # before anything exists
         self.shards: ShardFiles | None = None
@@ -187,7 +282,7 @@ class CheckpointWriter:
             self.claim.release()
             raise
         try:
-            self.shards = ShardFiles(self.tmp, plan, create=True)
+            self.shards = ShardFiles(self.tmp, plan, create=True, behind=write_behind)
         except BaseException:
             self.abort()
             raise
@@ -200,6 +295,7 @@ class CheckpointWriter:
         self.shards.write(name, tensor)
 
     def finish(self, copy_from: str | Path | None = None, extra_json: dict[str, dict] | None = None) -> Path:
+        self.shards.flush()
         missing = self.shards.unwritten()
         if missing:
             raise RuntimeError(f"output incomplete: tensor {missing[0]} (and {len(missing) - 1} more) never written")

@@ -104,12 +104,15 @@ class DistributedWriter:
         shard_size: int | str = "5GB",
         force: bool = False,
         inputs: Sequence[str | Path] = (),
+        write_behind: int = 0,
     ):
         self.group, self.writer, self.shards, self.reported = group, None, None, False
         started = None
         if group.rank == 0:
             try:
-                self.writer = CheckpointWriter(out, tensors, shard_size=shard_size, force=force, inputs=inputs)
+                self.writer = CheckpointWriter(
+                    out, tensors, shard_size=shard_size, force=force, inputs=inputs, write_behind=write_behind
+                )
                 started = ("ok", str(self.writer.tmp))
             except Exception as e:
                 group.broadcast(("error", str(e)))
@@ -121,7 +124,7 @@ class DistributedWriter:
         if status != "ok":
             raise DistributedError(f"rank 0 could not start the output: {value}")
         plan = plan_shards(tensors, parse_size(shard_size), {"format": "pt"})
-        self.shards = ShardFiles(Path(value), plan, create=False)
+        self.shards = ShardFiles(Path(value), plan, create=False, behind=write_behind)
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         self.shards.write(name, tensor)
@@ -131,6 +134,7 @@ class DistributedWriter:
         return self.group.gather(outcome)
 
     def finish(self, copy_from: str | Path | None = None, extra_json: dict[str, dict] | None = None) -> Path:
+        self.shards.flush()
         written = [n for n, s in self.shards.slots.items() if s.written]
         self.shards.close()
         outcomes = self._report(("ok", written))

@@ -3,8 +3,9 @@
 `stream_merge` is the engine every merge uses (static methods here, DivMerge's learned coefficients, LoRA
 merged into a base): it validates the inputs, plans the output shards from the base's tensors, streams one
 block of every model at a time (the next one prefetched), calls `merge_tensor(name, base, experts)` per
-tensor, writes each result straight to its place in the output and drops it. Peak memory is about two
-blocks of every model plus one tensor's temporaries, whatever the number of layers."""
+tensor and hands each result to a writer thread that writes it at its place in the output (at most one block
+of output queued), so reading, combining and writing overlap. Peak memory is about two blocks of every model
+plus one block of output and one tensor's temporaries, whatever the number of layers."""
 
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from blockmerge.io.commit import OutputExistsError, check_not_input, claim_outpu
 from blockmerge.io.dtypes import DTYPE_CHOICES, parse_device, parse_dtype
 from blockmerge.io.report import final_line
 from blockmerge.io.stream import stream_blocks
-from blockmerge.io.writer import CheckpointWriter, parse_size
+from blockmerge.io.writer import CheckpointWriter, parse_size, tensor_nbytes
 from blockmerge.merge.call import TensorCall
 from blockmerge.merge.config import (
     ConfigError,
@@ -111,6 +112,7 @@ def stream_merge(
             shape = info.shape if name not in (vocab_rows or {}) else (vocab_rows[name], *info.shape[1:])
             plan.append((name, shape, dt))
     slot_dtype = {n: d for n, _, d in plan}
+    slot_shape = {n: (s, d) for n, s, d in plan}
     extra = {}
     if out_dtype is not None:
         cfg = _config_with_dtype(base.config, out_dtype)
@@ -119,10 +121,10 @@ def stream_merge(
     extra.update(extra_json or {})
     total = sum(read[b.name] for b in blocks)
     done = 0
-    if group is None:
-        writer = CheckpointWriter(out, plan, shard_size=shard_size, force=force, inputs=inputs)
-    else:
-        writer = DistributedWriter(group, out, plan, shard_size=shard_size, force=force, inputs=inputs)
+    # writes behind the merge in their own thread, at most one block of output queued (bounded memory)
+    behind = max(sum(tensor_nbytes(*slot_shape[n]) for n in b.tensors) for b in blocks) if blocks else 0
+    kw = dict(shard_size=shard_size, force=force, inputs=inputs, write_behind=behind)
+    writer = CheckpointWriter(out, plan, **kw) if group is None else DistributedWriter(group, out, plan, **kw)
     with writer:
         bar = tqdm(
             total=total,
