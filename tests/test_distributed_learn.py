@@ -19,6 +19,7 @@ from blockmerge.lora.learn import StreamedLoraMerge
 from blockmerge.lora.learn import run_divmerge as lora_divmerge
 from blockmerge.suite.synth import make_family, tiny_model
 from test_distributed import launch
+from test_lora import save_adapter
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -26,21 +27,9 @@ KINDS = {"full": StreamedMerge, "lora": StreamedLoraMerge}
 
 
 def _adapters(root, n: int = 2) -> list:
-    from peft import LoraConfig, get_peft_model
-
-    dirs = []
-    for i in range(n):
-        m = tiny_model("llama", seed=0)
-        torch.manual_seed(50 + i)
-        cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False)
-        pm = get_peft_model(m, cfg)
-        with torch.no_grad():
-            for name, p in pm.named_parameters():
-                if "lora_B" in name:
-                    p.mul_(5.0)
-        pm.save_pretrained(root / f"ad{i}")
-        dirs.append(root / f"ad{i}")
-    return dirs
+    return [
+        save_adapter(root / f"ad{i}", 4, 8, False, 50 + i, targets=["q_proj", "v_proj", "down_proj"]) for i in range(n)
+    ]
 
 
 @pytest.fixture(scope="module")

@@ -24,7 +24,7 @@ ODD = (6, 12, True, 104)  # different rank, rslora: cat/svd against the direct f
 WEIGHTS = [0.5, 1.2, -0.7]
 
 
-def _save_adapter(path, r, alpha, rslora, seed, targets=TARGETS, **extra):
+def save_adapter(path, r, alpha, rslora, seed, targets=TARGETS, **extra):
     cfg = LoraConfig(r=r, lora_alpha=alpha, use_rslora=rslora, target_modules=targets, init_lora_weights=False, **extra)
     base = tiny_model("llama", seed=0)  # (re-seeds torch: seed the adapter's init after it)
     torch.manual_seed(seed)
@@ -44,8 +44,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def fam(tmp_path_factory):
     root = tmp_path_factory.mktemp("lora")
     tiny_model("llama", seed=0).save_pretrained(root / "base", max_shard_size="40KB")
-    ads = [_save_adapter(root / f"ad{i}", *s) for i, s in enumerate(SPECS)]
-    odd = _save_adapter(root / "odd", *ODD)
+    ads = [save_adapter(root / f"ad{i}", *s) for i, s in enumerate(SPECS)]
+    odd = save_adapter(root / "odd", *ODD)
     return root, ads, odd
 
 
@@ -98,7 +98,7 @@ def test_read_adapter_scales_and_shapes(fam):
 
 
 def test_rank_and_alpha_pattern(tmp_path):
-    d = _save_adapter(tmp_path / "pat", 4, 8, False, 7, rank_pattern={"q_proj": 2}, alpha_pattern={"down_proj": 3})
+    d = save_adapter(tmp_path / "pat", 4, 8, False, 7, rank_pattern={"q_proj": 2}, alpha_pattern={"down_proj": 3})
     a = read_adapter(d)
     assert a.modules["model.layers.0.self_attn.q_proj"].rank == 2
     assert a.modules["model.layers.0.self_attn.q_proj"].scale == 8 / 2
@@ -278,7 +278,7 @@ def test_dare_deterministic_and_seeded(fam):
 def test_union_of_target_modules(fam, tmp_path):
     """Adapters on different module sets: the merge covers the union (PEFT's rule)."""
     root, ads, _ = fam
-    only_q = _save_adapter(tmp_path / "q", 4, 8, False, 9, targets=["q_proj"])
+    only_q = save_adapter(tmp_path / "q", 4, 8, False, 9, targets=["q_proj"])
     adapters = [read_adapter(ads[0]), read_adapter(only_q)]
     m = merge_adapters(adapters, [1.0, 1.0], "cat")
     assert sorted(m.config["target_modules"]) == sorted(TARGETS)
