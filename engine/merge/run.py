@@ -112,7 +112,7 @@ def stream_merge(
             shape = info.shape if name not in (vocab_rows or {}) else (vocab_rows[name], *info.shape[1:])
             plan.append((name, shape, dt))
     slot_dtype = {n: d for n, _, d in plan}
-    slot_shape = {n: (s, d) for n, s, d in plan}
+    slot_bytes = {n: tensor_nbytes(s, d) for n, s, d in plan}
     extra = {}
     if out_dtype is not None:
         cfg = _config_with_dtype(base.config, out_dtype)
@@ -122,7 +122,7 @@ def stream_merge(
     total = sum(read[b.name] for b in blocks)
     done = 0
     # writes behind the merge in their own thread, at most one block of output queued (bounded memory)
-    behind = max(sum(tensor_nbytes(*slot_shape[n]) for n in b.tensors) for b in blocks) if blocks else 0
+    behind = max(sum(slot_bytes[n] for n in b.tensors) for b in blocks) if blocks else 0
     kw = dict(shard_size=shard_size, force=force, inputs=inputs, write_behind=behind)
     writer = CheckpointWriter(out, plan, **kw) if group is None else DistributedWriter(group, out, plan, **kw)
     with writer:
