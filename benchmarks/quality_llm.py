@@ -54,7 +54,8 @@ LORA_METHOD = "lora_divmerge_js_layer"
 # Qwen2.5-0.5B, 7 GLUE tasks (arXiv 2509.02108): ANP pairwise (k=2) and at k=7
 PAPER = {"divmerge_js_layer": (0.9918, 0.9306), "ties": (0.9406, 0.6839)}
 FIELDS = ["method", "k", "subset", "anp", "seconds", "lambda", "val_anp", "steps", "loss_first", "loss_last",
-          "coef_mean", "sec_per_step", "acc", "norm"]  # fmt: skip
+          "coef_mean", "sec_per_step", "acc", "norm", "coef_task"]  # fmt: skip
+JSON_FIELDS = ("acc", "norm", "coef_task")
 
 # sizes per mode: prompts per task (task / layer level), epochs, test/val pairs, subsets per k, fine-tuning
 PROFILES = {
@@ -284,12 +285,14 @@ class Merger:
         return {"lambda": best[0], "val_anp": best[1]}
 
     def _record(self, method, subset, res) -> dict:
-        folder = self.args.cache / "learned"
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / f"{method}-{'+'.join(subset)}.json").write_text(json.dumps(res.to_json()))
+        path = learned_path(self.args, method, subset)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(res.to_json()))
         tail = res.losses[-10:]
+        coef = res.coefficients.reshape(len(subset), -1).mean(1)  # per task, mean over blocks
         return {"steps": len(res.losses), "loss_first": res.losses[0], "loss_last": sum(tail) / len(tail),
-                "coef_mean": float(res.coefficients.mean()), "sec_per_step": res.seconds_per_step}  # fmt: skip
+                "coef_mean": float(res.coefficients.mean()), "sec_per_step": res.seconds_per_step,
+                "coef_task": {t: round(float(c), 4) for t, c in zip(subset, coef, strict=True)}}  # fmt: skip
 
     def learned(self, method, subset, out) -> dict:
         from blockmerge.learn.full import learn, write_merged
@@ -315,6 +318,11 @@ class Merger:
 # ---- outputs ----------------------------------------------------------------------------------------------
 
 
+def learned_path(args, method: str, subset) -> Path:
+    """The learned coefficients and loss curve of one learned merge, under the settings that made them."""
+    return args.cache / "learned" / settings_key(args) / f"{method}-{'+'.join(subset)}.json"
+
+
 def append_row(path: Path, row: dict) -> None:
     new = not path.exists()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -322,7 +330,7 @@ def append_row(path: Path, row: dict) -> None:
         w = csv.writer(f)
         if new:
             w.writerow(FIELDS)
-        w.writerow([json.dumps(row[k]) if k in ("acc", "norm") else row.get(k, "") for k in FIELDS])
+        w.writerow([json.dumps(row[k]) if k in JSON_FIELDS and k in row else row.get(k, "") for k in FIELDS])
 
 
 def read_rows(path: Path) -> list[dict]:
@@ -332,7 +340,8 @@ def read_rows(path: Path) -> list[dict]:
         rows = list(csv.DictReader(f))
     for r in rows:
         r["k"], r["anp"] = int(r["k"]), float(r["anp"])
-        r["acc"], r["norm"] = json.loads(r["acc"]), json.loads(r["norm"])
+        for k in JSON_FIELDS:
+            r[k] = json.loads(r[k]) if r.get(k) else None
     return rows
 
 
@@ -387,6 +396,7 @@ def write_report(out: Path) -> None:
         cells = " | ".join(cell(table[m].get(k), counts[m].get(k), n[k]) for k in ks)
         paper = PAPER.get(m)
         lines.append(f"| {m} | {cells} | " + (f"{paper[0]:.4f} | {paper[1]:.4f}" if paper else " | ") + " |")
+    lines += coefficient_lines(rows)
     diag = out / "quality_llm_diagnosis.json"
     if diag.exists():
         lines += diagnosis_lines(json.loads(diag.read_text()))
@@ -535,6 +545,12 @@ def restore_rows(args, csv_path: Path) -> set[tuple[str, str]]:
     """The CSV rewritten from the cached results of these settings; returns the (method, subset) done."""
     cache = args.cache / f"merges-{settings_key(args)}.jsonl"
     rows = [json.loads(x) for x in cache.read_text().splitlines()] if cache.exists() else []
+    for r in rows:
+        path = learned_path(args, r["method"], r["subset"].split("+"))
+        if "steps" in r and "coef_task" not in r and path.exists():
+            per_task = json.loads(path.read_text())["coefficients"]  # [{block: value}] per task
+            r["coef_task"] = {t: round(sum(c.values()) / len(c), 4)
+                              for t, c in zip(r["subset"].split("+"), per_task, strict=True)}  # fmt: skip
     csv_path.unlink(missing_ok=True)
     for r in rows:
         append_row(csv_path, r)
@@ -577,9 +593,8 @@ def diagnose(args, suite: ls.LlmSuite, merger: Merger, subset, clock: Clock) -> 
     """Item 3 of issue 10 on the first pair: searched task-level optimum vs learned coefficients, JS by
     position kind (blockmerge.suite.llm_diagnose.diagnose_pair); written to quality_llm_diagnosis.json."""
     path = args.out / "quality_llm_diagnosis.json"
-    folder = args.cache / "learned"
-    records = {m: json.loads((folder / f"{m}-{'+'.join(subset)}.json").read_text()) for m in LEARNED
-               if (folder / f"{m}-{'+'.join(subset)}.json").exists()}  # fmt: skip
+    records = {m: json.loads(learned_path(args, m, subset).read_text()) for m in LEARNED
+               if learned_path(args, m, subset).exists()}  # fmt: skip
     key = settings_key(args) + ":" + ",".join(sorted(records))  # recomputed when more merges are done
     if path.exists() and json.loads(path.read_text()).get("settings_key") == key:
         return
@@ -594,6 +609,21 @@ def diagnose(args, suite: ls.LlmSuite, merger: Merger, subset, clock: Clock) -> 
                                      n_prompts=args.prompts_task, batch_size=args.eval_batch)  # fmt: skip
     res["settings_key"] = key
     path.write_text(json.dumps(res, indent=1))
+
+
+def coefficient_lines(rows: list[dict]) -> list[str]:
+    """Each learned merge's coefficients, mean over blocks per task, with its loss and step count."""
+    learned = [r for r in rows if r.get("coef_task")]
+    if not learned:
+        return []
+    lines = ["", "Learned coefficients (per task, mean over blocks at layer level; init 1/k for DivMerge, 0.3 for"
+             " AdaMerging), loss at the first step -> mean of the last 10:", "",
+             "| method | k | subset | steps | loss | coefficients |", "|---|---:|---|---:|---|---|"]  # fmt: skip
+    for r in learned:
+        coef = ", ".join(f"{t} {c:.2f}" for t, c in r["coef_task"].items())
+        lines.append(f"| {r['method']} | {r['k']} | {r['subset']} | {r['steps']} | "
+                     f"{float(r['loss_first']):.3f} -> {float(r['loss_last']):.3f} | {coef} |")  # fmt: skip
+    return lines
 
 
 def diagnosis_lines(d: dict) -> list[str]:

@@ -202,7 +202,13 @@ def test_quality_llm_smoke(tmp_path):
     assert all(r["k"] == "2" and 0.0 <= float(r["anp"]) <= 1.0 for r in rows)
     learned = [r for r in rows if r["method"] in quality_llm.LEARNED or r["method"] == quality_llm.LORA_METHOD]
     assert all(int(r["steps"]) == 1 and math.isfinite(float(r["loss_first"])) for r in learned)
+    for r in learned:  # the per-task coefficients: the mean over blocks of the learned record's values
+        record = json.loads(quality_llm.learned_path(quality_llm.parse_args(args), r["method"],
+                                                     r["subset"].split("+")).read_text())  # fmt: skip
+        means = [sum(c.values()) / len(c) for c in record["coefficients"]]
+        assert list(json.loads(r["coef_task"]).values()) == pytest.approx(means, abs=1e-4)
     md = (tmp_path / "out" / "quality_llm.md").read_text()
+    assert "Learned coefficients (per task" in md
     assert "| divmerge_js_layer | " in md and "0.9918" in md
     assert (tmp_path / "out" / "quality_llm.png").stat().st_size > 0
     diagnosis = json.loads((tmp_path / "out" / "quality_llm_diagnosis.json").read_text())
