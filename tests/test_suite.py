@@ -138,6 +138,68 @@ def test_evaluation_of_a_known_model():
     assert s4 == task_subsets(names, 4, 3, seed=0)
 
 
+def test_packed_batch_loss_and_gradients_match_each_example_alone():
+    """Packed training batches (train.pack_batch: examples side by side in rows, positions restarting at 0)
+    give the loss and gradients of the examples run one at a time through transformers' own model with its
+    full logits: the mean cross-entropy over all answer tokens."""
+    from blockmerge.suite.build import SuiteConfig
+    from blockmerge.suite.train import completion_loss, model_config, pack_batch
+    from transformers import AutoModelForCausalLM
+
+    tok = T.CharTokenizer()
+    rng = random.Random(3)
+    pairs = [T.get_task(t).example(rng) for t in ("copy", "add", "count", "reverse", "successor") for _ in range(3)]
+    batch = pack_batch(pairs, tok, row_tokens=40)
+    assert batch.ids.shape[0] < len(pairs) and batch.ids.shape[1] == 40  # several examples share a row
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(model_config(SuiteConfig(hidden=16, heads=2, intermediate=32, layers=2)))
+    model = model.double()
+    grads = []
+    for packed in (True, False):
+        model.zero_grad()
+        if packed:
+            loss = completion_loss(model, batch)
+        else:
+            total, n = 0.0, 0
+            for prompt, answer in pairs:
+                p, a = tok.encode(prompt, bos=True), tok.encode(answer, eos=True)
+                logits = model(input_ids=torch.tensor([p + a])).logits[0, len(p) - 1 : -1]
+                total = total + torch.nn.functional.cross_entropy(logits, torch.tensor(a), reduction="sum")
+                n += len(a)
+            loss = total / n
+        loss.backward()
+        grads.append((loss.detach(), [q.grad.clone() for q in model.parameters()]))
+    (packed_loss, packed_grads), (ref_loss, ref_grads) = grads
+    torch.testing.assert_close(packed_loss, ref_loss, rtol=1e-10, atol=1e-12)
+    for g, r in zip(packed_grads, ref_grads, strict=True):
+        torch.testing.assert_close(g, r, rtol=1e-8, atol=1e-12)
+
+
+def test_teacher_forced_exact_match_is_greedy_decoding_accuracy():
+    """train.exact_match (one packed teacher-forced pass, used by the build) scores each pair as greedy
+    decoding does (evaluate.greedy_decode, exact match with EOS), on a model trained until some one- and
+    some multi-token answers are right."""
+    from blockmerge.suite.build import SuiteConfig
+    from blockmerge.suite.train import deterministic_single_thread, exact_match, model_config, train
+    from transformers import AutoModelForCausalLM
+
+    tok = T.CharTokenizer()
+    pairs = T.eval_sets("count", 30, 0, seed=0)[0] + T.eval_sets("reverse", 30, 0, seed=0)[0]
+    with deterministic_single_thread():
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(
+            model_config(SuiteConfig(hidden=32, heads=2, intermediate=64, layers=2))
+        )
+        streams = [T.TrainStream(t, 0, set()) for t in ("count", "reverse")]
+        train(model, streams, 160, 1e-2, 32, 0, "count+reverse", cosine=False)
+        gens = greedy_decode(model, [tok.encode(p, bos=True) for p, _ in pairs], eos_token_id=T.EOS_ID)
+        greedy = [tok.decode(g) == a and len(g) <= T.MAX_ANSWER for g, (_, a) in zip(gens, pairs, strict=True)]
+        forced = [exact_match(model, [pair], tok) == 1.0 for pair in pairs]
+        assert forced == greedy
+        assert 0 < sum(greedy[:30]) < 30 and 0 < sum(greedy[30:]) < 30  # hits and misses, 1 and 2-8 tokens
+        assert exact_match(model, pairs, tok) == pytest.approx(sum(greedy) / len(pairs))
+
+
 MICRO = dict(
     hidden=16, layers=2, heads=2, intermediate=32, base_steps=6, expert_steps=4, batch_size=8, n_test=8, n_val=4
 )
@@ -236,11 +298,12 @@ def test_cached_suite_failing_its_check_is_rebuilt(micro_suite, tmp_path):
 
 def test_suite_build_fails_naming_the_expert_short_of_its_target(tmp_path):
     from blockmerge.suite.build import build_suite
+    from blockmerge.suite.manifest import SUITE_VERSION
 
     cfg = micro_config(target_acc=0.95, extra_rounds=1)
     with pytest.raises(RuntimeError, match=r"expert copy reaches 0\.\d\d test accuracy after 8 steps \(target 0\.95\)"):
         build_suite(tmp_path, cfg, log=lambda m: None, progress=False)
-    assert not (tmp_path / f"suite-v3-{cfg.key()}").exists()  # never published as a usable suite
+    assert not (tmp_path / f"{SUITE_VERSION}-{cfg.key()}").exists()  # never published as a usable suite
 
 
 def test_suite_protocol_and_task_vector_stats(micro_suite):

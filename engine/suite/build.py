@@ -1,4 +1,4 @@
-"""The built-in task suite (suite-v3): a tiny Llama base broadly pretrained on many generic skills in the
+"""The built-in task suite (suite-v4): a tiny Llama base broadly pretrained on many generic skills in the
 prompt format (tasks.GENERIC), and one expert per task (tasks.TASKS) fully fine-tuned from it, briefly and
 with a small learning rate, to perform its computation under a tag the base never saw. The base scores ~0
 on the tasks and the task vectors are small, the regime of merging fine-tunes of a pretrained LLM.
@@ -28,7 +28,6 @@ from pathlib import Path
 import torch
 from blockmerge.io.cache import default_cache
 from blockmerge.io.commit import claim_output
-from blockmerge.suite.evaluate import accuracy
 from blockmerge.suite.manifest import SUITE_VERSION, check_manifest, fingerprint, summary, task_vector_stats
 from blockmerge.suite.tasks import (
     EOS_ID,
@@ -41,7 +40,7 @@ from blockmerge.suite.tasks import (
     get_task,
 )
 from blockmerge.suite.tasks import sample_prompts as _sample_prompts
-from blockmerge.suite.train import deterministic_single_thread, model_config, train
+from blockmerge.suite.train import deterministic_single_thread, exact_match, model_config, train
 
 
 @dataclass(frozen=True)
@@ -255,8 +254,8 @@ def _build(root: Path, config: SuiteConfig, rebuild: bool, log, progress: bool, 
             # the skills the experts build on (the tasks' computations) are drawn twice as often
             mixture += [s for s in mixture if s.task.sample in {get_task(t).sample for t in config.tasks}]
             train(base, mixture, config.base_steps, config.base_lr, config.batch_size, config.seed, "base", bar)
-            generic = {g: accuracy(base, eval_sets(g, 50, 0, config.seed)[0], tok) for g in config.generic}
-            acc = {t: accuracy(base, sets[t][0], tok, get_task(t).max_answer + 1) for t in config.tasks}
+            generic = {g: exact_match(base, eval_sets(g, 50, 0, config.seed)[0], tok) for g in config.generic}
+            acc = {t: exact_match(base, sets[t][0], tok) for t in config.tasks}
             info = {"accuracy": acc, "generic_accuracy": generic, "steps": config.base_steps}
             finish(base, part / "base", info)
         else:
@@ -317,8 +316,7 @@ def _train_expert(part: Path, config: SuiteConfig, t: str, i: int, split, held, 
     model = AutoModelForCausalLM.from_pretrained(part / "base", dtype=torch.float32, attn_implementation="eager")
     stream = [TrainStream(t, config.seed + 1, held)]
     new_tokens = [tok.ids[get_task(t).tag]] if config.tag_lr > 0 else []
-    budget = get_task(t).max_answer + 1
-    check = lambda m: accuracy(m, val, tok, budget) >= config.stop_acc  # noqa: E731
+    check = lambda m: exact_match(m, val, tok) >= config.stop_acc  # noqa: E731
     steps = acc = 0
     for round_ in range(1 + config.extra_rounds):
         if round_ > 0:  # the bar counted one round per expert: a further round extends it
@@ -330,7 +328,7 @@ def _train_expert(part: Path, config: SuiteConfig, t: str, i: int, split, held, 
                       new_token_lr=config.tag_lr)  # fmt: skip
         bar.update(config.expert_steps - taken)  # an early stop skips the rest of the round
         steps += taken
-        acc = accuracy(model, test, tok, budget)
+        acc = exact_match(model, test, tok)
         if acc >= config.target_acc:
             break
     return {"model": model, "accuracy": acc, "steps": steps}

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-SUITE_VERSION = "suite-v3"
+SUITE_VERSION = "suite-v4"  # v4: packed batches, fused AdamW (other weights than v3)
 
 
 def fingerprint(root: Path, tasks: Sequence[str]) -> str:
