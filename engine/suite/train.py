@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-from blockmerge.suite.tasks import EOS_ID, PAD_ID, VOCAB, CharTokenizer, TrainStream
+from blockmerge.suite.tasks import EOS_ID, PAD_ID, UNKNOWN_TAG, VOCAB, CharTokenizer, TrainStream
 
 
 def model_config(cfg):
@@ -43,13 +43,16 @@ class PackedBatch:
     """A batch of (prompt, answer) examples packed into rows: `positions` restart at 0 with each example,
     from which transformers builds a block-diagonal causal mask (masking_utils.find_packed_sequence_indices),
     so no example sees another. `answer_at` are the flat indices of the positions whose next token is an
-    answer token (`answers`, of example `example`): the loss is computed there only (completion-only)."""
+    answer token (`answers`, of example `example`): the loss is computed there only (completion-only).
+    `unknown_at` are the flat indices of the tags written UNKNOWN_TAG, whose embedding the forward replaces
+    by a random one (tasks.UnknownTagStream)."""
 
     ids: torch.Tensor
     positions: torch.Tensor
     answer_at: torch.Tensor
     answers: torch.Tensor
     example: torch.Tensor
+    unknown_at: torch.Tensor
 
 
 def pack_batch(pairs: Sequence[tuple[str, str]], tok: CharTokenizer, row_tokens: int = ROW_TOKENS) -> PackedBatch:
@@ -67,11 +70,14 @@ def pack_batch(pairs: Sequence[tuple[str, str]], tok: CharTokenizer, row_tokens:
             free.append(width)
         rows[r].append(i)
         free[r] -= size[i]
-    ids, positions, answer_at, answers, example = [], [], [], [], []
+    ids, positions, answer_at, answers, example, unknown_at = [], [], [], [], [], []
+    unknown = CharTokenizer().ids[UNKNOWN_TAG]
     for r, members in enumerate(rows):
         row, pos = [], []
         for i in members:
             prompt, answer = seqs[i]
+            if prompt[1] == unknown:  # [BOS, tag, ...]
+                unknown_at.append(r * width + len(row) + 1)
             start = r * width + len(row) + len(prompt) - 1  # the last prompt token predicts the first answer token
             answer_at += range(start, start + len(answer))
             answers += answer
@@ -81,12 +87,22 @@ def pack_batch(pairs: Sequence[tuple[str, str]], tok: CharTokenizer, row_tokens:
         pos += range(width - len(row))
         ids.append(row + [PAD_ID] * (width - len(row)))
         positions.append(pos)
-    return PackedBatch(*(torch.tensor(x) for x in (ids, positions, answer_at, answers, example)))
+    return PackedBatch(*(torch.tensor(x) for x in (ids, positions, answer_at, answers, example, unknown_at)))
 
 
 def answer_logits(model, batch: PackedBatch) -> torch.Tensor:
-    """Logits at the answer positions only (the head is applied there only), teacher-forced."""
-    hidden = model.get_decoder()(input_ids=batch.ids, position_ids=batch.positions, use_cache=False)[0]
+    """Logits at the answer positions only (the head is applied there only), teacher-forced. An UNKNOWN_TAG
+    tag is embedded as a fresh random vector, drawn as the row of a token the model never saw is initialised
+    (normal, std `initializer_range`): the model meets as many unknown tags as such examples."""
+    if len(batch.unknown_at):
+        embeds = model.get_input_embeddings()(batch.ids)
+        noise = torch.randn(len(batch.unknown_at), embeds.shape[-1], dtype=embeds.dtype)
+        noise = noise * model.config.initializer_range
+        embeds = embeds.flatten(0, 1).index_copy(0, batch.unknown_at, noise).view_as(embeds)
+        inputs = {"inputs_embeds": embeds}
+    else:
+        inputs = {"input_ids": batch.ids}
+    hidden = model.get_decoder()(**inputs, position_ids=batch.positions, use_cache=False)[0]
     return model.get_output_embeddings()(hidden.flatten(0, 1)[batch.answer_at])
 
 
