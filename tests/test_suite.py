@@ -219,19 +219,19 @@ def test_teacher_forced_exact_match_is_greedy_decoding_accuracy():
     from transformers import AutoModelForCausalLM
 
     tok = T.CharTokenizer()
-    pairs = T.eval_sets("count", 30, 0, seed=0)[0] + T.eval_sets("reverse", 30, 0, seed=0)[0]
+    pairs = T.eval_sets("count", 30, 0, seed=0)[0] + T.eval_sets("tail", 30, 0, seed=0)[0]
     with deterministic_single_thread():
         torch.manual_seed(0)
         model = AutoModelForCausalLM.from_config(
             model_config(SuiteConfig(hidden=32, heads=2, intermediate=64, layers=2))
         )
-        streams = [T.TrainStream(t, 0, set()) for t in ("count", "reverse")]
-        train(model, streams, 160, 1e-2, 32, 0, "count+reverse", cosine=False)
+        streams = [T.TrainStream(t, 0, set()) for t in ("count", "tail")]
+        train(model, streams, 160, 1e-2, 32, 0, "count+tail", cosine=False)
         gens = greedy_decode(model, [tok.encode(p, bos=True) for p, _ in pairs], eos_token_id=T.EOS_ID)
         greedy = [tok.decode(g) == a and len(g) <= T.MAX_ANSWER for g, (_, a) in zip(gens, pairs, strict=True)]
         forced = [exact_match(model, [pair], tok) == 1.0 for pair in pairs]
         assert forced == greedy
-        assert 0 < sum(greedy[:30]) < 30 and 0 < sum(greedy[30:]) < 30  # hits and misses, 1 and 2-8 tokens
+        assert 0 < sum(greedy[:30]) < 30 and 0 < sum(greedy[30:]) < 30  # hits and misses, 2 and 2-7 tokens
         assert exact_match(model, pairs, tok) == pytest.approx(sum(greedy) / len(pairs))
 
 
@@ -378,7 +378,7 @@ def test_divmerge_loss_against_a_direct_computation(micro_suite):
     from blockmerge.learn.full import loss
 
     s = micro_suite
-    coefs = [0.7, 0.4]
+    coefs = [-1.5, 2.5]  # far from each expert: a divergence well above float32 rounding
     prompts = [[s.encode_prompt(p) for p in s.unlabeled(t, 5)] for t in MICRO_TASKS]
     value = loss(s.base, [s.expert(t) for t in MICRO_TASKS], coefs, prompts, max_new_tokens=6,
                  eos_token_id=T.EOS_ID, batch_size=3, attn_implementation="eager")  # fmt: skip
@@ -403,11 +403,11 @@ def test_divmerge_loss_against_a_direct_computation(micro_suite):
             js = 0.5 * (lp.exp() * (lp - lm)).sum(-1) + 0.5 * (lq.exp() * (lq - lm)).sum(-1)
             divs += js.tolist()
         expected += sum(divs) / len(divs)
-    assert value == pytest.approx(expected, rel=2e-3, abs=1e-6)
+    assert value == pytest.approx(expected, rel=2e-3, abs=1e-9) and value > 1e-4
     # the same coefficients per block give the same value; a wrong shape is an error
     same = loss(s.base, [s.expert(t) for t in MICRO_TASKS], torch.tensor(coefs)[:, None].expand(2, 4), prompts,
                 max_new_tokens=6, eos_token_id=T.EOS_ID, attn_implementation="eager")  # fmt: skip
-    assert same == pytest.approx(value, rel=1e-5)
+    assert same == pytest.approx(value, rel=1e-4)
     with pytest.raises(ValueError, match="coefficients: shape"):
         loss(s.base, [s.expert("shift")], coefs, prompts[:1], max_new_tokens=6)
 
@@ -484,7 +484,7 @@ def test_comparison_takes_any_task_suite(micro_suite):
 
 # The margins by which layer-level DivMerge must beat task arithmetic on the small variant (mean ANP over the
 # test's subsets): at most half the smallest differences of the repeated runs in the test's docstring.
-SMALL_MARGIN = {2: 0.03, 4: 0.10}
+SMALL_MARGIN = {2: 0.0, 4: 0.05}
 
 
 def test_small_suite_checks_itself_and_divmerge_beats_task_arithmetic(tmp_path):
@@ -493,13 +493,13 @@ def test_small_suite_checks_itself_and_divmerge_beats_task_arithmetic(tmp_path):
     against task arithmetic (lambda tuned on validation), default Settings, on two subsets of k = 2 tasks and
     on all four tasks.
 
-    The margins (SMALL_MARGIN) come from repeated builds with seeds 0-3 (benchmarks/README.md, "The small
-    variant"), layer-level JS ANP minus task arithmetic's: k = 2, nine pairs, +0.020 to +0.255 (mean
-    +0.102); the mean over two pairs of one seed is at least +0.058 (seed 0's copy+map and reverse+map,
-    the pairs this test uses: 0.940/0.865 -> 0.960/0.960); k = 4, +0.230 / +0.302 / +0.287 (seeds 0, 1, 3).
-    Seed 2's base scores 0.24 on copy and its build is refused by the self-check. Each margin is at most half
-    the smallest difference seen, leaving room for the rounding differences between CPU kinds (the weights
-    are bit-identical only on one kind), and a failure means a real loss of the gap, not noise."""
+    The margins (SMALL_MARGIN) come from repeated builds with seeds 0-2 (benchmarks/README.md, "The small
+    variant"), layer-level JS ANP minus task arithmetic's: k = 4, +0.098 and +0.162 (seeds 0 and 2); k = 2,
+    the two pairs this test uses (shift+map, reverse+map), mean +0.000 (seed 0: both methods at 1.000) and
+    +0.055 (seed 2). Seed 1's base does not learn its word skills in 1500 steps and its build is refused by
+    the self-check. At k = 2 these pairs leave task arithmetic no room to lose, so the test asks that DivMerge
+    does not fall below it; at k = 4 the margin is about half the smallest gain seen, leaving room for the
+    rounding differences between CPU kinds (the weights are bit-identical only on one kind)."""
     from blockmerge.suite.build import SMALL, build_suite
     from blockmerge.suite.demo import Comparison, Settings
 
