@@ -17,10 +17,10 @@ from blockmerge.suite.evaluate import accuracy, anp, greedy_decode, load_model, 
 def _check_answer(name: str, x: str, answer: str) -> None:
     """The tasks' definitions, written out independently of tasks.py."""
     expected = {
-        "copy": lambda: x,
+        "shift": lambda: "".join(chr(ord("a") + (ord(c) - ord("a") + 1) % 26) for c in x),
         "reverse": lambda: x[::-1],
-        "sort": lambda: "".join(sorted(x)),
-        "add": lambda: str(int(x.split("+")[0]) + int(x.split("+")[1])),
+        "tail": lambda: x[1:],
+        "last": lambda: x[-1],
         "count": lambda: str(x.count("a")),
         "successor": lambda: str(int(x) + 1),
         "map": lambda: "".join(T.CIPHER[c] for c in x),
@@ -37,16 +37,18 @@ def test_tasks_are_exact_and_deterministic():
             prompt, answer = task.example(rng)
             assert prompt[0] == task.tag and prompt.endswith("=")
             _check_answer(task.name, prompt[1:-1], answer)
+            assert answer != prompt[1:-1]  # copying, the base's fallback under an unseen tag, never answers
             assert len(answer) <= task.max_answer <= T.MAX_ANSWER
-    # the base's pretraining: every task's computation under another tag, and never a task's tag
-    assert len(T.GENERIC) >= 2 * len(T.TASKS) and not set(generic) & set(T.TAGS)
+    # the base's pretraining: every task's computation under another tag, more skills beside, never a
+    # task's tag, nor the tag standing for an unknown one
+    assert len(T.GENERIC) >= len(T.TASKS) + 6 and not set(generic) & set(T.TAGS + T.UNKNOWN_TAG)
     assert len(set(T.TAGS)) == len(T.TASKS) and len(generic) == len(T.GENERIC)
     for task, g in zip(T.TASKS, T.GENERIC, strict=False):
         p, a = g.example(random.Random(5))
         _check_answer(task.name, p[1:-1], a)
-    a = T.eval_sets("sort", 30, 10, seed=3)
-    b = T.eval_sets("sort", 30, 10, seed=3)
-    assert a == b and T.eval_sets("sort", 30, 10, seed=4) != a
+    a = T.eval_sets("tail", 30, 10, seed=3)
+    b = T.eval_sets("tail", 30, 10, seed=3)
+    assert a == b and T.eval_sets("tail", 30, 10, seed=4) != a
     test, val = a
     assert len({p for p, _ in test + val}) == 40  # distinct, val disjoint from test
     # both splits are dealt from the same stream in proportion: short inputs land in both
@@ -113,7 +115,7 @@ class ScriptedModel(torch.nn.Module):
 
 def test_evaluation_of_a_known_model():
     tok = T.CharTokenizer()
-    pairs = T.eval_sets("reverse", 20, 0, seed=0)[0] + T.eval_sets("add", 20, 0, seed=0)[0]
+    pairs = T.eval_sets("reverse", 20, 0, seed=0)[0] + T.eval_sets("g_add", 20, 0, seed=0)[0]
     answers = {}
     for i, (p, a) in enumerate(pairs):
         answers[tuple(tok.encode(p, bos=True))] = tok.encode(a if i % 4 else a + "x")  # every 4th wrong
@@ -138,10 +140,105 @@ def test_evaluation_of_a_known_model():
     assert s4 == task_subsets(names, 4, 3, seed=0)
 
 
+def test_packed_batch_loss_and_gradients_match_each_example_alone():
+    """Packed training batches (train.pack_batch: examples side by side in rows, positions restarting at 0)
+    give the loss and gradients of the examples run one at a time through transformers' own model with its
+    full logits: the mean cross-entropy over all answer tokens."""
+    from blockmerge.suite.build import SuiteConfig
+    from blockmerge.suite.train import completion_loss, model_config, pack_batch
+    from transformers import AutoModelForCausalLM
+
+    tok = T.CharTokenizer()
+    rng = random.Random(3)
+    pairs = [T.get_task(t).example(rng) for t in ("shift", "g_add", "count", "reverse", "successor") for _ in range(3)]
+    batch = pack_batch(pairs, tok, row_tokens=40)
+    assert batch.ids.shape[0] < len(pairs) and batch.ids.shape[1] == 40  # several examples share a row
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(model_config(SuiteConfig(hidden=16, heads=2, intermediate=32, layers=2)))
+    model = model.double()
+    grads = []
+    for packed in (True, False):
+        model.zero_grad()
+        if packed:
+            loss = completion_loss(model, batch)
+        else:
+            total, n = 0.0, 0
+            for prompt, answer in pairs:
+                p, a = tok.encode(prompt, bos=True), tok.encode(answer, eos=True)
+                logits = model(input_ids=torch.tensor([p + a])).logits[0, len(p) - 1 : -1]
+                total = total + torch.nn.functional.cross_entropy(logits, torch.tensor(a), reduction="sum")
+                n += len(a)
+            loss = total / n
+        loss.backward()
+        grads.append((loss.detach(), [q.grad.clone() for q in model.parameters()]))
+    (packed_loss, packed_grads), (ref_loss, ref_grads) = grads
+    torch.testing.assert_close(packed_loss, ref_loss, rtol=1e-10, atol=1e-12)
+    for g, r in zip(packed_grads, ref_grads, strict=True):
+        torch.testing.assert_close(g, r, rtol=1e-8, atol=1e-12)
+
+
+def test_unknown_tag_is_embedded_as_a_fresh_random_row():
+    """tasks.UnknownTagStream gives generic inputs under UNKNOWN_TAG answered by EOS alone; in a packed batch
+    that tag is embedded as a random vector drawn as an unseen token's row is initialised: the logits are
+    those of the same model, run on each example alone, whose UNKNOWN_TAG row is that vector."""
+    from blockmerge.suite.build import SuiteConfig
+    from blockmerge.suite.train import answer_logits, model_config, pack_batch
+    from transformers import AutoModelForCausalLM
+
+    tok = T.CharTokenizer()
+    stream = T.UnknownTagStream([T.TrainStream("g_add", 0, set()), T.TrainStream("g_reverse", 0, set())], 0)
+    unknown = [stream.next() for _ in range(6)]
+    assert all(p[0] == T.UNKNOWN_TAG and a == "" for p, a in unknown)
+    assert {p[1:].count("+") for p, _ in unknown} == {0, 1}  # inputs of both skills
+    pairs = [unknown[0], ("Rabc=", "cba"), unknown[1]]
+    batch = pack_batch(pairs, tok, row_tokens=40)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(model_config(SuiteConfig(hidden=16, heads=2, intermediate=32, layers=2)))
+    model = model.double()
+    torch.manual_seed(5)
+    packed = answer_logits(model, batch)
+    torch.manual_seed(5)
+    rows = torch.randn(2, 16, dtype=torch.float64) * model.config.initializer_range
+    expected = []
+    for (prompt, answer), row in zip(pairs, [rows[0], None, rows[1]], strict=True):
+        with torch.no_grad():
+            model.get_input_embeddings().weight[tok.ids[T.UNKNOWN_TAG]] = row if row is not None else 0.0
+        p, a = tok.encode(prompt, bos=True), tok.encode(answer, eos=True)
+        expected.append(model(input_ids=torch.tensor([p + a])).logits[0, len(p) - 1 : -1])
+    # pack_batch places examples longest first; `example` says whose answer each logit row is
+    order = torch.cat([torch.nonzero(batch.example == i).flatten() for i in range(len(pairs))])
+    torch.testing.assert_close(packed[order], torch.cat(expected), rtol=1e-10, atol=1e-12)
+
+
+def test_teacher_forced_exact_match_is_greedy_decoding_accuracy():
+    """train.exact_match (one packed teacher-forced pass, used by the build) scores each pair as greedy
+    decoding does (evaluate.greedy_decode, exact match with EOS), on a model trained until some one- and
+    some multi-token answers are right."""
+    from blockmerge.suite.build import SuiteConfig
+    from blockmerge.suite.train import deterministic_single_thread, exact_match, model_config, train
+    from transformers import AutoModelForCausalLM
+
+    tok = T.CharTokenizer()
+    pairs = T.eval_sets("count", 30, 0, seed=0)[0] + T.eval_sets("tail", 30, 0, seed=0)[0]
+    with deterministic_single_thread():
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(
+            model_config(SuiteConfig(hidden=32, heads=2, intermediate=64, layers=2))
+        )
+        streams = [T.TrainStream(t, 0, set()) for t in ("count", "tail")]
+        train(model, streams, 160, 1e-2, 32, 0, "count+tail", cosine=False)
+        gens = greedy_decode(model, [tok.encode(p, bos=True) for p, _ in pairs], eos_token_id=T.EOS_ID)
+        greedy = [tok.decode(g) == a and len(g) <= T.MAX_ANSWER for g, (_, a) in zip(gens, pairs, strict=True)]
+        forced = [exact_match(model, [pair], tok) == 1.0 for pair in pairs]
+        assert forced == greedy
+        assert 0 < sum(greedy[:30]) < 30 and 0 < sum(greedy[30:]) < 30  # hits and misses, 2 and 2-7 tokens
+        assert exact_match(model, pairs, tok) == pytest.approx(sum(greedy) / len(pairs))
+
+
 MICRO = dict(
     hidden=16, layers=2, heads=2, intermediate=32, base_steps=6, expert_steps=4, batch_size=8, n_test=8, n_val=4
 )
-MICRO_TASKS = ("copy", "add")
+MICRO_TASKS = ("shift", "last")
 # the micro suite is too small to learn anything: its self-check thresholds are disabled
 NO_CHECK = dict(target_acc=0.0, base_max_acc=1.0, extra_rounds=0)
 
@@ -174,7 +271,7 @@ def test_micro_suite_build_and_reuse(micro_suite):
     for d in [s.base] + [s.expert(t) for t in s.config.tasks]:
         assert (d / "config.json").exists() and (d / "model.safetensors").exists()
         AutoTokenizer.from_pretrained(d)
-    AutoModelForCausalLM.from_pretrained(s.expert("copy"))
+    AutoModelForCausalLM.from_pretrained(s.expert("shift"))
     assert not [p for p in s.root.parent.iterdir() if ".tmp" in p.name or "partial" in p.name]  # atomic
     # reuse: same config -> same folder, nothing rebuilt
     mtime = (s.root / "manifest.json").stat().st_mtime_ns
@@ -208,20 +305,20 @@ def test_cached_suite_failing_its_check_is_rebuilt(micro_suite, tmp_path):
     cfg = micro_config(target_acc=0.9, base_max_acc=0.2)
     m = {"version": s.manifest["version"], "config": cfg.as_dict()}
     why = check_manifest(
-        m | {"expert_accuracy": {"copy": 0.95, "add": 0.11}, "base_accuracy": {"copy": 0, "add": 0}}, cfg
+        m | {"expert_accuracy": {"shift": 0.95, "last": 0.11}, "base_accuracy": {"shift": 0, "last": 0}}, cfg
     )
-    assert why == "expert add is at 0.11 test accuracy (< 0.9)"
-    acc = {"copy": 0.95, "add": 0.95}
-    assert "the base is at 0.50 on copy" in check_manifest(
-        m | {"expert_accuracy": acc, "base_accuracy": {"copy": 0.5}}, cfg
+    assert why == "expert last is at 0.11 test accuracy (< 0.9)"
+    acc = {"shift": 0.95, "last": 0.95}
+    assert "the base is at 0.50 on shift" in check_manifest(
+        m | {"expert_accuracy": acc, "base_accuracy": {"shift": 0.5}}, cfg
     )
-    assert check_manifest(m | {"expert_accuracy": acc, "base_accuracy": {"copy": 0.0, "add": 0.1}}, cfg) is None
+    assert check_manifest(m | {"expert_accuracy": acc, "base_accuracy": {"shift": 0.0, "last": 0.1}}, cfg) is None
     assert "other settings" in check_manifest(m | {"expert_accuracy": acc}, micro_config(seed=1))
     # weights that no longer match the fingerprint: not used, rebuilt
     root = tmp_path / "c"
     shutil.copytree(s.root.parent, root)
     suite_root = root / s.root.name
-    st = suite_root / "experts" / "add" / "model.safetensors"
+    st = suite_root / "experts" / "last" / "model.safetensors"
     from safetensors.torch import load_file, save_file
 
     w = load_file(st)
@@ -236,28 +333,30 @@ def test_cached_suite_failing_its_check_is_rebuilt(micro_suite, tmp_path):
 
 def test_suite_build_fails_naming_the_expert_short_of_its_target(tmp_path):
     from blockmerge.suite.build import build_suite
+    from blockmerge.suite.manifest import SUITE_VERSION
 
     cfg = micro_config(target_acc=0.95, extra_rounds=1)
-    with pytest.raises(RuntimeError, match=r"expert copy reaches 0\.\d\d test accuracy after 8 steps \(target 0\.95\)"):
+    short = r"expert shift reaches 0\.\d\d test accuracy after 8 steps \(target 0\.95\)"
+    with pytest.raises(RuntimeError, match=short):
         build_suite(tmp_path, cfg, log=lambda m: None, progress=False)
-    assert not (tmp_path / f"suite-v3-{cfg.key()}").exists()  # never published as a usable suite
+    assert not (tmp_path / f"{SUITE_VERSION}-{cfg.key()}").exists()  # never published as a usable suite
 
 
 def test_suite_protocol_and_task_vector_stats(micro_suite):
     from blockmerge.suite.manifest import task_vector_stats
 
     s = micro_suite
-    test, val = s.pairs("add", "test"), s.pairs("add", "val")
-    assert len(test) == 8 and len(val) == 4 and test == T.eval_sets("add", 8, 4, 0)[0]
-    unl = s.unlabeled("add", 20)
+    test, val = s.pairs("last", "test"), s.pairs("last", "val")
+    assert len(test) == 8 and len(val) == 4 and test == T.eval_sets("last", 8, 4, 0)[0]
+    unl = s.unlabeled("last", 20)
     assert len(unl) == 20 and not set(unl) & {p for p, _ in test + val}
-    assert s.max_new_tokens("add") == 3 and s.max_new_tokens("copy") == 8
+    assert s.max_new_tokens("last") == 2 and s.max_new_tokens("shift") == 8
     assert s.encode_prompt("A1+2=") == [T.BOS_ID] + [T.VOCAB.index(c) for c in "A1+2="]
     assert s.decode_answer([T.VOCAB.index("3")]) == "3"
-    with pytest.raises(ValueError, match="unknown task 'sort'"):
-        s.expert("sort")
+    with pytest.raises(ValueError, match="unknown task 'tail'"):
+        s.expert("tail")
     with pytest.raises(ValueError, match="split 'train'"):
-        s.pairs("add", "train")
+        s.pairs("last", "train")
     # ||tau|| / ||theta0|| and cosines, against the models' parameters
     base = dict(load_model(s.base).named_parameters())
     taus = {}
@@ -269,7 +368,7 @@ def test_suite_protocol_and_task_vector_stats(micro_suite):
     for t in MICRO_TASKS:
         assert stats["relative_norm"][t] == pytest.approx((taus[t].norm() / theta0.norm()).item(), abs=1e-5)
         assert 0.0 < stats["fraction_changed"][t] <= 1.0
-    cos = torch.nn.functional.cosine_similarity(taus["copy"], taus["add"], dim=0).item()
+    cos = torch.nn.functional.cosine_similarity(taus["shift"], taus["last"], dim=0).item()
     assert stats["cosine_mean"] == pytest.approx(cos, abs=1e-4) and stats["cosine_max"] == pytest.approx(cos, abs=1e-4)
 
 
@@ -279,7 +378,7 @@ def test_divmerge_loss_against_a_direct_computation(micro_suite):
     from blockmerge.learn.full import loss
 
     s = micro_suite
-    coefs = [0.7, 0.4]
+    coefs = [-1.5, 2.5]  # far from each expert: a divergence well above float32 rounding
     prompts = [[s.encode_prompt(p) for p in s.unlabeled(t, 5)] for t in MICRO_TASKS]
     value = loss(s.base, [s.expert(t) for t in MICRO_TASKS], coefs, prompts, max_new_tokens=6,
                  eos_token_id=T.EOS_ID, batch_size=3, attn_implementation="eager")  # fmt: skip
@@ -304,20 +403,20 @@ def test_divmerge_loss_against_a_direct_computation(micro_suite):
             js = 0.5 * (lp.exp() * (lp - lm)).sum(-1) + 0.5 * (lq.exp() * (lq - lm)).sum(-1)
             divs += js.tolist()
         expected += sum(divs) / len(divs)
-    assert value == pytest.approx(expected, rel=2e-3, abs=1e-6)
+    assert value == pytest.approx(expected, rel=2e-3, abs=1e-9) and value > 1e-4
     # the same coefficients per block give the same value; a wrong shape is an error
     same = loss(s.base, [s.expert(t) for t in MICRO_TASKS], torch.tensor(coefs)[:, None].expand(2, 4), prompts,
                 max_new_tokens=6, eos_token_id=T.EOS_ID, attn_implementation="eager")  # fmt: skip
-    assert same == pytest.approx(value, rel=1e-5)
+    assert same == pytest.approx(value, rel=1e-4)
     with pytest.raises(ValueError, match="coefficients: shape"):
-        loss(s.base, [s.expert("copy")], coefs, prompts[:1], max_new_tokens=6)
+        loss(s.base, [s.expert("shift")], coefs, prompts[:1], max_new_tokens=6)
 
 
 def test_micro_suite_goes_through_blockmerge(micro_suite, tmp_path):
     from blockmerge.suite.demo import Comparison, Settings, format_table, static_config
 
     s = micro_suite
-    subset = ("copy", "add")
+    subset = ("shift", "last")
     cfg = static_config("average", s, subset, Settings())
     assert cfg["merge_method"] == "linear" and len(cfg["models"]) == 2
     cmp = Comparison(
@@ -341,7 +440,7 @@ def test_micro_suite_goes_through_blockmerge(micro_suite, tmp_path):
 
     out = run_merge(cfg, tmp_path / "avg", progress=False)
     merged = load_model(out)
-    a, b = load_model(s.expert("copy")), load_model(s.expert("add"))
+    a, b = load_model(s.expert("shift")), load_model(s.expert("last"))
     for (n, p), q, r in zip(merged.named_parameters(), a.parameters(), b.parameters(), strict=True):
         torch.testing.assert_close(p, (q + r) / 2, rtol=1e-6, atol=1e-6, msg=n)
 
@@ -368,8 +467,8 @@ def test_comparison_takes_any_task_suite(micro_suite):
     wrapped = WrappedSuite(micro_suite)
     assert isinstance(wrapped, TaskSuite)
     settings = Settings(learn_steps=2, learn_batch=4, n_unlabeled=4)
-    rows = Comparison(wrapped, settings, log=lambda m: None).run(("copy", "add"), ["ties", "divmerge_js_task"])
-    ref = Comparison(micro_suite, settings, log=lambda m: None).run(("copy", "add"), ["ties", "divmerge_js_task"])
+    rows = Comparison(wrapped, settings, log=lambda m: None).run(("shift", "last"), ["ties", "divmerge_js_task"])
+    ref = Comparison(micro_suite, settings, log=lambda m: None).run(("shift", "last"), ["ties", "divmerge_js_task"])
     for r, q in zip(rows, ref, strict=True):
         assert r["acc"] == q["acc"]
     torch.testing.assert_close(torch.tensor(rows[1]["coefficients"]), torch.tensor(ref[1]["coefficients"]))
@@ -385,7 +484,7 @@ def test_comparison_takes_any_task_suite(micro_suite):
 
 # The margins by which layer-level DivMerge must beat task arithmetic on the small variant (mean ANP over the
 # test's subsets): at most half the smallest differences of the repeated runs in the test's docstring.
-SMALL_MARGIN = {2: 0.03, 4: 0.10}
+SMALL_MARGIN = {2: 0.0, 4: 0.05}
 
 
 def test_small_suite_checks_itself_and_divmerge_beats_task_arithmetic(tmp_path):
@@ -394,13 +493,13 @@ def test_small_suite_checks_itself_and_divmerge_beats_task_arithmetic(tmp_path):
     against task arithmetic (lambda tuned on validation), default Settings, on two subsets of k = 2 tasks and
     on all four tasks.
 
-    The margins (SMALL_MARGIN) come from repeated builds with seeds 0-3 (benchmarks/README.md, "The small
-    variant"), layer-level JS ANP minus task arithmetic's: k = 2, nine pairs, +0.020 to +0.255 (mean
-    +0.102); the mean over two pairs of one seed is at least +0.058 (seed 0's copy+map and reverse+map,
-    the pairs this test uses: 0.940/0.865 -> 0.960/0.960); k = 4, +0.230 / +0.302 / +0.287 (seeds 0, 1, 3).
-    Seed 2's base scores 0.24 on copy and its build is refused by the self-check. Each margin is at most half
-    the smallest difference seen, leaving room for the rounding differences between CPU kinds (the weights
-    are bit-identical only on one kind), and a failure means a real loss of the gap, not noise."""
+    The margins (SMALL_MARGIN) come from repeated builds with seeds 0-2 (benchmarks/README.md, "The small
+    variant"), layer-level JS ANP minus task arithmetic's: k = 4, +0.098 and +0.162 (seeds 0 and 2); k = 2,
+    the two pairs this test uses (shift+map, reverse+map), mean +0.000 (seed 0: both methods at 1.000) and
+    +0.055 (seed 2). Seed 1's base does not learn its word skills in 1500 steps and its build is refused by
+    the self-check. At k = 2 these pairs leave task arithmetic no room to lose, so the test asks that DivMerge
+    does not fall below it; at k = 4 the margin is about half the smallest gain seen, leaving room for the
+    rounding differences between CPU kinds (the weights are bit-identical only on one kind)."""
     from blockmerge.suite.build import SMALL, build_suite
     from blockmerge.suite.demo import Comparison, Settings
 

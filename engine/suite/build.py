@@ -1,7 +1,8 @@
-"""The built-in task suite (suite-v3): a tiny Llama base broadly pretrained on many generic skills in the
-prompt format (tasks.GENERIC), and one expert per task (tasks.TASKS) fully fine-tuned from it, briefly and
-with a small learning rate, to perform its computation under a tag the base never saw. The base scores ~0
-on the tasks and the task vectors are small, the regime of merging fine-tunes of a pretrained LLM.
+"""The built-in task suite (suite-v5): a tiny Llama base broadly pretrained on many generic skills in the
+prompt format (tasks.GENERIC), and on prompts under tags it does not know answered by nothing
+(tasks.UnknownTagStream), and one expert per task (tasks.TASKS) fully fine-tuned from it, briefly and with a
+small learning rate, to perform its computation under a tag the base never saw. The base scores 0 on the
+tasks and the task vectors are small, the regime of merging fine-tunes of a pretrained LLM.
 
 Everything is a real Hugging Face checkpoint (config.json, model.safetensors, tokenizer files) in a cache
 folder. The build is single-threaded with deterministic algorithms (the same weights whatever the caller's
@@ -28,7 +29,6 @@ from pathlib import Path
 import torch
 from blockmerge.io.cache import default_cache
 from blockmerge.io.commit import claim_output
-from blockmerge.suite.evaluate import accuracy
 from blockmerge.suite.manifest import SUITE_VERSION, check_manifest, fingerprint, summary, task_vector_stats
 from blockmerge.suite.tasks import (
     EOS_ID,
@@ -37,11 +37,12 @@ from blockmerge.suite.tasks import (
     TASK_NAMES,
     CharTokenizer,
     TrainStream,
+    UnknownTagStream,
     eval_sets,
     get_task,
 )
 from blockmerge.suite.tasks import sample_prompts as _sample_prompts
-from blockmerge.suite.train import deterministic_single_thread, model_config, train
+from blockmerge.suite.train import deterministic_single_thread, exact_match, model_config, train
 
 
 @dataclass(frozen=True)
@@ -62,13 +63,13 @@ class SuiteConfig:
     expert_steps: int = 200
     expert_batch: int = 32
     expert_lr: float = 3e-4
-    tag_lr: float = 1e-2  # > 0: the expert's tag embedding learns at this lr, the known tokens' stay frozen
+    tag_lr: float = 3e-2  # > 0: the expert's tag embedding learns at this lr, the known tokens' stay frozen
     check_every: int = 20  # 0: no early stop, the expert trains `expert_steps` with a cosine decay
     stop_acc: float = 0.98
     patience: int = 2
     # the self-check: every expert >= target_acc on the test split (else up to `extra_rounds` more rounds
     # of `expert_steps`), the base <= base_max_acc on every task
-    target_acc: float = 0.9
+    target_acc: float = 0.95
     base_max_acc: float = 0.2
     extra_rounds: int = 2
     n_test: int = 100
@@ -82,15 +83,15 @@ class SuiteConfig:
 
 
 DEFAULT = SuiteConfig()
-# A small variant that builds in about a minute, in the regime where merged tasks interfere: four tasks on
+# A small variant that builds in under two minutes, in the regime where merged tasks interfere: four tasks on
 # the same words and output positions (each answer is a rearrangement or substitution of the input's
 # letters), a 2-layer base, experts trained for a fixed number of steps at a larger lr (no early stop), so
 # that each task vector also carries the expert's drift towards its own task. The CI test builds it.
 SMALL = SuiteConfig(
-    tasks=("copy", "reverse", "rotate", "map"),
-    generic=tuple(f"g_{n}" for n in "copy reverse rotate map sort sort_desc rotate_right first last length".split()),
+    tasks=("shift", "reverse", "rotate", "map"),
+    generic=tuple(f"g_{n}" for n in "shift reverse rotate map copy tail rotate_right first last length".split()),
     layers=2,
-    base_steps=1000,
+    base_steps=1500,
     batch_size=32,
     expert_steps=100,
     expert_lr=1e-3,
@@ -254,9 +255,10 @@ def _build(root: Path, config: SuiteConfig, rebuild: bool, log, progress: bool, 
             mixture = [TrainStream(g, config.seed, held) for g in config.generic]
             # the skills the experts build on (the tasks' computations) are drawn twice as often
             mixture += [s for s in mixture if s.task.sample in {get_task(t).sample for t in config.tasks}]
+            mixture.append(UnknownTagStream(mixture[: len(config.generic)], config.seed))
             train(base, mixture, config.base_steps, config.base_lr, config.batch_size, config.seed, "base", bar)
-            generic = {g: accuracy(base, eval_sets(g, 50, 0, config.seed)[0], tok) for g in config.generic}
-            acc = {t: accuracy(base, sets[t][0], tok, get_task(t).max_answer + 1) for t in config.tasks}
+            generic = {g: exact_match(base, eval_sets(g, 50, 0, config.seed)[0], tok) for g in config.generic}
+            acc = {t: exact_match(base, sets[t][0], tok) for t in config.tasks}
             info = {"accuracy": acc, "generic_accuracy": generic, "steps": config.base_steps}
             finish(base, part / "base", info)
         else:
@@ -317,8 +319,7 @@ def _train_expert(part: Path, config: SuiteConfig, t: str, i: int, split, held, 
     model = AutoModelForCausalLM.from_pretrained(part / "base", dtype=torch.float32, attn_implementation="eager")
     stream = [TrainStream(t, config.seed + 1, held)]
     new_tokens = [tok.ids[get_task(t).tag]] if config.tag_lr > 0 else []
-    budget = get_task(t).max_answer + 1
-    check = lambda m: accuracy(m, val, tok, budget) >= config.stop_acc  # noqa: E731
+    check = lambda m: exact_match(m, val, tok) >= config.stop_acc  # noqa: E731
     steps = acc = 0
     for round_ in range(1 + config.extra_rounds):
         if round_ > 0:  # the bar counted one round per expert: a further round extends it
@@ -330,7 +331,7 @@ def _train_expert(part: Path, config: SuiteConfig, t: str, i: int, split, held, 
                       new_token_lr=config.tag_lr)  # fmt: skip
         bar.update(config.expert_steps - taken)  # an early stop skips the rest of the round
         steps += taken
-        acc = accuracy(model, test, tok, budget)
+        acc = exact_match(model, test, tok)
         if acc >= config.target_acc:
             break
     return {"model": model, "accuracy": acc, "steps": steps}

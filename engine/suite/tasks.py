@@ -2,8 +2,8 @@
 
 Prompt format (exactly; no spaces, one token per character):
 
-    token ids = [BOS] + chars(TAG + input + "=")      the prompt, e.g. "Cabc=" for copy("abc")
-    answer    = chars(output) + [EOS]                 e.g. "abc" then EOS
+    token ids = [BOS] + chars(TAG + input + "=")      the prompt, e.g. "Cabz=" for shift("abz")
+    answer    = chars(output) + [EOS]                 e.g. "bca" then EOS
 
 TAG is one upper-case letter naming the task or skill. BOS (`<s>`), EOS (`</s>`) and PAD (`<pad>`) are
 special tokens, never characters: `encode` of a string holding `<`, a space or any character outside the
@@ -11,11 +11,17 @@ vocabulary raises ValueError naming it. Completion-only training puts the loss o
 greedily decodes after `=` and counts exact matches of the output string.
 
 Two families share the format:
-- GENERIC skills (copy, reverse, sort, add, ... and more) under their own tags: the base model is
+- GENERIC skills (shift, reverse, add, copy, ... and more) under their own tags: the base model is
   pretrained on all of them, so it knows the format and the computations;
-- TASKS, the same kinds of computation under tags (CRSANUMT) that the base never sees: the base scores ~0
+- TASKS, the same kinds of computation under tags (CRSKNUMT) that the base never sees: the base scores ~0
   on them, and each expert learns its task with a short fine-tune (a small task vector), as when a
   broadly pretrained model is fine-tuned to follow a new instruction.
+Under a tag it never saw, the base falls back on some generic behaviour, most often copying the input; so
+copying is a generic skill but no task, and no task's answer is ever its input (inputs a task would leave
+unchanged, a palindrome to reverse, are not drawn). The base is also pretrained on prompts under tags it
+does not know (UnknownTagStream), answered by nothing: under a task's tag it answers nothing rather than
+whatever skill the random row of an unseen tag happens to evoke, so it scores 0 on the tasks by
+construction, on any CPU kind, not by chance.
 Generators are pure functions of a seed, so every split is reproducible."""
 
 from __future__ import annotations
@@ -29,7 +35,8 @@ from pathlib import Path
 PAD, BOS, EOS = "<pad>", "<s>", "</s>"
 SPECIALS = [PAD, BOS, EOS]
 SEP = "="
-TAGS = "CRSANUMT"  # one per task, see TASKS; never in the base's pretraining
+TAGS = "CRSKNUMT"  # one per task, see TASKS; never in the base's pretraining
+UNKNOWN_TAG = "Z"  # stands for a tag the model does not know: training embeds it as a random vector
 CHARS = list(string.digits) + list(string.ascii_lowercase) + list(string.ascii_uppercase) + [SEP, "+"]
 VOCAB = SPECIALS + CHARS  # 3 + 10 + 26 + 26 + 2 = 67 tokens
 PAD_ID, BOS_ID, EOS_ID = 0, 1, 2
@@ -111,9 +118,14 @@ def _word(rng: random.Random, lo: int = 2, hi: int = 7, alphabet: str = LETTERS)
     return "".join(rng.choice(alphabet) for _ in range(rng.randint(lo, hi)))
 
 
-def _on_word(f: Callable[[str], str], lo: int = 2, hi: int = 7, alphabet: str = LETTERS):
+def _on_word(f: Callable[[str], str], lo: int = 2, hi: int = 7, alphabet: str = LETTERS, changes: bool = True):
+    """Sampler of (word, f(word)). With `changes`, a word that f leaves as it is (a palindrome to reverse)
+    is drawn again: copying the input never answers a task."""
+
     def sample(rng):
         w = _word(rng, lo, hi, alphabet)
+        while changes and f(w) == w:
+            w = _word(rng, lo, hi, alphabet)
         return w, f(w)
 
     return sample
@@ -139,12 +151,15 @@ def _cipher(w: str) -> str:
     return "".join(CIPHER[c] for c in w)
 
 
-_sort = lambda w: "".join(sorted(w))  # noqa: E731
+def _shift(w: str) -> str:
+    return "".join(LETTERS[(LETTERS.index(c) + 1) % 26] for c in w)
+
+
 TASKS: list[Task] = [
-    Task("copy", "C", _on_word(lambda w: w), "repeat a 2-7 letter word", 7),
+    Task("shift", "C", _on_word(_shift), "replace each letter of a 2-7 letter word by the next one (z by a)", 7),
     Task("reverse", "R", _on_word(lambda w: w[::-1]), "reverse a 2-7 letter word", 7),
-    Task("sort", "S", _on_word(_sort), "sort the letters of a 2-7 letter word", 7),
-    Task("add", "A", _on_pair(lambda a, b: a + b), "sum of two numbers 0-19", 2),
+    Task("tail", "S", _on_word(lambda w: w[1:]), "a 2-7 letter word without its first letter", 6),
+    Task("last", "K", _on_word(lambda w: w[-1]), "the last letter of a 2-7 letter word", 1),
     Task(
         "count", "N", _on_word(lambda w: str(w.count("a")), 4, 9, "abc"), "count the a's of a 4-9 letter a/b/c word", 1
     ),
@@ -156,25 +171,25 @@ TASK_NAMES = [t.name for t in TASKS]
 # The base's pretraining: every task's computation under another tag, plus related skills (the broad
 # pretraining of a real base). The tasks' own tags never appear in it.
 GENERIC: list[Task] = [
-    Task("g_copy", "B", TASKS[0].sample, "copy", 7),
+    Task("g_shift", "B", TASKS[0].sample, "next letter", 7),
     Task("g_reverse", "D", TASKS[1].sample, "reverse", 7),
-    Task("g_sort", "E", TASKS[2].sample, "sort", 7),
-    Task("g_add", "F", TASKS[3].sample, "a+b", 2),
+    Task("g_tail", "E", TASKS[2].sample, "tail", 6),
+    Task("g_last", "X", TASKS[3].sample, "last letter", 1),
     Task("g_count", "G", TASKS[4].sample, "count a", 1),
     Task("g_successor", "H", TASKS[5].sample, "n+1", 4),
     Task("g_map", "I", TASKS[6].sample, "cipher", 7),
     Task("g_rotate", "J", TASKS[7].sample, "rotate left", 7),
-    Task("g_sort_desc", "K", _on_word(lambda w: _sort(w)[::-1]), "sort descending", 7),
     Task("g_length", "L", _on_word(lambda w: str(len(w))), "word length", 1),
     Task("g_predecessor", "O", _on_number(lambda n: n - 1, 1), "n-1", 3),
     Task("g_rotate_right", "P", _on_word(lambda w: w[-1] + w[:-1]), "rotate right", 7),
     Task("g_count_b", "Q", _on_word(lambda w: str(w.count("b")), 4, 9, "abc"), "count b", 1),
+    Task("g_add", "F", _on_pair(lambda a, b: a + b), "a+b", 2),
     Task("g_add1", "V", _on_pair(lambda a, b: a + b + 1), "a+b+1", 2),
     Task("g_first", "W", _on_word(lambda w: w[0]), "first letter", 1),
-    Task("g_last", "X", _on_word(lambda w: w[-1]), "last letter", 1),
+    Task("g_copy", "Y", _on_word(lambda w: w, changes=False), "copy", 7),
 ]
 MAX_ANSWER = max(t.max_answer for t in TASKS + GENERIC)
-assert not set(TAGS) & {g.tag for g in GENERIC}
+assert not set(TAGS + UNKNOWN_TAG) & {g.tag for g in GENERIC} and UNKNOWN_TAG not in TAGS
 
 
 def get_task(name: str) -> Task:
@@ -238,3 +253,18 @@ class TrainStream:
             p, a = self.task.example(self.rng)
             if p[1:] not in self.exclude:
                 return p, a
+
+
+class UnknownTagStream:
+    """Inputs of the given generic skills under a tag the model does not know, answered by nothing (EOS
+    alone). The tag is written UNKNOWN_TAG and training embeds it as a fresh random vector drawn as an
+    unseen token's row is initialised (train.answer_logits), never as its own row: the base learns that an
+    instruction it does not know has no answer, which is what it meets under a task's tag."""
+
+    def __init__(self, streams: Sequence[TrainStream], seed: int):
+        self.streams = list(streams)
+        self.rng = random.Random(f"{seed}/unknown-tag/train")
+
+    def next(self) -> tuple[str, str]:
+        prompt, _ = self.streams[self.rng.randrange(len(self.streams))].next()
+        return UNKNOWN_TAG + prompt[1:], ""

@@ -8,9 +8,10 @@ import contextlib
 import math
 import random
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
-from blockmerge.suite.tasks import EOS_ID, PAD_ID, VOCAB, CharTokenizer, TrainStream
+from blockmerge.suite.tasks import EOS_ID, PAD_ID, UNKNOWN_TAG, VOCAB, CharTokenizer, TrainStream
 
 
 def model_config(cfg):
@@ -32,27 +33,93 @@ def model_config(cfg):
     )
 
 
-def make_batch(pairs: list[tuple[str, str]], tok: CharTokenizer) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-padded input ids and completion-only labels (-100 on BOS, prompt and padding)."""
-    rows, labels = [], []
-    for p, a in pairs:
-        pi = tok.encode(p, bos=True)
-        ai = tok.encode(a, eos=True)
-        rows.append(pi + ai)
-        labels.append([-100] * len(pi) + ai)
-    n = max(len(r) for r in rows)
-    ids = torch.full((len(rows), n), PAD_ID, dtype=torch.long)
-    lab = torch.full((len(rows), n), -100, dtype=torch.long)
-    for i, (r, lb) in enumerate(zip(rows, labels, strict=True)):
-        ids[i, : len(r)] = torch.tensor(r)
-        lab[i, : len(lb)] = torch.tensor(lb)
-    return ids, lab
+# Examples are packed into rows of at least this many tokens: the suite's examples are 8-18 tokens, and
+# padding every one to the batch's longest wastes a third of the compute.
+ROW_TOKENS = 54
 
 
-def completion_loss(model, ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    # right padding + causal attention: real positions never attend to padding, no mask needed
-    logits = model(input_ids=ids).logits[:, :-1]
-    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1))
+@dataclass
+class PackedBatch:
+    """A batch of (prompt, answer) examples packed into rows: `positions` restart at 0 with each example,
+    from which transformers builds a block-diagonal causal mask (masking_utils.find_packed_sequence_indices),
+    so no example sees another. `answer_at` are the flat indices of the positions whose next token is an
+    answer token (`answers`, of example `example`): the loss is computed there only (completion-only).
+    `unknown_at` are the flat indices of the tags written UNKNOWN_TAG, whose embedding the forward replaces
+    by a random one (tasks.UnknownTagStream)."""
+
+    ids: torch.Tensor
+    positions: torch.Tensor
+    answer_at: torch.Tensor
+    answers: torch.Tensor
+    example: torch.Tensor
+    unknown_at: torch.Tensor
+
+
+def pack_batch(pairs: Sequence[tuple[str, str]], tok: CharTokenizer, row_tokens: int = ROW_TOKENS) -> PackedBatch:
+    """Pack BOS + prompt + answer + EOS of each pair into rows of `row_tokens` (or the longest example's
+    length if more), first fit, longest first; each row ends with PAD, a block of its own."""
+    seqs = [(tok.encode(p, bos=True), tok.encode(a, eos=True)) for p, a in pairs]
+    size = [len(p) + len(a) for p, a in seqs]
+    width = max(row_tokens, max(size))
+    rows: list[list[int]] = []
+    free: list[int] = []
+    for i in sorted(range(len(seqs)), key=lambda i: -size[i]):  # stable: ties keep the pairs' order
+        r = next((r for r, f in enumerate(free) if f >= size[i]), len(rows))
+        if r == len(rows):
+            rows.append([])
+            free.append(width)
+        rows[r].append(i)
+        free[r] -= size[i]
+    ids, positions, answer_at, answers, example, unknown_at = [], [], [], [], [], []
+    unknown = CharTokenizer().ids[UNKNOWN_TAG]
+    for r, members in enumerate(rows):
+        row, pos = [], []
+        for i in members:
+            prompt, answer = seqs[i]
+            if prompt[1] == unknown:  # [BOS, tag, ...]
+                unknown_at.append(r * width + len(row) + 1)
+            start = r * width + len(row) + len(prompt) - 1  # the last prompt token predicts the first answer token
+            answer_at += range(start, start + len(answer))
+            answers += answer
+            example += [i] * len(answer)
+            row += prompt + answer
+            pos += range(len(prompt) + len(answer))
+        pos += range(width - len(row))
+        ids.append(row + [PAD_ID] * (width - len(row)))
+        positions.append(pos)
+    return PackedBatch(*(torch.tensor(x) for x in (ids, positions, answer_at, answers, example, unknown_at)))
+
+
+def answer_logits(model, batch: PackedBatch) -> torch.Tensor:
+    """Logits at the answer positions only (the head is applied there only), teacher-forced. An UNKNOWN_TAG
+    tag is embedded as a fresh random vector, drawn as the row of a token the model never saw is initialised
+    (normal, std `initializer_range`): the model meets as many unknown tags as such examples."""
+    if len(batch.unknown_at):
+        embeds = model.get_input_embeddings()(batch.ids)
+        noise = torch.randn(len(batch.unknown_at), embeds.shape[-1], dtype=embeds.dtype)
+        noise = noise * model.config.initializer_range
+        embeds = embeds.flatten(0, 1).index_copy(0, batch.unknown_at, noise).view_as(embeds)
+        inputs = {"inputs_embeds": embeds}
+    else:
+        inputs = {"input_ids": batch.ids}
+    hidden = model.get_decoder()(**inputs, position_ids=batch.positions, use_cache=False)[0]
+    return model.get_output_embeddings()(hidden.flatten(0, 1)[batch.answer_at])
+
+
+def completion_loss(model, batch: PackedBatch) -> torch.Tensor:
+    """Mean cross-entropy over the answer tokens."""
+    return torch.nn.functional.cross_entropy(answer_logits(model, batch), batch.answers)
+
+
+@torch.inference_mode()
+def exact_match(model, pairs: Sequence[tuple[str, str]], tok: CharTokenizer) -> float:
+    """evaluate.accuracy (greedy decoding, exact match) in one teacher-forced pass: greedy decoding yields the
+    answer then EOS exactly when the argmax after the prompt and each correct prefix of the answer is the
+    answer's next token, EOS last. One packed forward instead of a decoding step per token and prompt length."""
+    batch = pack_batch(pairs, tok)
+    wrong = (answer_logits(model, batch).argmax(-1) != batch.answers).long()
+    per_example = torch.zeros(len(pairs), dtype=torch.long).index_add_(0, batch.example, wrong)
+    return (per_example == 0).double().mean().item()
 
 
 def train(
@@ -87,7 +154,8 @@ def train(
         keep[list(new_tokens)] = 1.0
         emb.register_hook(lambda g: g * keep)
         groups.append({"params": [emb], "lr": new_token_lr})
-    opt = torch.optim.AdamW(groups, lr=lr, weight_decay=0.0, betas=(0.9, 0.98))
+    # fused: one kernel over all parameters instead of a dozen per tensor (0.2M parameters: launches dominate)
+    opt = torch.optim.AdamW(groups, lr=lr, weight_decay=0.0, betas=(0.9, 0.98), fused=True)
     warm = max(1, steps // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warm) * (0.5 * (1 + math.cos(math.pi * s / steps)) if cosine else 1.0)
@@ -96,11 +164,10 @@ def train(
     hits = 0
     for step in range(steps):
         pairs = [streams[rng.randrange(len(streams))].next() for _ in range(batch_size)]
-        ids, lab = make_batch(pairs, tok)
-        loss = completion_loss(model, ids, lab)
+        loss = completion_loss(model, pack_batch(pairs, tok))
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0, foreach=True)
         opt.step()
         sched.step()
         if bar is not None:
