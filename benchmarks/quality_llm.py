@@ -287,12 +287,12 @@ class Merger:
     def _record(self, method, subset, res) -> dict:
         path = learned_path(self.args, method, subset)
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(res.to_json()))
+        record = res.to_json()
+        path.write_text(json.dumps(record))
         tail = res.losses[-10:]
-        coef = res.coefficients.reshape(len(subset), -1).mean(1)  # per task, mean over blocks
         return {"steps": len(res.losses), "loss_first": res.losses[0], "loss_last": sum(tail) / len(tail),
                 "coef_mean": float(res.coefficients.mean()), "sec_per_step": res.seconds_per_step,
-                "coef_task": {t: round(float(c), 4) for t, c in zip(subset, coef, strict=True)}}  # fmt: skip
+                "coef_task": task_coefficients(record, subset)}  # fmt: skip
 
     def learned(self, method, subset, out) -> dict:
         from blockmerge.learn.full import learn, write_merged
@@ -321,6 +321,11 @@ class Merger:
 def learned_path(args, method: str, subset) -> Path:
     """The learned coefficients and loss curve of one learned merge, under the settings that made them."""
     return args.cache / "learned" / settings_key(args) / f"{method}-{'+'.join(subset)}.json"
+
+
+def task_coefficients(record: dict, subset) -> dict[str, float]:
+    """Per task, the mean over blocks of a learned record's coefficients ([{block: value}] per task)."""
+    return {t: round(sum(c.values()) / len(c), 4) for t, c in zip(subset, record["coefficients"], strict=True)}
 
 
 def append_row(path: Path, row: dict) -> None:
@@ -548,9 +553,7 @@ def restore_rows(args, csv_path: Path) -> set[tuple[str, str]]:
     for r in rows:
         path = learned_path(args, r["method"], r["subset"].split("+"))
         if "steps" in r and "coef_task" not in r and path.exists():
-            per_task = json.loads(path.read_text())["coefficients"]  # [{block: value}] per task
-            r["coef_task"] = {t: round(sum(c.values()) / len(c), 4)
-                              for t, c in zip(r["subset"].split("+"), per_task, strict=True)}  # fmt: skip
+            r["coef_task"] = task_coefficients(json.loads(path.read_text()), r["subset"].split("+"))
     csv_path.unlink(missing_ok=True)
     for r in rows:
         append_row(csv_path, r)
