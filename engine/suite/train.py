@@ -71,7 +71,7 @@ def pack_batch(pairs: Sequence[tuple[str, str]], tok: CharTokenizer, row_tokens:
         rows[r].append(i)
         free[r] -= size[i]
     ids, positions, answer_at, answers, example, unknown_at = [], [], [], [], [], []
-    unknown = CharTokenizer().ids[UNKNOWN_TAG]
+    unknown = tok.ids[UNKNOWN_TAG]
     for r, members in enumerate(rows):
         row, pos = [], []
         for i in members:
